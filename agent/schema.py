@@ -1,0 +1,366 @@
+"""The one contract between host and device: job specs and reports (JSON, versioned).
+
+Pure Python (3.8+), no third-party imports: the host imports this module too, so both sides share one
+definition. Every document carries ``schema_version``; the loaders accept only the versions listed in
+``JOB_VERSIONS`` / ``REPORT_VERSIONS`` and refuse anything else, naming the field that is wrong.
+
+Version history
+---------------
+1 (edgeprune 0.1): first version.
+
+Job spec (host -> agent), version 1::
+
+    {
+      "schema_version": 1,
+      "job_id": "demo-r0.50",                 # [A-Za-z0-9._-]+
+      "device_id": "local",
+      "artifact": {"path": "model.onnx",      # relative to the job file's folder, or absolute
+                   "sha256": "<64 hex>",      # verified before the artifact is loaded
+                   "format": "onnx",
+                   "input_name": "input", "input_shape": [1, 3, 32, 32],
+                   "input_dtype": "float32", "layout": "NCHW"},
+      "preprocess": {"scale": 0.00392156862745098,   # uint8 HWC RGB pixels * scale, then (x - mean) / std
+                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+      "runtime": {"name": "onnxruntime", "threads": 1, "options": {}},
+      "timing": {"warmup_iters": 10, "warmup_s": 0.5, "min_iters": 100, "min_duration_s": 2.0,
+                 "max_iters": 100000, "max_duration_s": 120.0, "batch_size": 1, "seed": 0,
+                 "cv_warn": 0.1, "cpu_affinity": [0], "cooldown_s": 0.0, "keep_samples": 20000},
+      "power": {"sensor": "model", "sample_hz": 20.0, "idle_w": 5.0, "max_w": 35.0, "options": {}},
+      "eval": {"path": "eval.npz", "sha256": "<64 hex>", "split": "eval", "batch_size": 100},  # or null
+      "timeout_s": 900.0
+    }
+
+Report (agent -> host), version 1: see :class:`Report`. ``status`` is ``"ok"`` or ``"error"``; on error,
+``error`` holds ``{"type", "message"}`` and the sections that were measured before the failure are kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+JOB_VERSIONS = (1,)
+REPORT_VERSIONS = (1,)
+JOB_SCHEMA_VERSION = JOB_VERSIONS[-1]
+REPORT_SCHEMA_VERSION = REPORT_VERSIONS[-1]
+
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class SchemaError(ValueError):
+    """A job spec or report does not match the schema. The message names the field."""
+
+
+# --------------------------------------------------------------------------------------------- job spec
+@dataclass
+class ArtifactSpec:
+    path: str
+    sha256: str
+    format: str = "onnx"
+    input_name: str = "input"
+    input_shape: List[int] = field(default_factory=lambda: [1, 3, 32, 32])
+    input_dtype: str = "float32"
+    layout: str = "NCHW"
+
+
+@dataclass
+class PreprocessSpec:
+    scale: float = 1.0 / 255.0
+    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+@dataclass
+class RuntimeSpec:
+    name: str = "onnxruntime"
+    threads: int = 1
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TimingSpec:
+    warmup_iters: int = 10
+    warmup_s: float = 0.5
+    min_iters: int = 100
+    min_duration_s: float = 2.0
+    max_iters: int = 100000
+    max_duration_s: float = 120.0
+    batch_size: int = 1
+    seed: int = 0
+    cv_warn: float = 0.10
+    cpu_affinity: Optional[List[int]] = None
+    cooldown_s: float = 0.0
+    keep_samples: int = 20000
+
+
+@dataclass
+class PowerSpec:
+    sensor: str = "model"
+    sample_hz: float = 20.0
+    idle_w: Optional[float] = None
+    max_w: Optional[float] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSpec:
+    path: str
+    sha256: str
+    split: str = "eval"
+    batch_size: int = 100
+
+
+@dataclass
+class JobSpec:
+    job_id: str
+    artifact: ArtifactSpec
+    device_id: str = "local"
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    timing: TimingSpec = field(default_factory=TimingSpec)
+    power: Optional[PowerSpec] = field(default_factory=PowerSpec)
+    eval: Optional[EvalSpec] = None
+    timeout_s: float = 900.0
+    schema_version: int = JOB_SCHEMA_VERSION
+
+    def validate(self) -> "JobSpec":
+        _check(ID_RE.match(self.job_id) is not None, "job_id", "must match [A-Za-z0-9._-]{1,128}")
+        _check(ID_RE.match(self.device_id) is not None, "device_id", "must match [A-Za-z0-9._-]{1,128}")
+        _check(SHA256_RE.match(self.artifact.sha256) is not None, "artifact.sha256", "must be 64 lowercase hex digits")
+        _check(len(self.artifact.input_shape) >= 1 and all(d > 0 for d in self.artifact.input_shape),
+               "artifact.input_shape", "must be a list of positive integers")
+        _check(self.artifact.layout in ("NCHW", "NHWC"), "artifact.layout", "must be NCHW or NHWC")
+        _check(len(self.preprocess.mean) == len(self.preprocess.std), "preprocess.std",
+               "must have as many entries as preprocess.mean")
+        _check(all(s > 0 for s in self.preprocess.std), "preprocess.std", "must be positive")
+        _check(self.runtime.threads >= 0, "runtime.threads", "must be >= 0 (0 = runtime default)")
+        t = self.timing
+        for name in ("warmup_iters", "min_iters", "max_iters", "batch_size", "keep_samples"):
+            _check(getattr(t, name) >= (0 if name in ("warmup_iters", "keep_samples") else 1),
+                   "timing." + name, "is out of range")
+        for name in ("warmup_s", "min_duration_s", "max_duration_s", "cooldown_s", "cv_warn"):
+            _check(getattr(t, name) >= 0, "timing." + name, "must be >= 0")
+        _check(t.max_iters >= t.min_iters, "timing.max_iters", "must be >= timing.min_iters")
+        _check(t.max_duration_s >= t.min_duration_s, "timing.max_duration_s", "must be >= timing.min_duration_s")
+        if t.cpu_affinity is not None:
+            _check(len(t.cpu_affinity) > 0 and all(c >= 0 for c in t.cpu_affinity), "timing.cpu_affinity",
+                   "must be null or a non-empty list of CPU numbers")
+        if self.power is not None:
+            _check(self.power.sample_hz > 0, "power.sample_hz", "must be > 0")
+        if self.eval is not None:
+            _check(SHA256_RE.match(self.eval.sha256) is not None, "eval.sha256", "must be 64 lowercase hex digits")
+            _check(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- report
+@dataclass
+class Identity:
+    device_id: str
+    hostname: str
+    os: str
+    kernel: str
+    machine: str
+    cpu_model: str
+    cpu_count: int
+    python: str
+    agent_version: str
+    runtime: str
+    runtime_version: str
+    artifact_sha256: str
+    serial: Optional[str] = None
+    firmware: Dict[str, str] = field(default_factory=dict)  # e.g. {"l4t": "36.3.0", "jetpack": "6.0"}
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LatencyStats:
+    mean: float
+    median: float
+    p90: float
+    p99: float
+    min: float
+    max: float
+    std: float
+    cv: float
+
+
+@dataclass
+class TimingResult:
+    protocol: Dict[str, Any]          # the TimingSpec as applied (threads, affinity actually set, ...)
+    load_time_ms: float
+    first_inference_ms: float
+    warmup_iters_done: int
+    iterations: int
+    duration_s: float
+    batch_size: int
+    latency_ms: LatencyStats
+    throughput_ips: float             # inferences (images) per second
+    samples_ms: List[float] = field(default_factory=list)
+
+
+@dataclass
+class PowerResult:
+    source: str                       # sensor name, or "model" when estimated
+    modelled: bool
+    sample_hz: float
+    samples: int
+    mean_w: float
+    energy_mj_per_inference: float
+    overhead_pct: Optional[float] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ThermalResult:
+    source: str
+    start_c: Optional[float] = None
+    end_c: Optional[float] = None
+    max_c: Optional[float] = None
+    throttled: bool = False
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AccuracyResult:
+    split: str
+    n: int
+    top1: float
+    top5: float
+    eval_sha256: str = ""
+
+
+@dataclass
+class ErrorInfo:
+    type: str
+    message: str
+
+
+@dataclass
+class Report:
+    job_id: str
+    status: str                       # "ok" | "error"
+    identity: Optional[Identity] = None
+    timing: Optional[TimingResult] = None
+    peak_rss_mb: Optional[float] = None
+    power: Optional[PowerResult] = None
+    thermal: Optional[ThermalResult] = None
+    accuracy: Optional[AccuracyResult] = None
+    warnings: List[str] = field(default_factory=list)
+    error: Optional[ErrorInfo] = None
+    started_at: str = ""
+    finished_at: str = ""
+    schema_version: int = REPORT_SCHEMA_VERSION
+
+    def validate(self) -> "Report":
+        _check(self.status in ("ok", "error"), "status", "must be 'ok' or 'error'")
+        _check(self.status == "ok" or self.error is not None, "error", "is required when status is 'error'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def _check(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise SchemaError("%s: %s" % (where, what))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp) if sys.version_info >= (3, 8) else None
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin in (list, List):
+        _check(isinstance(value, list), where, "must be a list")
+        return [_convert(v, args[0], "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        _check(isinstance(value, dict), where, "must be an object")
+        return {str(k): _convert(v, args[1], "%s.%s" % (where, k)) for k, v in value.items()}
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), where, "must be a number")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), where, "must be an integer")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), where, "must be true or false")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), where, "must be a string")
+        return value
+    raise SchemaError("%s: unsupported type %s" % (where, _type_name(tp)))  # pragma: no cover
+
+
+def _from_dict(cls: Any, data: Any, where: str = "") -> Any:
+    prefix = where + "." if where else ""
+    _check(isinstance(data, dict), where or "document", "must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    _check(not unknown, prefix + (unknown[0] if unknown else ""), "unknown field")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+            _check(not required, prefix + name, "is required")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _check_version(data: Any, known: tuple, what: str) -> None:
+    _check(isinstance(data, dict), what, "must be a JSON object")
+    v = data.get("schema_version")
+    _check(v is not None, "schema_version", "is missing (this %s predates the versioned schema?)" % what)
+    _check(v in known, "schema_version",
+           "%s version %r is not supported by this edgeprune (knows %s)" % (what, v, ", ".join(map(str, known))))
+
+
+def job_from_dict(data: Any) -> JobSpec:
+    _check_version(data, JOB_VERSIONS, "job spec")
+    return _from_dict(JobSpec, data).validate()
+
+
+def report_from_dict(data: Any) -> Report:
+    _check_version(data, REPORT_VERSIONS, "report")
+    return _from_dict(Report, data).validate()
+
+
+def to_dict(obj: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=1, sort_keys=True, allow_nan=False)
+
+
+def loads_job(text: str) -> JobSpec:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise SchemaError("job spec is not valid JSON: %s" % e) from None
+    return job_from_dict(data)
+
+
+def loads_report(text: str) -> Report:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise SchemaError("report is not valid JSON: %s" % e) from None
+    return report_from_dict(data)

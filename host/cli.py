@@ -1,0 +1,151 @@
+"""The ``edgeprune`` command line. The only place that prints or chooses an exit code.
+
+Exit codes: 0 success; 1 the work ran but something failed (a device job, an export); 2 bad input
+(the message names the argument, file or field); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeprune.errors import EdgepruneError, UsageError
+
+VERSION = "0.1.0"
+
+
+def _ratios(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1), got {text!r}") from None
+
+
+def _per_class(text: str) -> Optional[int]:
+    if text == "full":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'full', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeprune", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edgeprune {VERSION}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="prune, export and measure a reference model on the local device")
+    d.add_argument("--model", default="resnet20", help="resnet20 (bundled), resnet32/44/56 (need EDGEPRUNE_DATA)")
+    d.add_argument("--ratios", type=_ratios, default=None, help="channel pruning ratios, e.g. 0,0.3,0.5,0.7")
+    d.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default results/demo)")
+    d.add_argument("--device", default=None, help="device config YAML (default: the built-in local device)")
+    d.add_argument("--quick", action="store_true", help="small eval split, short recovery and timing (< 3 min)")
+    d.add_argument("--no-recovery", action="store_true", help="skip BN recalibration and fine-tuning")
+    d.add_argument("--finetune-epochs", type=int, default=None)
+    d.add_argument("--finetune-seconds", type=float, default=None, help="wall-time bound per candidate")
+    d.add_argument("--finetune-per-class", type=_per_class, default=argparse.SUPPRESS, help="images per class, or 'full'")
+    d.add_argument("--eval-per-class", type=_per_class, default=argparse.SUPPRESS,
+                   help="eval images per class (max 100 without the full test set), or 'full'")
+    d.add_argument("--threads", type=int, default=None, help="runtime threads on the device (overrides config)")
+    d.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    from host.demo import DemoOptions, run_demo
+    from host.devices import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads: must be >= 1")
+        device = device.model_copy(update={"runtime": device.runtime.model_copy(update={"threads": args.threads})})
+    kw = dict(model=args.model, out=args.out, recovery=not args.no_recovery, seed=args.seed, device=device)
+    if args.ratios is not None:
+        kw["ratios"] = tuple(args.ratios)
+    for name in ("finetune_epochs", "finetune_seconds"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    for name in ("finetune_per_class", "eval_per_class"):
+        if hasattr(args, name):
+            kw[name] = getattr(args, name)
+    opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        overall = progress.add_task("candidates", total=len(opts.ratios))
+        step = progress.add_task("", total=None, visible=False)
+
+        def events(kind: str, msg: str, done: Optional[int], total: Optional[int]) -> None:
+            if kind == "info":
+                progress.console.print(f"[dim]{msg}[/]")
+            elif kind == "stage":
+                progress.update(step, description=msg, completed=0, total=None, visible=True)
+            elif kind == "progress":
+                progress.update(step, description=msg, completed=done, total=total, visible=True)
+            elif kind == "row":
+                progress.update(overall, completed=done)
+                progress.console.print(f"[green]done[/] {msg}")
+
+        result = run_demo(opts, events)
+
+    table = Table(title=f"edgeprune demo — {opts.model} on device '{device.id}' "
+                        f"(onnxruntime, {device.runtime.threads} thread(s))")
+    for col, just in (("ratio", "right"), ("MMACs", "right"), ("params", "right"), ("p50 ms", "right"),
+                      ("p90 ms", "right"), ("top-1", "right"), ("power W", "right"), ("mJ/inf", "right"),
+                      ("recovery", "left"), ("status", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    modelled = False
+    for r in result.rows:
+        modelled |= r.get("power_source") == "model"
+        def f(key: str, fmt: str) -> str:
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "—"
+        table.add_row(f(("ratio"), ".0%"), f"{int(r['macs']) / 1e6:.1f}", f"{int(r['params']):,}",
+                      f("latency_p50_ms", ".3f"), f("latency_p90_ms", ".3f"), f("accuracy_top1", ".2%"),
+                      f("power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""), f("energy_mj", ".3f"),
+                      str(r["recovery"]), "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]")
+    console.print(table)
+    console.print(f"accuracy on split '{result.eval_split}' ({result.eval_n} images), measured by the agent.")
+    if modelled:
+        console.print("* power is MODELLED (no power sensor on this device): idle/max watts from the device "
+                      "config × CPU utilisation. Not a measurement.")
+    for r in result.rows:
+        if r.get("warnings"):
+            console.print(f"[yellow]warning[/] r={r['ratio']}: {r['warnings']}")
+    console.print(f"wrote {result.summary_csv} and {len(result.rows)} reports in {result.out / 'reports'}")
+    return 1 if result.failures else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        if args.command == "demo":
+            return _demo(args, console)
+        parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse enforces choices
+    except UsageError as e:
+        err.print(f"[red]edgeprune: error:[/] {e}", highlight=False)
+        return 2
+    except EdgepruneError as e:
+        err.print(f"[red]edgeprune: failed:[/] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("edgeprune: interrupted; completed results are in the output folder")
+        return 130
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""``edgeprune demo``: the whole loop on the local device, with no configuration.
+
+reference model → channel pruning at several ratios (Torch-Pruning) → optional bounded recovery
+(BatchNorm recalibration + short fine-tune) → ONNX export (verified against torch) → the agent, as a separate
+process → latency percentiles, power (modelled here, and labelled so) and accuracy measured by the agent →
+``summary.csv`` and one JSON report per candidate under ``--out``.
+
+This module returns plain data and reports progress through a callback; the CLI does the printing.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from agent import schema
+from edgeprune import data, export, finetune, models, prune
+from edgeprune.errors import DeviceError, UsageError
+from host.devices import DeviceConfig, auto_affinity, local_device
+from host.transport import LocalTransport, write_json_atomic
+
+SUMMARY_COLUMNS = [
+    "model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_cv",
+    "accuracy_top1", "accuracy_top5", "eval_n", "power_w", "power_source", "energy_mj", "recovery", "status",
+    "warnings", "report",
+]
+
+# event name, message, (done, total) — the CLI turns these into progress bars
+Events = Callable[[str, str, Optional[int], Optional[int]], None]
+
+
+@dataclass
+class DemoOptions:
+    model: str = "resnet20"
+    ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.7)
+    out: Path = Path("results/demo")
+    quick: bool = False
+    recovery: bool = True
+    finetune_epochs: int = 2
+    finetune_per_class: Optional[int] = 1000     # images per class from the finetune split (None: all 4,900)
+    finetune_seconds: float = 90.0               # wall-time bound per candidate
+    eval_per_class: Optional[int] = None         # None: the whole test set when present, else the bundled 100
+    importance: str = "l1"
+    seed: int = 0
+    device: DeviceConfig = field(default_factory=local_device)
+
+    @classmethod
+    def quick_defaults(cls, **overrides) -> "DemoOptions":
+        base = dict(quick=True, finetune_epochs=1, finetune_per_class=200, finetune_seconds=20.0, eval_per_class=100)
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self) -> "DemoOptions":
+        if self.model not in models.MODELS:
+            raise UsageError(f"--model: unknown model {self.model!r}; known: {', '.join(sorted(models.MODELS))}")
+        if not self.ratios:
+            raise UsageError("--ratios: give at least one ratio")
+        for r in self.ratios:
+            if not 0.0 <= r < 1.0:
+                raise UsageError(f"--ratios: {r} is not in [0, 1)")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise UsageError("--ratios: a ratio is listed twice")
+        if self.finetune_epochs < 1:
+            raise UsageError("--finetune-epochs: must be >= 1")
+        if self.finetune_seconds <= 0:
+            raise UsageError("--finetune-seconds: must be > 0")
+        if self.eval_per_class is not None and self.eval_per_class < 1:
+            raise UsageError("--eval-per-class: must be >= 1")
+        if self.device.runtime.name != "onnxruntime":
+            raise UsageError(f"{self.device.source or 'device'}: runtime.name: the demo exports ONNX and needs "
+                             f"onnxruntime, not {self.device.runtime.name!r}")
+        return self
+
+
+@dataclass
+class DemoResult:
+    rows: List[Dict[str, object]]
+    out: Path
+    summary_csv: Path
+    eval_split: str
+    eval_n: int
+    finetune_split: Optional[str]
+    failures: int
+
+
+def _timing_spec(dev: DeviceConfig, quick: bool, seed: int) -> schema.TimingSpec:
+    t = dev.timing
+    affinity = auto_affinity(dev.runtime.threads) if t.cpu_affinity == "auto" else t.cpu_affinity
+    spec = schema.TimingSpec(
+        warmup_iters=t.warmup_iters, warmup_s=t.warmup_s, min_iters=t.min_iters, min_duration_s=t.min_duration_s,
+        max_iters=t.max_iters, max_duration_s=t.max_duration_s, batch_size=t.batch_size, seed=seed,
+        cv_warn=t.cv_warn, cpu_affinity=affinity, cooldown_s=t.cooldown_s)
+    if quick:  # shorter windows, still past both a minimum count and a minimum duration
+        spec.min_iters, spec.min_duration_s, spec.warmup_s = min(spec.min_iters, 100), min(spec.min_duration_s, 1.0), 0.2
+    return spec
+
+
+def _power_spec(dev: DeviceConfig) -> Optional[schema.PowerSpec]:
+    p = dev.power
+    if p is None:
+        return None
+    return schema.PowerSpec(sensor=p.sensor, sample_hz=p.sample_hz, idle_w=p.idle_w, max_w=p.max_w, options=dict(p.options))
+
+
+def _write_summary(path: Path, rows: List[Dict[str, object]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_json_atomic(path, buf.getvalue())
+
+
+def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report: schema.Report,
+         report_path: Path) -> Dict[str, object]:
+    row: Dict[str, object] = {"model": model, "ratio": ratio, "macs": macs, "params": params, "recovery": recovery,
+                              "status": report.status, "warnings": " | ".join(report.warnings),
+                              "report": str(report_path)}
+    if report.timing is not None:
+        lat = report.timing.latency_ms
+        row.update(latency_p50_ms=round(lat.median, 4), latency_p90_ms=round(lat.p90, 4),
+                   latency_p99_ms=round(lat.p99, 4), latency_cv=round(lat.cv, 4))
+    if report.accuracy is not None:
+        row.update(accuracy_top1=round(report.accuracy.top1, 4), accuracy_top5=round(report.accuracy.top5, 4),
+                   eval_n=report.accuracy.n)
+    if report.power is not None:
+        row.update(power_w=round(report.power.mean_w, 3), power_source=report.power.source,
+                   energy_mj=round(report.power.energy_mj_per_inference, 4))
+    if report.error is not None:
+        row["warnings"] = f"{report.error.type}: {report.error.message}"
+    return row
+
+
+def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
+    """Run the demo loop; every completed candidate is in ``summary.csv`` before the next one starts."""
+    opts.validate()
+    emit = events or (lambda *a: None)
+    out = Path(opts.out)
+    for sub in ("artifacts", "reports", "jobs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+
+    per_class = opts.eval_per_class
+    if per_class is None and data.data_dir() is not None and (data.data_dir() / data.TEST_FILE).is_file():
+        ev = data.eval_split(None)
+    else:
+        ev = data.eval_split(per_class or data.DEFAULT_EVAL_PER_CLASS)
+    eval_path = ev.save(out / f"{ev.name}-{len(ev)}.npz")
+    eval_sha = models.sha256_file(eval_path)
+    emit("info", f"eval split: {ev.name}, {len(ev)} images from {ev.source}", None, None)
+
+    ft_split = None
+    if opts.recovery and any(r > 0 for r in opts.ratios):
+        ft_split = data.finetune_split(opts.finetune_per_class)
+        cal = data.calib_split()
+        emit("info", f"recovery data: {ft_split.name}, {len(ft_split)} images; calib {len(cal)} images", None, None)
+
+    example = torch.zeros(1, 3, 32, 32)
+    check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
+    base, meta = models.pretrained(opts.model)
+    dev = opts.device
+    transport = LocalTransport(python=dev.python)
+    rows: List[Dict[str, object]] = []
+    failures = 0
+    summary = out / "summary.csv"
+    for ratio in opts.ratios:
+        tag = f"{opts.model}-r{int(round(ratio * 100)):03d}"
+        emit("stage", f"{tag}: pruning {ratio:.0%} of channels", None, None)
+        model = copy.deepcopy(base)
+        pr = prune.prune(model, ratio, example, importance=opts.importance, round_to=dev.round_to)
+        recovery = "none"
+        if ft_split is not None and ratio > 0:
+            finetune.recalibrate_bn(model, cal)
+            emit("stage", f"{tag}: recovery fine-tune", 0, None)
+            res = finetune.finetune(model, ft_split, epochs=opts.finetune_epochs, max_seconds=opts.finetune_seconds,
+                                    seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
+            recovery = (f"bn-recal+ft {res.images_seen} img/{res.seconds:.0f}s"
+                        + (" (time bound)" if res.stopped_by_time else ""))
+        emit("stage", f"{tag}: export ONNX", None, None)
+        plan_path = write_json_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
+        onnx_path = out / "artifacts" / f"{tag}.onnx"
+        man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=opts.model,
+                                 source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
+        man.write(out / "artifacts" / f"{tag}.manifest.json")
+        job = schema.JobSpec(
+            job_id=tag, device_id=dev.id,
+            artifact=schema.ArtifactSpec(path=str(onnx_path.resolve()), sha256=man.sha256, format="onnx",
+                                         input_name=man.input_name, input_shape=man.input_shape,
+                                         input_dtype=man.input_dtype, layout=man.layout),
+            preprocess=schema.PreprocessSpec(scale=data.SCALE, mean=list(data.MEAN), std=list(data.STD)),
+            runtime=schema.RuntimeSpec(name=dev.runtime.name, threads=dev.runtime.threads,
+                                       options=dict(dev.runtime.options)),
+            timing=_timing_spec(dev, opts.quick, opts.seed), power=_power_spec(dev),
+            eval=schema.EvalSpec(path=str(eval_path.resolve()), sha256=eval_sha, split=ev.name, batch_size=100),
+        ).validate()
+        emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
+        report_path = out / "reports" / f"{tag}.json"
+        try:
+            report = transport.run_job(job, out / "jobs" / tag)
+        except DeviceError as e:
+            report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
+        write_json_atomic(report_path, schema.dumps(report))
+        failures += report.status != "ok"
+        row = _row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path)
+        rows.append(row)
+        _write_summary(summary, rows)
+        emit("row", tag, len(rows), len(opts.ratios))
+    write_json_atomic(out / "demo.json", json.dumps({
+        "model": opts.model, "checkpoint": meta, "eval": {"split": ev.name, "n": len(ev), "sha256": eval_sha,
+                                                          "source": ev.source},
+        "finetune_split": ft_split.name if ft_split is not None else None, "device": dev.model_dump(by_alias=True),
+        "ratios": list(opts.ratios), "quick": opts.quick, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=1, default=str))
+    return DemoResult(rows, out, summary, ev.name, len(ev), ft_split.name if ft_split else None, failures)
