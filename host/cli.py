@@ -129,8 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
-    err = Console(stderr=True)
+    # piped output (CI logs, files) gets a fixed, wide layout instead of rich's 80-column fallback
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     try:
         if args.command == "demo":
             return _demo(args, console)

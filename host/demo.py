@@ -181,8 +181,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
             emit("stage", f"{tag}: recovery fine-tune", 0, None)
             res = finetune.finetune(model, ft_split, epochs=opts.finetune_epochs, max_seconds=opts.finetune_seconds,
                                     seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
-            recovery = (f"bn-recal+ft {res.images_seen} img/{res.seconds:.0f}s"
-                        + (" (time bound)" if res.stopped_by_time else ""))
+            recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
         emit("stage", f"{tag}: export ONNX", None, None)
         plan_path = write_json_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
         onnx_path = out / "artifacts" / f"{tag}.onnx"

@@ -70,6 +70,7 @@ def local_device() -> DeviceConfig:
     """The embedded default device: this machine. Its power can only be modelled (no sensor here)."""
     return DeviceConfig(
         id="local", description="the machine edgeprune runs on",
+        runtime=RuntimeConfig(name="onnxruntime", threads=1, options={"providers": ["CPUExecutionProvider"]}),
         power=PowerConfig(sensor="model", idle_w=5.0, max_w=15.0),
     )
 

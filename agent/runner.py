@@ -1,0 +1,240 @@
+"""Run one job, phase by phase, and return a :class:`~agent.schema.Report` (never raise for a failed job).
+
+Phases: identity -> verify artifact (and eval shard) sha256 -> pin CPUs -> discover power sensor -> load
+(``load_time_ms``) -> first inference (``first_inference_ms``) -> warm-up -> cooldown -> timed window (power
+sampled in the background during it only) -> accuracy on the eval shard. An exception in any phase makes the
+report ``status="error"`` with ``error={"type", "message"}``; the sections measured before it are kept.
+``job.timeout_s`` is checked between phases and bounds the warm-up, the timed window and the eval loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import psutil
+
+from agent import ArtifactError, JobTimeout, SensorError, accuracy, power, probe, runtimes, timing
+from agent.schema import AccuracyResult, ErrorInfo, EvalSpec, JobSpec, Report, SchemaError
+
+
+class Deadline:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.at_ns = time.perf_counter_ns() + int(timeout_s * 1e9)
+
+    def remaining_s(self) -> float:
+        return (self.at_ns - time.perf_counter_ns()) / 1e9
+
+    def check(self, phase: str) -> None:
+        if self.remaining_s() <= 0:
+            raise JobTimeout("job timeout_s=%g reached before %s" % (self.timeout_s, phase))
+
+
+class PeakRss:
+    """Peak resident memory: the max of samples taken between phases and, where available, ru_maxrss."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self.peak = 0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def peak_mb(self) -> float:
+        self.sample()
+        peak = self.peak
+        try:
+            import resource
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = max(peak, maxrss if psutil.MACOS else maxrss * 1024)  # bytes on macOS, KiB elsewhere
+        except ImportError:  # Windows has no resource module
+            pass
+        return peak / 2 ** 20
+
+
+def check_job(job: JobSpec) -> None:
+    """Checks that need this agent's registries; raises SchemaError naming the field (CLI exit code 2)."""
+    if job.runtime.name not in runtimes.runtime_names():
+        raise SchemaError("runtime.name: unknown runtime %r (this agent knows: %s)"
+                          % (job.runtime.name, ", ".join(runtimes.runtime_names())))
+    if job.power is not None:
+        if job.power.sensor not in power.sensor_names():
+            raise SchemaError("power.sensor: unknown sensor %r (this agent knows: %s)"
+                              % (job.power.sensor, ", ".join(power.sensor_names())))
+        if job.power.sensor == "model" and (job.power.idle_w is None or job.power.max_w is None):
+            raise SchemaError("power.idle_w: power.idle_w and power.max_w are required for the model sensor")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve(base_dir: Path, rel: str, field: str) -> Path:
+    """An absolute path as given, or a path inside base_dir; it must be an existing file."""
+    p = Path(rel)
+    if not p.is_absolute():
+        base = base_dir.resolve()
+        p = (base / p).resolve()
+        if base != p and base not in p.parents:
+            raise ArtifactError("%s: %r escapes the job folder %s" % (field, rel, base))
+    if not p.is_file():
+        raise ArtifactError("%s: %s does not exist or is not a file" % (field, p))
+    return p
+
+
+def verify(path: Path, expected: str, what: str) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise ArtifactError("%s sha256 mismatch: expected %s got %s" % (what, expected, got))
+
+
+def pin_cpus(requested: Optional[List[int]]) -> Dict[str, Any]:
+    """Apply timing.cpu_affinity where the OS supports it; say what was actually applied."""
+    proc = psutil.Process()
+    if not hasattr(proc, "cpu_affinity"):
+        warning = None
+        if requested is not None:
+            warning = "CPU affinity is not supported on this OS; timing.cpu_affinity %s was not applied" % requested
+        return {"cpu_affinity_applied": None, "cpu_allowed": None, "warning": warning}
+    if requested is not None:
+        try:
+            proc.cpu_affinity(list(requested))
+        except (ValueError, OSError) as e:
+            raise SchemaError("timing.cpu_affinity: cannot pin to %s: %s" % (requested, e)) from None
+    allowed = sorted(proc.cpu_affinity())
+    return {"cpu_affinity_applied": allowed if requested is not None else None, "cpu_allowed": allowed,
+            "warning": None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_job(job: JobSpec, base_dir: Path, root: str = "/") -> Report:
+    """Run ``job`` (paths relative to ``base_dir``); ``root`` is where device files are read (tests)."""
+    report = Report(job_id=job.job_id, status="ok", started_at=_now())
+    rss = PeakRss()
+    proc = psutil.Process()
+    saved_affinity = proc.cpu_affinity() if hasattr(proc, "cpu_affinity") else None
+    try:
+        _run(job, Path(base_dir), root, report, rss)
+    except Exception as e:  # every failure becomes the report's error; what was measured is kept
+        report.status = "error"
+        report.error = ErrorInfo(type=type(e).__name__, message=str(e) or repr(e))
+    finally:
+        if saved_affinity is not None:
+            proc.cpu_affinity(saved_affinity)
+    report.peak_rss_mb = rss.peak_mb()
+    report.finished_at = _now()
+    return report
+
+
+def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) -> None:
+    deadline = Deadline(job.timeout_s)
+    check_job(job)
+    rt = runtimes.get_runtime(job.runtime.name)
+    report.identity = probe.identity(job.device_id, rt.name, rt.version(), job.artifact.sha256, root)
+
+    model_path = resolve(base_dir, job.artifact.path, "artifact.path")
+    verify(model_path, job.artifact.sha256, "artifact")
+    eval_path = None
+    if job.eval is not None:
+        eval_path = resolve(base_dir, job.eval.path, "eval.path")
+        verify(eval_path, job.eval.sha256, "eval shard")
+
+    pinned = pin_cpus(job.timing.cpu_affinity)
+    if pinned["warning"]:
+        report.warnings.append(pinned["warning"])
+    allowed = pinned["cpu_allowed"]
+    if allowed is not None and job.runtime.threads > len(allowed):
+        report.warnings.append("runtime.threads=%d exceeds the %d CPUs this process may use"
+                               % (job.runtime.threads, len(allowed)))
+    sensor = None
+    if job.power is not None:
+        sensor = power.discover(job.power, os.path.join(root, "sys"))
+        if sensor is None:
+            report.warnings.append("power sensor %r not found on this device (%s); power not reported"
+                                   % (job.power.sensor, power.sensor_class(job.power.sensor).where))
+
+    deadline.check("loading the model")
+    t0 = time.perf_counter_ns()
+    session = rt.load(model_path, job.artifact, job.runtime.threads, job.runtime.options)
+    load_ms = (time.perf_counter_ns() - t0) / 1e6
+    rss.sample()
+    report.identity.extra["runtime"] = dict(session.info)
+    batch = session.input_shape[0]
+    if batch is not None and batch != job.timing.batch_size:
+        raise SchemaError("timing.batch_size: %d but the model's batch dimension is fixed at %d"
+                          % (job.timing.batch_size, batch))
+    protocol = dict(dataclasses.asdict(job.timing), threads=job.runtime.threads, runtime=rt.name,
+                    input="default_rng(seed).standard_normal, %s" % job.artifact.input_dtype,
+                    clock="time.perf_counter_ns", cpu_affinity_applied=pinned["cpu_affinity_applied"],
+                    cpu_allowed=allowed, **session.info)
+    _time(job, session, sensor, protocol, load_ms, deadline, report)
+    rss.sample()
+
+    if job.eval is not None and eval_path is not None:
+        deadline.check("accuracy")
+        report.accuracy = _accuracy(job, job.eval, eval_path, session, batch, deadline, rss)
+
+
+def _time(job: JobSpec, session: runtimes.Session, sensor: Optional[power.PowerSensor], protocol: Dict[str, Any],
+          load_ms: float, deadline: Deadline, report: Report) -> None:
+    """First inference, warm-up, cooldown, then the timed window with power sampled during it only."""
+    spec = job.timing
+    x = timing.make_input(job.artifact.input_shape, spec.batch_size, spec.seed, job.artifact.input_dtype)
+    deadline.check("the first inference")
+    t0 = time.perf_counter_ns()
+    session.run(x)
+    first_ms = (time.perf_counter_ns() - t0) / 1e6
+
+    deadline.check("warm-up")
+    warm = timing.warmup(session.run, x, spec, deadline.at_ns)
+    if spec.cooldown_s > 0:
+        time.sleep(min(spec.cooldown_s, max(0.0, deadline.remaining_s())))
+    deadline.check("the timed window")
+    if sensor is not None:
+        sensor.start()
+    try:
+        m = timing.measure(session.run, x, spec, deadline.at_ns)
+    finally:
+        window = _stop(sensor, report)
+    report.timing, warnings = timing.summarise(m, spec, protocol, load_ms, first_ms, warm)
+    report.warnings.extend(warnings)
+    if window is not None:
+        report.power = power.to_result(window, report.timing.duration_s, len(m.samples_ns), spec.batch_size)
+
+
+def _accuracy(job: JobSpec, ev: EvalSpec, eval_path: Path, session: runtimes.Session, fixed_batch: Optional[int],
+              deadline: Deadline, rss: PeakRss) -> AccuracyResult:
+    images, labels = accuracy.load_shard(eval_path)
+    accuracy.check_image_size(images, job.artifact.input_shape, job.artifact.layout)
+
+    def prep(batch_images: Any) -> Any:
+        return accuracy.preprocess(batch_images, job.preprocess, job.artifact.layout)
+
+    def between() -> None:
+        rss.sample()
+        deadline.check("the end of the accuracy run")
+
+    n, top1, top5 = accuracy.evaluate(session.run, images, labels, prep, ev.batch_size, fixed_batch, between)
+    return AccuracyResult(split=ev.split, n=n, top1=top1, top5=top5, eval_sha256=ev.sha256)
+
+
+def _stop(sensor: Optional[power.PowerSensor], report: Report) -> Optional[power.PowerWindow]:
+    if sensor is None:
+        return None
+    try:
+        return sensor.stop()
+    except (SensorError, OSError, ValueError) as e:
+        report.warnings.append("power not reported: %s" % e)
+        return None

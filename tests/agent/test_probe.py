@@ -1,0 +1,104 @@
+"""Device probing: pure parsers on captured text, and probe() against a fake root tree."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime
+
+from agent import __version__, probe
+
+# A real /etc/nv_tegra_release line from an L4T R35.4.1 (JetPack 5.1.2) board, as captured in the project brief
+L4T_LINE = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
+            "DATE: Tue Aug  1 19:57:35 UTC 2023\n")
+
+# Written for this test in the layout of a Raspberry Pi 4 /proc/cpuinfo on a 64-bit OS (one core shown; not a
+# capture from a device: the serial is made up)
+PI_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+
+Hardware\t: BCM2835
+Revision\t: c03114
+Serial\t\t: 10000000deadbeef
+Model\t\t: Raspberry Pi 4 Model B Rev 1.4
+"""
+
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz\n"
+
+
+def test_parse_l4t_release_captured_line() -> None:
+    info = probe.parse_l4t_release(L4T_LINE)
+    assert info is not None
+    assert info["l4t"] == "35.4.1" and info["jetpack"] == "5.1.2"
+    assert info["board"] == "t186ref" and info["gcid"] == "33958178" and info["eabi"] == "aarch64"
+    assert info["date"] == "Tue Aug  1 19:57:35 UTC 2023"
+    assert probe.parse_l4t_release("not a release file\n") is None
+    unknown = probe.parse_l4t_release("# R99 (release), REVISION: 0.0, GCID: 1\n")
+    assert unknown == {"l4t": "99.0.0", "gcid": "1"}  # no JetPack guess for releases not in the table
+
+
+def test_parse_os_release() -> None:
+    text = 'PRETTY_NAME="Ubuntu 20.04.6 LTS"\nNAME="Ubuntu"\n# comment\nVERSION_ID="20.04"\n'
+    assert probe.parse_os_release(text) == {"PRETTY_NAME": "Ubuntu 20.04.6 LTS", "NAME": "Ubuntu",
+                                            "VERSION_ID": "20.04"}
+
+
+def test_parse_cpu_model() -> None:
+    assert probe.parse_cpu_model(X86_CPUINFO) == "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz"
+    assert probe.parse_cpu_model(PI_CPUINFO) == "ARM Cortex-A72"
+    assert probe.parse_cpu_model("CPU implementer\t: 0x4e\nCPU part\t: 0x004\n") == "NVIDIA Carmel"
+    assert probe.parse_cpu_model("") is None
+
+
+def fake_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    for rel, text in {"etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n',
+                      "etc/nv_tegra_release": L4T_LINE,
+                      "proc/cpuinfo": PI_CPUINFO,
+                      "proc/device-tree/model": "Raspberry Pi 4 Model B Rev 1.4\x00"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_probe_reads_everything_through_root(tmp_path: Path) -> None:
+    info = probe.probe(str(fake_root(tmp_path)))
+    assert info["os"] == "Debian GNU/Linux 12 (bookworm)"
+    assert info["cpu_model"] == "ARM Cortex-A72"
+    assert info["serial"] == "10000000deadbeef"
+    assert info["board_model"] == "Raspberry Pi 4 Model B Rev 1.4"
+    assert info["firmware"] == {"l4t": "35.4.1", "jetpack": "5.1.2"}
+    assert info["agent_version"] == __version__ and info["power_sensors"] == []
+    assert info["runtimes"]["onnxruntime"] == onnxruntime.__version__
+    assert info["runtimes"]["tflite_runtime"] is None
+    json.dumps(info)  # plain data
+
+
+def test_probe_of_an_empty_root_has_no_device_keys(tmp_path: Path) -> None:
+    info = probe.probe(str(tmp_path))
+    assert info["serial"] is None and info["firmware"] == {}
+    assert "board_model" not in info and "l4t" not in info
+    assert info["cpu_count"] >= 1 and info["hostname"]
+
+
+def test_identity_carries_firmware_and_board(tmp_path: Path) -> None:
+    ident = probe.identity("pi-1", "onnxruntime", "1.0", "c" * 64, root=str(fake_root(tmp_path)))
+    assert (ident.device_id, ident.runtime, ident.artifact_sha256) == ("pi-1", "onnxruntime", "c" * 64)
+    assert ident.firmware["l4t"] == "35.4.1" and ident.extra["board_model"].startswith("Raspberry Pi 4")
+    assert ident.serial == "10000000deadbeef"
+
+
+def test_probe_does_not_import_the_runtimes_it_finds() -> None:
+    code = ("import sys, json; from agent import probe; info = probe.probe(); "
+            "print(json.dumps([m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert json.loads(out.stdout) == []

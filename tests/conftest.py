@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeprune import data
+
+# 2-core machines: keep torch from oversubscribing while the agent processes run
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def full_data() -> Path | None:
+    d = data.data_dir()
+    return d if d is not None and (d / data.TEST_FILE).is_file() else None
+
+
+needs_full_data = pytest.mark.skipif(full_data() is None,
+                                     reason="full CIFAR-10 files not found (set EDGEPRUNE_DATA or provide ../shared/data)")
+
+
+@pytest.fixture
+def no_full_data(tmp_path, monkeypatch):
+    """Point EDGEPRUNE_DATA at an empty folder: the bundled subsets are all there is (a fresh machine)."""
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    monkeypatch.setenv("EDGEPRUNE_DATA", str(empty))
+    return empty
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    from edgeprune import models
+
+    model, meta = models.pretrained("resnet20")
+    return model, meta
+
+
+@pytest.fixture(scope="session")
+def eval_split():
+    return data.eval_split()

@@ -1,0 +1,76 @@
+"""`edgeprune demo` end to end, through the installed console command, as a user runs it."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import schema
+from host.demo import SUMMARY_COLUMNS
+
+REQUIRED = ["model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "accuracy_top1", "power_w",
+            "power_source", "energy_mj"]
+
+
+def edgeprune(*args, env=None, timeout=600):
+    exe = shutil.which("edgeprune")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "host.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = edgeprune("demo", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert set(REQUIRED) <= set(SUMMARY_COLUMNS) and set(REQUIRED) <= set(rows[0])
+    assert [float(x["ratio"]) for x in rows] == [0.0, 0.3, 0.5, 0.7]
+    assert all(x["status"] == "ok" and x["power_source"] == "model" for x in rows)
+    macs = [int(x["macs"]) for x in rows]
+    assert macs == sorted(macs, reverse=True) and macs[-1] < 0.4 * macs[0]
+    dense = float(rows[0]["accuracy_top1"])
+    assert 0.90 <= dense <= 0.95  # ResNet-20 on the 1,000-image eval split: 92.3 %
+    assert all(float(x["accuracy_top1"]) < dense + 0.01 for x in rows[1:])
+    assert float(rows[2]["accuracy_top1"]) > 0.5  # 50 % pruned + short recovery (no recovery: 26 %)
+    for x in rows:
+        rep = schema.loads_report(Path(x["report"]).read_text())
+        assert rep.accuracy.n == 1000 and rep.power.modelled
+        assert rep.timing.iterations >= 100 and rep.timing.duration_s >= 1.0
+        assert float(x["latency_p50_ms"]) == pytest.approx(rep.timing.latency_ms.median, abs=1e-3)
+    assert "MODELLED" in r.stdout and "edgeprune demo" in r.stdout
+    meta = json.loads((out / "demo.json").read_text())
+    assert meta["checkpoint"]["sha256"].startswith("12fca82f")
+
+
+def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = dict(__import__("os").environ, EDGEPRUNE_DATA=str(empty))
+    out = tmp_path / "d"
+    r = edgeprune("demo", "--quick", "--ratios", "0,0.5", "--no-recovery", "--eval-per-class", "20",
+                  "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert len(rows) == 2 and rows[1]["recovery"] == "none" and int(rows[0]["eval_n"]) == 200
+    assert "_assets" in json.loads((out / "demo.json").read_text())["eval"]["source"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--ratios", "0,1.5"], "--ratios: 1.5 is not in [0, 1)"),
+    (["--ratios", "a,b"], "argument --ratios: expected comma-separated numbers"),
+    (["--model", "vgg16"], "--model: unknown model 'vgg16'"),
+    (["--threads", "0"], "--threads: must be >= 1"),
+    (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read device config"),
+])
+def test_demo_bad_arguments_exit_2_with_one_clear_message(tmp_path, args, match):
+    r = edgeprune("demo", "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert match in " ".join(r.stderr.split())
+    assert not (tmp_path / "o" / "summary.csv").exists()

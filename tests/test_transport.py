@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+
+import psutil
+import pytest
+
+from agent import schema
+from edgeprune import data, export, models
+from edgeprune.errors import DeviceError
+from host.transport import LocalTransport
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory, resnet20):
+    d = tmp_path_factory.mktemp("artifact")
+    ev = data.eval_split(5)
+    man = export.export_onnx(resnet20[0], d / "r20.onnx", check_inputs=data.to_tensor_batch(ev.images[:8]),
+                             model_name="resnet20", source_checkpoint_sha256=resnet20[1]["sha256"],
+                             pruning_plan_sha256="0" * 64)
+    shard = ev.save(d / "eval.npz")
+    return d / "r20.onnx", man, shard
+
+
+def _job(job_inputs, **kw):
+    onnx_path, man, shard = job_inputs
+    return schema.JobSpec(
+        job_id="t1", artifact=schema.ArtifactSpec(path=str(onnx_path), sha256=man.sha256),
+        preprocess=schema.PreprocessSpec(scale=data.SCALE, mean=list(data.MEAN), std=list(data.STD)),
+        timing=schema.TimingSpec(min_iters=20, min_duration_s=0.2, warmup_s=0.05, warmup_iters=2),
+        power=schema.PowerSpec(sensor="model", idle_w=5.0, max_w=15.0),
+        eval=schema.EvalSpec(path=str(shard), sha256=models.sha256_file(shard), split="eval"), **kw).validate()
+
+
+def test_local_transport_runs_the_agent_process(tmp_path, job_inputs):
+    report = LocalTransport().run_job(_job(job_inputs), tmp_path / "w")
+    assert report.status == "ok", report.error
+    assert report.identity.artifact_sha256 == job_inputs[1].sha256
+    assert report.timing.iterations >= 20 and report.timing.latency_ms.median > 0
+    assert report.accuracy.n == 50 and report.accuracy.top1 >= 0.8
+    assert report.power.source == "model" and report.power.modelled
+    assert (tmp_path / "w" / "job.json").is_file() and (tmp_path / "w" / "report.json").is_file()
+
+
+def test_tampered_artifact_gives_error_report_not_execution(tmp_path, job_inputs):
+    job = _job(job_inputs)
+    job.artifact.sha256 = "f" * 64
+    report = LocalTransport().run_job(job, tmp_path)
+    assert report.status == "error" and "sha256" in report.error.message and report.timing is None
+
+
+def _fake_python(tmp_path, body: str):
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_hung_agent_is_killed_on_timeout(tmp_path, job_inputs):
+    pidfile = tmp_path / "pid"
+    fake = _fake_python(tmp_path, f"echo $$ > {pidfile}; exec sleep 60")
+    job = _job(job_inputs, timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="did not finish within 1 s; killed"):
+        LocalTransport(python=fake, grace_s=0.5).run_job(job, tmp_path / "w")
+    assert time.monotonic() - t0 < 10
+    pid = int(pidfile.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_agent_without_report_is_a_device_error(tmp_path, job_inputs):
+    fake = _fake_python(tmp_path, "echo 'job.json: runtime.threads: must be an integer' >&2; exit 2")
+    with pytest.raises(DeviceError, match="exited 2 without a report: job.json: runtime.threads"):
+        LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
+
+
+def test_invalid_report_is_refused(tmp_path, job_inputs):
+    out = tmp_path / "w" / "report.json"
+    fake = _fake_python(tmp_path, f"echo '{{\"schema_version\": 99}}' > {out}; exit 0")
+    with pytest.raises(DeviceError, match="invalid report from the agent: schema_version"):
+        LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
