@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-seconds", type=float, default=None, help="wall-time bound per candidate")
     d.add_argument("--finetune-per-class", type=_per_class, default=argparse.SUPPRESS, help="images per class, or 'full'")
     d.add_argument("--eval-per-class", type=_per_class, default=argparse.SUPPRESS,
-                   help="eval images per class (max 100 without the full test set), or 'full'")
+                   help="eval images per class: 100 (default) is the shipped 1,000-image subset; 'full' is all 10,000 "
+                        "test images (needs EDGEPRUNE_DATA)")
     d.add_argument("--threads", type=int, default=None, help="runtime threads on the device (overrides config)")
     d.add_argument("--seed", type=int, default=0)
     return p
@@ -93,7 +94,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 progress.update(step, description=msg, completed=done, total=total, visible=True)
             elif kind == "row":
                 progress.update(overall, completed=done)
-                progress.console.print(f"[green]done[/] {msg}")
+                progress.console.print(("[green]" if msg.endswith(": ok") else "[red]") + f"done[/] {msg}")
 
         result = run_demo(opts, events)
 

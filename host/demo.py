@@ -47,14 +47,14 @@ class DemoOptions:
     finetune_epochs: int = 2
     finetune_per_class: Optional[int] = 1000     # images per class from the finetune split (None: all 4,900)
     finetune_seconds: float = 90.0               # wall-time bound per candidate
-    eval_per_class: Optional[int] = None         # None: the whole test set when present, else the bundled 100
+    eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS  # 100: the shipped 1,000-image subset; None: all 10,000
     importance: str = "l1"
     seed: int = 0
     device: DeviceConfig = field(default_factory=local_device)
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "DemoOptions":
-        base = dict(quick=True, finetune_epochs=1, finetune_per_class=200, finetune_seconds=20.0, eval_per_class=100)
+        base = dict(quick=True, finetune_epochs=1, finetune_per_class=200, finetune_seconds=20.0)
         base.update(overrides)
         return cls(**base)
 
@@ -122,7 +122,7 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
          report_path: Path) -> Dict[str, object]:
     row: Dict[str, object] = {"model": model, "ratio": ratio, "macs": macs, "params": params, "recovery": recovery,
                               "status": report.status, "warnings": " | ".join(report.warnings),
-                              "report": str(report_path)}
+                              "report": f"reports/{report_path.name}"}
     if report.timing is not None:
         lat = report.timing.latency_ms
         row.update(latency_p50_ms=round(lat.median, 4), latency_p90_ms=round(lat.p90, 4),
@@ -147,11 +147,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
 
-    per_class = opts.eval_per_class
-    if per_class is None and data.data_dir() is not None and (data.data_dir() / data.TEST_FILE).is_file():
-        ev = data.eval_split(None)
-    else:
-        ev = data.eval_split(per_class or data.DEFAULT_EVAL_PER_CLASS)
+    ev = data.eval_split(opts.eval_per_class)
     eval_path = ev.save(out / f"{ev.name}-{len(ev)}.npz")
     eval_sha = models.sha256_file(eval_path)
     emit("info", f"eval split: {ev.name}, {len(ev)} images from {ev.source}", None, None)
@@ -210,7 +206,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
         row = _row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path)
         rows.append(row)
         _write_summary(summary, rows)
-        emit("row", tag, len(rows), len(opts.ratios))
+        emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
     write_json_atomic(out / "demo.json", json.dumps({
         "model": opts.model, "checkpoint": meta, "eval": {"split": ev.name, "n": len(ev), "sha256": eval_sha,
                                                           "source": ev.source},

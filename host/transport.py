@@ -44,7 +44,7 @@ class LocalTransport:
         A report with ``status: "error"`` is returned, not raised: the device ran and said what failed.
         DeviceError is raised only when no valid report came back (crash, timeout, bad output).
         """
-        workdir = Path(workdir)
+        workdir = Path(workdir).resolve()  # the agent runs with cwd=workdir: every path handed to it is absolute
         workdir.mkdir(parents=True, exist_ok=True)
         job_path = write_json_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"

@@ -45,6 +45,13 @@ def test_local_transport_runs_the_agent_process(tmp_path, job_inputs):
     assert (tmp_path / "w" / "job.json").is_file() and (tmp_path / "w" / "report.json").is_file()
 
 
+def test_relative_workdir(tmp_path, job_inputs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = LocalTransport().run_job(_job(job_inputs), __import__("pathlib").Path("rel") / "w")
+    assert report.status == "ok", report.error
+    assert (tmp_path / "rel" / "w" / "report.json").is_file()
+
+
 def test_tampered_artifact_gives_error_report_not_execution(tmp_path, job_inputs):
     job = _job(job_inputs)
     job.artifact.sha256 = "f" * 64
