@@ -177,8 +177,9 @@ class ModelSensor(PowerSensor):
         return cls(spec.idle_w, spec.max_w, spec.sample_hz)
 
     def start(self, background: bool = True) -> None:
-        # the CPUs this process may use now, i.e. after the runner applied timing.cpu_affinity
-        self._allowed = self._n_cpus if self._n_cpus is not None else len(allowed_cpus())
+        # idle_w and max_w describe the whole device (max_w = every CPU busy), so utilisation is taken over all
+        # of the device's CPUs, not only those the job is pinned to: 1 busy thread on 4 cores models 25 % load
+        self._allowed = self._n_cpus if self._n_cpus is not None else (psutil.cpu_count(logical=True) or 1)
         super().start(background)
 
     def _read(self) -> float:
@@ -193,19 +194,12 @@ class ModelSensor(PowerSensor):
         wall_s = (t1 - t0) / 1e9
         u = (c1 - c0) / wall_s / self._allowed if wall_s > 0 else 0.0
         return self.watts(u), {
-            "formula": "P = idle_w + (max_w - idle_w) * u; u = process CPU time / wall time / allowed CPUs, "
+            "formula": "P = idle_w + (max_w - idle_w) * u; u = agent process CPU time / wall time / device CPUs, "
                        "clamped to 0..1",
             "idle_w": self.idle_w, "max_w": self.max_w,
             "note": "idle_w and max_w are configuration values, not measurements; this power is modelled",
-            "utilisation": min(1.0, max(0.0, u)), "allowed_cpus": self._allowed,
+            "utilisation": min(1.0, max(0.0, u)), "device_cpus": self._allowed,
         }
-
-
-def allowed_cpus() -> List[int]:
-    proc = psutil.Process()
-    if hasattr(proc, "cpu_affinity"):
-        return list(proc.cpu_affinity())
-    return list(range(psutil.cpu_count() or 1))
 
 
 def _process_cpu_time() -> float:
