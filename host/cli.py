@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -60,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fmt(row: Dict[str, object], key: str, fmt: str) -> str:
+    v = row.get(key)
+    return format(v, fmt) if isinstance(v, (int, float)) else "—"
+
+
+def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("ratio", "MMACs", "params", "p50 ms", "p90 ms", "speed-up", "top-1", "power W", "mJ/inf"):
+        table.add_column(col, justify="right")
+    table.add_column("recovery")
+    table.add_column("status")
+    dense = next((r.get("latency_p50_ms") for r in rows if r.get("ratio") == 0.0), None)
+    for r in rows:
+        p50 = r.get("latency_p50_ms")
+        speedup = f"{dense / p50:.2f}×" if isinstance(dense, float) and isinstance(p50, float) and p50 > 0 else "—"
+        table.add_row(_fmt(r, "ratio", ".0%"), f"{int(str(r['macs'])) / 1e6:.1f}", f"{int(str(r['params'])):,}",
+                      _fmt(r, "latency_p50_ms", ".3f"), _fmt(r, "latency_p90_ms", ".3f"), speedup,
+                      _fmt(r, "accuracy_top1", ".2%"),
+                      _fmt(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
+                      _fmt(r, "energy_mj", ".3f"), str(r["recovery"]),
+                      "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]")
+    return table
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from host.demo import DemoOptions, run_demo
     from host.devices import resolve_device
@@ -98,23 +122,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
         result = run_demo(opts, events)
 
-    table = Table(title=f"edgeprune demo — {opts.model} on device '{device.id}' "
-                        f"(onnxruntime, {device.runtime.threads} thread(s))")
-    for col, just in (("ratio", "right"), ("MMACs", "right"), ("params", "right"), ("p50 ms", "right"),
-                      ("p90 ms", "right"), ("top-1", "right"), ("power W", "right"), ("mJ/inf", "right"),
-                      ("recovery", "left"), ("status", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    modelled = False
-    for r in result.rows:
-        modelled |= r.get("power_source") == "model"
-        def f(key: str, fmt: str) -> str:
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "—"
-        table.add_row(f(("ratio"), ".0%"), f"{int(r['macs']) / 1e6:.1f}", f"{int(r['params']):,}",
-                      f("latency_p50_ms", ".3f"), f("latency_p90_ms", ".3f"), f("accuracy_top1", ".2%"),
-                      f("power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""), f("energy_mj", ".3f"),
-                      str(r["recovery"]), "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]")
-    console.print(table)
+    console.print(_demo_table(result.rows, f"edgeprune demo — {opts.model} on device '{device.id}' "
+                                           f"(onnxruntime, {device.runtime.threads} thread(s))"))
+    modelled = any(r.get("power_source") == "model" for r in result.rows)
     console.print(f"accuracy on split '{result.eval_split}' ({result.eval_n} images), measured by the agent.")
     if modelled:
         console.print("* power is MODELLED (no power sensor on this device): idle/max watts from the device "
