@@ -19,16 +19,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
 from agent import SensorError
+from agent.registry import Registry
 from agent.schema import PowerResult, PowerSpec
 
 log = logging.getLogger(__name__)
 
-_SENSORS: Dict[str, Type["PowerSensor"]] = {}
+_SENSORS: "Registry[PowerSensor]" = Registry("power sensor", SensorError)
 
 Clock = Callable[[], int]
 
@@ -124,26 +125,9 @@ class PowerSensor:
                            details=details)
 
 
-def register_sensor(name: str) -> Callable[[Type[PowerSensor]], Type[PowerSensor]]:
-    def deco(cls: Type[PowerSensor]) -> Type[PowerSensor]:
-        if name in _SENSORS:
-            raise ValueError("power sensor %r is already registered" % name)
-        cls.name = name
-        _SENSORS[name] = cls
-        return cls
-    return deco
-
-
-def sensor_names() -> List[str]:
-    return sorted(_SENSORS)
-
-
-def sensor_class(name: str) -> Type[PowerSensor]:
-    try:
-        return _SENSORS[name]
-    except KeyError:
-        raise SensorError("unknown power sensor %r (this agent knows: %s)"
-                          % (name, ", ".join(sensor_names()))) from None
+register_sensor = _SENSORS.register
+sensor_names = _SENSORS.names
+sensor_class = _SENSORS.lookup
 
 
 def discover(spec: PowerSpec, sys_root: str = "/sys") -> Optional[PowerSensor]:
@@ -274,7 +258,7 @@ def available_sensors(sys_root: str = "/sys") -> List[str]:
         if name == "model":
             continue
         try:
-            if _SENSORS[name].discover(probe_spec, sys_root) is not None:
+            if _SENSORS.lookup(name).discover(probe_spec, sys_root) is not None:
                 found.append(name)
         except (SensorError, OSError, ValueError) as e:
             log.info("power sensor %r: discovery failed: %s", name, e)

@@ -12,14 +12,15 @@ Each backend imports its runtime inside its own methods, so the agent imports on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from agent import ArtifactError, RuntimeBackendError
+from agent.registry import Registry
 from agent.schema import ArtifactSpec
 
-_RUNTIMES: Dict[str, Type["Runtime"]] = {}
+_RUNTIMES: "Registry[Runtime]" = Registry("runtime", RuntimeBackendError)
 
 
 class Session:
@@ -43,26 +44,12 @@ class Runtime:
         raise NotImplementedError
 
 
-def register_runtime(name: str) -> Callable[[Type[Runtime]], Type[Runtime]]:
-    def deco(cls: Type[Runtime]) -> Type[Runtime]:
-        if name in _RUNTIMES:
-            raise ValueError("runtime %r is already registered" % name)
-        cls.name = name
-        _RUNTIMES[name] = cls
-        return cls
-    return deco
+register_runtime = _RUNTIMES.register
+runtime_names = _RUNTIMES.names
 
 
-def runtime_names() -> List[str]:
-    return sorted(_RUNTIMES)
-
-
-def get_runtime(name: str) -> Runtime:
-    try:
-        return _RUNTIMES[name]()
-    except KeyError:
-        raise RuntimeBackendError("unknown runtime %r (this agent knows: %s)"
-                                  % (name, ", ".join(runtime_names()))) from None
+def get_runtime(name: str) -> "Runtime":
+    return _RUNTIMES.lookup(name)()
 
 
 def check_input(actual_name: str, actual_shape: List[Optional[int]], spec: ArtifactSpec) -> None:

@@ -350,17 +350,16 @@ def dumps(obj: Any) -> str:
     return json.dumps(to_dict(obj), indent=1, sort_keys=True, allow_nan=False)
 
 
-def loads_job(text: str) -> JobSpec:
+def _loads(text: str, what: str) -> Any:
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError as e:
-        raise SchemaError("job spec is not valid JSON: %s" % e) from None
-    return job_from_dict(data)
+        raise SchemaError("%s is not valid JSON: %s" % (what, e)) from None
+
+
+def loads_job(text: str) -> JobSpec:
+    return job_from_dict(_loads(text, "job spec"))
 
 
 def loads_report(text: str) -> Report:
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise SchemaError("report is not valid JSON: %s" % e) from None
-    return report_from_dict(data)
+    return report_from_dict(_loads(text, "report"))

@@ -13,7 +13,6 @@ import copy
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +178,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
                                     seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
             recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
         emit("stage", f"{tag}: export ONNX", None, None)
-        plan_path = write_json_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
+        write_json_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
         onnx_path = out / "artifacts" / f"{tag}.onnx"
         man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=opts.model,
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())

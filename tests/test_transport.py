@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import os
 import stat
-import sys
 import time
 
 import psutil
