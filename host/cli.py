@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval images per class: 100 (default) is the shipped 1,000-image subset; 'full' is all 10,000 "
                         "test images (needs EDGEPRUNE_DATA)")
     d.add_argument("--threads", type=int, default=None, help="runtime threads on the device (overrides config)")
+    d.add_argument("--round-to", type=int, default=None,
+                   help="keep a multiple of N channels per pruned layer (overrides the device's round_to; "
+                        "8 suits AVX2 CPUs, see bench/RESULTS.md)")
     d.add_argument("--seed", type=int, default=0)
     return p
 
@@ -93,6 +96,10 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if args.threads < 1:
             raise UsageError("--threads: must be >= 1")
         device = device.model_copy(update={"runtime": device.runtime.model_copy(update={"threads": args.threads})})
+    if args.round_to is not None:
+        if args.round_to < 1:
+            raise UsageError("--round-to: must be >= 1")
+        device = device.model_copy(update={"round_to": args.round_to})
     kw = dict(model=args.model, out=args.out, recovery=not args.no_recovery, seed=args.seed, device=device)
     if args.ratios is not None:
         kw["ratios"] = tuple(args.ratios)

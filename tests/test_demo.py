@@ -63,11 +63,13 @@ def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
     empty.mkdir()
     env = dict(__import__("os").environ, EDGEPRUNE_DATA=str(empty))
     out = tmp_path / "d"
-    r = edgeprune("demo", "--quick", "--ratios", "0,0.5", "--no-recovery", "--eval-per-class", "20",
-                  "--out", str(out), env=env)
+    r = edgeprune("demo", "--quick", "--ratios", "0,0.3", "--no-recovery", "--eval-per-class", "20",
+                  "--round-to", "8", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr + r.stdout
     rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert len(rows) == 2 and rows[1]["recovery"] == "none" and int(rows[0]["eval_n"]) == 200
+    plan = json.loads((out / "artifacts" / "resnet20-r030.plan.json").read_text())
+    assert plan["round_to"] == 8 and all(len(layer["keep"]) % 8 == 0 for layer in plan["layers"])
     assert "_assets" in json.loads((out / "demo.json").read_text())["eval"]["source"]
 
 
@@ -76,6 +78,7 @@ def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
     (["--ratios", "a,b"], "argument --ratios: expected comma-separated numbers"),
     (["--model", "vgg16"], "--model: unknown model 'vgg16'"),
     (["--threads", "0"], "--threads: must be >= 1"),
+    (["--round-to", "0"], "--round-to: must be >= 1"),
     (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read device config"),
 ])
 def test_demo_bad_arguments_exit_2_with_one_clear_message(tmp_path, args, match):
