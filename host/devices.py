@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeprune.errors import ConfigError
 
@@ -53,10 +53,28 @@ class PowerConfig(_Strict):
     options: Dict[str, Any] = Field(default_factory=dict)
 
 
+class SSHConfig(_Strict):
+    """How to reach a device over SSH. Unknown host keys are rejected unless ``host_key_policy`` says
+    ``accept-new`` (OpenSSH's meaning: record a first-seen key, refuse a changed one)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+    key: Optional[str] = None                 # private key file; None: ssh-agent / default keys
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_policy: Literal["reject", "accept-new"] = "reject"
+    proxy_jump: Optional[str] = None          # user@host[:port] of a bastion, as OpenSSH's ProxyJump
+    connect_timeout_s: float = Field(10.0, gt=0)
+    command_timeout_s: float = Field(60.0, gt=0)   # for short commands (probe, hashing); jobs use their own
+    keepalive_s: float = Field(15.0, ge=0)
+    cache_dir: str = "~/.cache/edgeprune"     # content-addressed cache on the device
+
+
 class DeviceConfig(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     device_class: str = Field("local", alias="class")
-    transport: Literal["local"] = "local"
+    transport: Literal["local", "ssh"] = "local"
+    ssh: Optional[SSHConfig] = None
     description: str = ""
     python: Optional[str] = None
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -64,6 +82,14 @@ class DeviceConfig(_Strict):
     power: Optional[PowerConfig] = None
     round_to: int = Field(1, ge=1)            # channel alignment for pruning on this device
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
+
+    @model_validator(mode="after")
+    def _transport_needs_its_settings(self) -> "DeviceConfig":
+        if self.transport == "ssh" and self.ssh is None:
+            raise ValueError("transport 'ssh' needs an 'ssh' section (host, user, ...)")
+        if self.transport == "local" and self.ssh is not None:
+            raise ValueError("an 'ssh' section needs transport: ssh")
+        return self
 
 
 def local_device() -> DeviceConfig:

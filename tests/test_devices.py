@@ -30,7 +30,11 @@ def test_yaml_overrides(tmp_path):
     ("id: a\nruntime: {threads: many}\n", r"dev.yaml: runtime.threads: Input should be a valid integer"),
     ("id: 'a;rm -rf /'\n", r"dev.yaml: id: String should match pattern"),
     ("runtime: {}\n", r"dev.yaml: id: Field required"),
-    ("id: a\ntransport: carrier-pigeon\n", r"dev.yaml: transport: Input should be 'local'"),
+    ("id: a\ntransport: carrier-pigeon\n", r"dev.yaml: transport: Input should be 'local' or 'ssh'"),
+    ("id: a\ntransport: ssh\n", r"dev.yaml: \(top level\): Value error, transport 'ssh' needs an 'ssh' section"),
+    ("id: a\ntransport: ssh\nssh: {host: h, user: 'u;rm'}\n", r"dev.yaml: ssh.user: String should match pattern"),
+    ("id: a\ntransport: ssh\nssh: {host: h, user: u, host_key_policy: yes-please}\n",
+     r"dev.yaml: ssh.host_key_policy: Input should be 'reject' or 'accept-new'"),
     ("id: [a\n", r"dev.yaml:2: not valid YAML"),
     ("- a\n- b\n", r"dev.yaml: a device config must be a YAML mapping"),
 ])
@@ -39,6 +43,13 @@ def test_bad_device_files_name_file_and_field(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(ConfigError, match=match):
         devices.load_device(p)
+
+
+def test_ssh_device(tmp_path):
+    p = tmp_path / "pi.yaml"
+    p.write_text("id: pi5-lab-01\ntransport: ssh\nssh: {host: 10.0.0.21, user: bench, key: ~/.ssh/id_ed25519}\n")
+    dev = devices.load_device(p)
+    assert dev.ssh.port == 22 and dev.ssh.host_key_policy == "reject" and dev.ssh.known_hosts == "~/.ssh/known_hosts"
 
 
 def test_missing_file(tmp_path):
