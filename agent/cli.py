@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import agent
-from agent import probe, runner
+from agent import lease, probe, runner
 from agent.schema import SchemaError, dumps, loads_job
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
@@ -45,7 +45,40 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report JSON path, written atomically (default: stdout)")
     pr = sub.add_parser("probe", help="describe this device")
     pr.add_argument("--json", action="store_true", help="print JSON")
+    le = sub.add_parser("lease", help="take, renew, release or show this device's exclusive lease (JSON out)")
+    le.add_argument("action", choices=["acquire", "renew", "release", "show"])
+    le.add_argument("--dir", type=Path, required=True, help="lease folder (the device cache)")
+    le.add_argument("--holder", default="{}", help="acquire: JSON object describing the holder")
+    le.add_argument("--ttl", type=float, default=600.0, help="acquire/renew: seconds until the lease expires")
+    le.add_argument("--token", default="", help="renew/release: the token acquire returned")
     return p
+
+
+def _cmd_lease(args: argparse.Namespace) -> int:
+    try:
+        holder = json.loads(args.holder)
+        if not isinstance(holder, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        print("--holder: must be a JSON object (%s)" % e, file=sys.stderr)
+        return EXIT_USAGE
+    if args.ttl <= 0:
+        print("--ttl: must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action in ("renew", "release") and not args.token:
+        print("--token: required for %s" % args.action, file=sys.stderr)
+        return EXIT_USAGE
+    holder.setdefault("pid", os.getppid())
+    if args.action == "acquire":
+        result = lease.acquire(args.dir, holder, args.ttl)
+    elif args.action == "renew":
+        result = lease.renew(args.dir, args.token, args.ttl)
+    elif args.action == "release":
+        result = lease.release(args.dir, args.token)
+    else:
+        result = lease.show(args.dir)
+    print(json.dumps(result, sort_keys=True))
+    return EXIT_OK
 
 
 def _cmd_run(job_path: Path, out: Optional[Path]) -> int:
@@ -91,4 +124,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _cmd_run(args.job, args.out)
+    if args.command == "lease":
+        return _cmd_lease(args)
     return _cmd_probe(args.json)
