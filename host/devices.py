@@ -81,6 +81,7 @@ class DeviceConfig(_Strict):
     timing: TimingConfig = Field(default_factory=TimingConfig)
     power: Optional[PowerConfig] = None
     round_to: int = Field(1, ge=1)            # channel alignment for pruning on this device
+    precisions: List[str] = Field(default_factory=lambda: ["fp32"])
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
 
     @model_validator(mode="after")
@@ -101,32 +102,136 @@ def local_device() -> DeviceConfig:
     )
 
 
+CLASSES_DIR = Path(__file__).resolve().parents[1] / "device_configs" / "classes"
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _line_of(node: Optional[yaml.Node], loc: tuple) -> Optional[int]:
+    """1-based line of the YAML node at ``loc`` (or of its nearest parent that exists)."""
+    best = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            break
+        best = node.start_mark.line + 1
+    return best
+
+
+def _parse_yaml(path: Path) -> "tuple[Any, Optional[yaml.Node]]":
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """``over`` wins; nested mappings merge key by key (a device may override one runtime option)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def class_names(classes_dir: Path = CLASSES_DIR) -> List[str]:
+    return sorted(p.stem for p in classes_dir.glob("*.yaml"))
+
+
+def load_class(name: str, classes_dir: Path = CLASSES_DIR) -> Dict[str, Any]:
+    path = classes_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise KeyError(name)
+    data, _ = _parse_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a device class must be a YAML mapping")
+    return data
+
+
+def device_from_mapping(data: Any, source: Path, node: Optional[yaml.Node] = None,
+                        classes_dir: Path = CLASSES_DIR) -> DeviceConfig:
+    """Validate one device mapping: class template first, then the device's own values over it."""
+    if not isinstance(data, dict):
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        raise ConfigError(f"{source}{line}: a device config must be a YAML mapping")
+    merged = dict(data)
+    cls = data.get("class")
+    if cls is not None:
+        try:
+            merged = _merge(load_class(str(cls), classes_dir), data)
+        except KeyError:
+            line = _line_of(node, ("class",))
+            raise ConfigError(f"{source}{f':{line}' if line else ''}: class: unknown device class {cls!r}; known: "
+                              f"{', '.join(class_names(classes_dir))}") from None
+    try:
+        dev = DeviceConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        in_device = bool(loc) and loc[0] in data
+        line = _line_of(node, loc if in_device else ())   # a missing field: the mapping's own line
+        origin = f" (from class {cls!r})" if cls is not None and loc and not in_device and loc[0] in merged else ""
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{source}{f':{line}' if line else ''}: {_field_path(loc)}: {err['msg']}{origin}{more}") from None
+    return dev.model_copy(update={"source": str(source)})
 
 
 def load_device(path: Union[str, Path]) -> DeviceConfig:
     """Read and validate one device YAML file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read device config ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a device config must be a YAML mapping")
-    try:
-        dev = DeviceConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{path}: {_field_path(err['loc'])}: {err['msg']}{more}") from None
-    return dev.model_copy(update={"source": str(path)})
+    data, node = _parse_yaml(path)
+    return device_from_mapping(data, path, node)
+
+
+def load_fleet(path: Union[str, Path]) -> List[DeviceConfig]:
+    """A fleet: a YAML file with a ``devices:`` list (inline mappings or ``{include: FILE}``, relative to the
+    fleet file), or a folder of device YAML files (``classes/`` inside it is skipped). Ids must be unique."""
+    path = Path(os.path.expanduser(str(path)))
+    devices: List[DeviceConfig] = []
+    if path.is_dir():
+        for f in sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")):
+            devices.append(load_device(f))
+    else:
+        data, node = _parse_yaml(path)
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+            raise ConfigError(f"{path}: a fleet file needs a 'devices:' list (or pass a folder of device files)")
+        unknown = sorted(set(data) - {"devices"})
+        if unknown:
+            raise ConfigError(f"{path}:{_line_of(node, (unknown[0],))}: {unknown[0]}: unknown field in a fleet file")
+        items_node = _child(node, "devices")
+        for i, item in enumerate(data["devices"]):
+            item_node = items_node.value[i] if isinstance(items_node, yaml.SequenceNode) else None
+            if isinstance(item, dict) and set(item) == {"include"}:
+                inc = Path(str(item["include"]))
+                devices.append(load_device(inc if inc.is_absolute() else path.parent / inc))
+            else:
+                devices.append(device_from_mapping(item, path, item_node))
+    seen: Dict[str, str] = {}
+    for d in devices:
+        if d.id in seen:
+            raise ConfigError(f"{d.source}: id: device id {d.id!r} is already used by {seen[d.id]}")
+        seen[d.id] = str(d.source)
+    if not devices:
+        raise ConfigError(f"{path}: the fleet has no devices")
+    return devices
+
+
+def _child(node: Optional[yaml.Node], key: str) -> Optional[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+    return None
 
 
 def resolve_device(spec: Optional[str]) -> DeviceConfig:

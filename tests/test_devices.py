@@ -26,17 +26,17 @@ def test_yaml_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("id: a\nruntim: {}\n", r"dev.yaml: runtim: Extra inputs are not permitted"),
-    ("id: a\nruntime: {threads: many}\n", r"dev.yaml: runtime.threads: Input should be a valid integer"),
-    ("id: 'a;rm -rf /'\n", r"dev.yaml: id: String should match pattern"),
-    ("runtime: {}\n", r"dev.yaml: id: Field required"),
-    ("id: a\ntransport: carrier-pigeon\n", r"dev.yaml: transport: Input should be 'local' or 'ssh'"),
-    ("id: a\ntransport: ssh\n", r"dev.yaml: \(top level\): Value error, transport 'ssh' needs an 'ssh' section"),
-    ("id: a\ntransport: ssh\nssh: {host: h, user: 'u;rm'}\n", r"dev.yaml: ssh.user: String should match pattern"),
+    ("id: a\nruntim: {}\n", r"dev.yaml:2: runtim: Extra inputs are not permitted"),
+    ("id: a\nruntime: {threads: many}\n", r"dev.yaml:2: runtime.threads: Input should be a valid integer"),
+    ("id: 'a;rm -rf /'\n", r"dev.yaml:1: id: String should match pattern"),
+    ("runtime: {}\n", r"dev.yaml:1: id: Field required"),
+    ("id: a\ntransport: carrier-pigeon\n", r"dev.yaml:2: transport: Input should be 'local' or 'ssh'"),
+    ("id: a\ntransport: ssh\n", r"dev.yaml:1: \(top level\): Value error, transport 'ssh' needs an 'ssh' section"),
+    ("id: a\ntransport: ssh\nssh: {host: h, user: 'u;rm'}\n", r"dev.yaml:3: ssh.user: String should match pattern"),
     ("id: a\ntransport: ssh\nssh: {host: h, user: u, host_key_policy: yes-please}\n",
-     r"dev.yaml: ssh.host_key_policy: Input should be 'reject' or 'accept-new'"),
+     r"dev.yaml:3: ssh.host_key_policy: Input should be 'reject' or 'accept-new'"),
     ("id: [a\n", r"dev.yaml:2: not valid YAML"),
-    ("- a\n- b\n", r"dev.yaml: a device config must be a YAML mapping"),
+    ("- a\n- b\n", r"dev.yaml:1: a device config must be a YAML mapping"),
 ])
 def test_bad_device_files_name_file_and_field(tmp_path, text, match):
     p = tmp_path / "dev.yaml"
@@ -53,7 +53,7 @@ def test_ssh_device(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read device config"):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
         devices.resolve_device(str(tmp_path / "nope.yaml"))
 
 
@@ -66,3 +66,62 @@ def test_auto_affinity_leaves_cpu0_when_it_can():
     if len(cpus) > 1:
         assert got == [cpus[-1]]
     assert devices.auto_affinity(64) == cpus
+
+
+SSH = "ssh: {host: 127.0.0.1, user: bench}\n"
+
+
+@pytest.mark.parametrize("cls", devices.class_names())
+def test_every_shipped_class_gives_a_valid_device(tmp_path, cls):
+    p = tmp_path / "d.yaml"
+    p.write_text(f"id: d1\nclass: {cls}\n" + ("" if cls == "local" else SSH))
+    dev = devices.load_device(p)
+    assert dev.device_class == cls and dev.power is not None and dev.precisions
+
+
+def test_precedence_device_over_class_over_defaults(tmp_path):
+    p = tmp_path / "d.yaml"
+    p.write_text("id: pi\nclass: rpi4\n" + SSH + "runtime: {threads: 2}\npower: {max_w: 7.0}\n")
+    dev = devices.load_device(p)
+    assert dev.runtime.threads == 2 and dev.runtime.name == "onnxruntime"   # device wins; class fills the rest
+    assert dev.power.max_w == 7.0 and dev.power.idle_w == 2.7              # nested keys merge one by one
+    assert dev.round_to == 4 and dev.python == "/usr/bin/python3"          # from the class
+    assert dev.timing.min_iters == 200                                     # built-in default
+
+
+def test_unknown_class_lists_known(tmp_path):
+    p = tmp_path / "d.yaml"
+    p.write_text("id: x\n\nclass: toaster\n")
+    with pytest.raises(ConfigError, match=r"d.yaml:3: class: unknown device class 'toaster'; known: coral-devboard"):
+        devices.load_device(p)
+
+
+def test_fleet_file_inline_and_include_with_line_numbers(tmp_path):
+    (tmp_path / "nano.yaml").write_text("id: nano-1\nclass: jetson-nano\n" + SSH)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("devices:\n  - include: nano.yaml\n  - id: pi-1\n    class: rpi5\n    " + SSH)
+    got = devices.load_fleet(fleet)
+    assert [d.id for d in got] == ["nano-1", "pi-1"] and got[0].source.endswith("nano.yaml")
+    fleet.write_text("devices:\n  - id: pi-1\n    class: rpi5\n    " + SSH + "    round_to: zero\n")
+    with pytest.raises(ConfigError, match=r"fleet.yaml:5: round_to: Input should be a valid integer"):
+        devices.load_fleet(fleet)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("devices: []\n", "the fleet has no devices"),
+    ("hosts: []\n", "needs a 'devices:' list"),
+    ("devices:\n  - id: a\n  - id: a\n", "device id 'a' is already used"),
+    ("devices:\n  - id: a\nextra: 1\n", r"fleet.yaml:3: extra: unknown field in a fleet file"),
+    ("devices:\n  - include: missing.yaml\n", r"missing.yaml: cannot read"),
+])
+def test_bad_fleet_files(tmp_path, text, match):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        devices.load_fleet(fleet)
+
+
+def test_fleet_folder(tmp_path):
+    (tmp_path / "a.yaml").write_text("id: a\n")
+    (tmp_path / "b.yaml").write_text("id: b\nclass: rpi4\n" + SSH)
+    assert [d.id for d in devices.load_fleet(tmp_path)] == ["a", "b"]
