@@ -9,13 +9,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeprune.errors import EdgepruneError, UsageError
+
+if TYPE_CHECKING:
+    from host.devices import DeviceConfig
 
 VERSION = "0.1.0"
 
@@ -60,7 +63,101 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of N channels per pruned layer (overrides the device's round_to; "
                         "8 suits AVX2 CPUs, see bench/RESULTS.md)")
     d.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
+    b.add_argument("--model", required=True, help="reference model name (exported dense) or an artifact folder")
+    b.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
+    b.add_argument("--devices", default=None, help="comma-separated device ids from the fleet")
+    b.add_argument("--threads", type=int, default=None, help="runtime threads (overrides each device's config)")
+    b.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
+    b.add_argument("--out", type=Path, default=None, help="output folder (default results/runs/<run id>)")
+    b.add_argument("--quick", action="store_true", help="short timing windows")
+    b.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
+
+    dv = sub.add_parser("devices", help="the fleet: list it, or check each device's health")
+    dv.add_argument("action", choices=["list", "check"])
+    dv.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
+    dv.add_argument("--devices", default=None, help="comma-separated device ids from the fleet")
+    dv.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _select(fleet: Optional[str], ids: Optional[str]) -> "List[DeviceConfig]":
+    from host.devices import load_fleet, local_device
+
+    devices = load_fleet(fleet) if fleet else [local_device()]
+    if ids:
+        wanted = [i.strip() for i in ids.split(",") if i.strip()]
+        known = {d.id: d for d in devices}
+        missing = [i for i in wanted if i not in known]
+        if missing:
+            raise UsageError(f"--devices: {', '.join(missing)} not in the fleet (has: {', '.join(known)})")
+        devices = [known[i] for i in wanted]
+    return devices
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from host.benchmark import run_bench, new_run_id, check_run_id
+
+    devices = _select(args.fleet, args.devices)
+    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    console.print(f"run id: [bold]{run_id}[/]")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        tasks = {d.id: progress.add_task(f"{d.id}: waiting") for d in devices}
+
+        def events(dev_id: str, kind: str, msg: str) -> None:
+            progress.update(tasks[dev_id], description=f"{dev_id}: {msg}")
+            if kind in ("retry", "done"):
+                progress.console.print(f"{dev_id}: {msg}", highlight=False)
+
+        result = run_bench(args.model, devices, out=args.out, run_id=run_id, threads=args.threads, quick=args.quick,
+                           events=events, lease_wait_s=args.lease_wait)
+    table = Table(title=f"edgeprune bench {args.model} — run {result.run_id}")
+    for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "power W", "mJ/inf", "status"):
+        table.add_column(col, justify="left" if col in ("device", "runtime", "status") else "right")
+    for r in result.rows:
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/] {r['error']}"
+        table.add_row(str(r["device"]), str(r["runtime"]), str(r["threads"]), _fmt(r, "latency_p50_ms", ".3f"),
+                      _fmt(r, "latency_p90_ms", ".3f"), _fmt(r, "accuracy_top1", ".2%"),
+                      _fmt(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
+                      _fmt(r, "energy_mj", ".3f"), status)
+    console.print(table)
+    if any(r.get("power_source") == "model" for r in result.rows):
+        console.print("* modelled power (no sensor on that device), not a measurement.")
+    console.print(f"run {result.run_id}: wrote {result.out / 'summary.csv'}")
+    return 0 if all(o.ok for o in result.outcomes) else 1
+
+
+def _devices(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from host import state
+    from host.health import check_devices
+
+    devices = _select(args.fleet, args.devices)
+    if args.action == "check":
+        results = check_devices(devices)
+    else:
+        known = state.load()
+        results = {d.id: {"health": known.get(d.id, {}).get("health", "unknown"),
+                          "checked_at": known.get(d.id, {}).get("checked_at"),
+                          "details": known.get(d.id, {}).get("details", {})} for d in devices}
+    if args.json:
+        console.print_json(json.dumps(results, default=str))
+    else:
+        table = Table(title=f"fleet: {args.fleet or 'local device'}")
+        for col in ("device", "class", "transport", "address", "runtime", "health", "checked", "lease", "notes"):
+            table.add_column(col)
+        for d in devices:
+            r = results[d.id]
+            det = r.get("details") or {}
+            addr = f"{d.ssh.user}@{d.ssh.host}:{d.ssh.port}" if d.ssh else "—"
+            colour = {"good": "green", "bad": "red"}.get(r["health"], "yellow")
+            table.add_row(d.id, d.device_class, d.transport, addr, d.runtime.name, f"[{colour}]{r['health']}[/]",
+                          str(r.get("checked_at") or "never"), str(det.get("lease") or "free"),
+                          str(det.get("error") or det.get("summary") or ""))
+        console.print(table)
+    return 0 if all(r["health"] == "good" for r in results.values()) or args.action == "list" else 1
 
 
 def _fmt(row: Dict[str, object], key: str, fmt: str) -> str:
@@ -153,6 +250,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args, console)
+        if args.command == "bench":
+            return _bench(args, console)
+        if args.command == "devices":
+            return _devices(args, console)
         parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse enforces choices
     except UsageError as e:
         err.print(f"[red]edgeprune: error:[/] {e}", highlight=False)

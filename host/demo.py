@@ -23,7 +23,8 @@ import torch
 from agent import schema
 from edgeprune import data, export, finetune, models, prune
 from edgeprune.errors import DeviceError, UsageError
-from host.devices import DeviceConfig, auto_affinity, local_device
+from host.devices import DeviceConfig, local_device
+from host.jobs import build_job
 from host.transport import LocalTransport, write_json_atomic
 
 SUMMARY_COLUMNS = [
@@ -88,25 +89,6 @@ class DemoResult:
     eval_n: int
     finetune_split: Optional[str]
     failures: int
-
-
-def _timing_spec(dev: DeviceConfig, quick: bool, seed: int) -> schema.TimingSpec:
-    t = dev.timing
-    affinity = auto_affinity(dev.runtime.threads) if t.cpu_affinity == "auto" else t.cpu_affinity
-    spec = schema.TimingSpec(
-        warmup_iters=t.warmup_iters, warmup_s=t.warmup_s, min_iters=t.min_iters, min_duration_s=t.min_duration_s,
-        max_iters=t.max_iters, max_duration_s=t.max_duration_s, batch_size=t.batch_size, seed=seed,
-        cv_warn=t.cv_warn, cpu_affinity=affinity, cooldown_s=t.cooldown_s)
-    if quick:  # shorter windows, still past both a minimum count and a minimum duration
-        spec.min_iters, spec.min_duration_s, spec.warmup_s = min(spec.min_iters, 100), min(spec.min_duration_s, 1.0), 0.2
-    return spec
-
-
-def _power_spec(dev: DeviceConfig) -> Optional[schema.PowerSpec]:
-    p = dev.power
-    if p is None:
-        return None
-    return schema.PowerSpec(sensor=p.sensor, sample_hz=p.sample_hz, idle_w=p.idle_w, max_w=p.max_w, options=dict(p.options))
 
 
 def _write_summary(path: Path, rows: List[Dict[str, object]]) -> None:
@@ -183,17 +165,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
         man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=opts.model,
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
         man.write(out / "artifacts" / f"{tag}.manifest.json")
-        job = schema.JobSpec(
-            job_id=tag, device_id=dev.id,
-            artifact=schema.ArtifactSpec(path=str(onnx_path.resolve()), sha256=man.sha256, format="onnx",
-                                         input_name=man.input_name, input_shape=man.input_shape,
-                                         input_dtype=man.input_dtype, layout=man.layout),
-            preprocess=schema.PreprocessSpec(scale=data.SCALE, mean=list(data.MEAN), std=list(data.STD)),
-            runtime=schema.RuntimeSpec(name=dev.runtime.name, threads=dev.runtime.threads,
-                                       options=dict(dev.runtime.options)),
-            timing=_timing_spec(dev, opts.quick, opts.seed), power=_power_spec(dev),
-            eval=schema.EvalSpec(path=str(eval_path.resolve()), sha256=eval_sha, split=ev.name, batch_size=100),
-        ).validate()
+        job = build_job(dev, tag, onnx_path, man, eval_path, eval_sha, ev.name, quick=opts.quick, seed=opts.seed)
         emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
         report_path = out / "reports" / f"{tag}.json"
         try:

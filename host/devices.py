@@ -82,6 +82,7 @@ class DeviceConfig(_Strict):
     power: Optional[PowerConfig] = None
     round_to: int = Field(1, ge=1)            # channel alignment for pruning on this device
     precisions: List[str] = Field(default_factory=lambda: ["fp32"])
+    cache_dir: Optional[str] = None           # local transport: cache and lease folder (default ~/.cache/edgeprune)
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
 
     @model_validator(mode="after")

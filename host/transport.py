@@ -12,10 +12,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from agent import schema
 from edgeprune.errors import DeviceError
+
+
+class InfrastructureError(DeviceError):
+    """The device could not be reached or did not answer (connection lost, timeout, no report): worth a retry,
+    unlike a model or runtime error, which a report with status "error" carries."""
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
@@ -34,9 +39,28 @@ class LocalTransport:
 
     name = "local"
 
-    def __init__(self, python: Optional[str] = None, grace_s: float = 30.0) -> None:
+    def __init__(self, python: Optional[str] = None, grace_s: float = 30.0,
+                 cache_dir: Optional[Path] = None) -> None:
         self.python = python or sys.executable
         self.grace_s = grace_s
+        self.cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "edgeprune").expanduser())
+
+    def _env(self) -> dict:
+        return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(AGENT_ROOT), os.environ.get("PYTHONPATH")])))
+
+    def exec_agent(self, args: List[str], timeout: float = 60.0) -> Tuple[int, str, str]:
+        """Run ``python -m agent ARGS`` (probe, lease) and return (exit code, stdout, stderr)."""
+        try:
+            r = subprocess.run([self.python, "-m", "agent", *args], env=self._env(), capture_output=True, text=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise InfrastructureError(f"agent {' '.join(args[:2])}: no answer within {timeout:.0f} s") from None
+        except OSError as e:
+            raise InfrastructureError(f"cannot start the agent with {self.python}: {e}") from None
+        return r.returncode, r.stdout, r.stderr
+
+    def close(self) -> None:
+        """Nothing to release for a local device (transports share this interface)."""
 
     def run_job(self, job: schema.JobSpec, workdir: Path) -> schema.Report:
         """Write ``job`` into ``workdir``, run the agent on it, and return its validated report.
@@ -49,7 +73,7 @@ class LocalTransport:
         job_path = write_json_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"
         report_path.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(AGENT_ROOT), os.environ.get("PYTHONPATH")])))
+        env = self._env()
         cmd = [self.python, "-m", "agent", "run", str(job_path), "--out", str(report_path)]
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -58,9 +82,13 @@ class LocalTransport:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise DeviceError(f"job {job.job_id}: agent did not finish within {job.timeout_s + self.grace_s:.0f} s; killed")
-        if proc.returncode == 2 or not report_path.is_file():
-            raise DeviceError(f"job {job.job_id}: agent exited {proc.returncode} without a report: {err[-STDERR_TAIL:].strip()}")
+            raise InfrastructureError(
+                f"job {job.job_id}: agent did not finish within {job.timeout_s + self.grace_s:.0f} s; killed")
+        if proc.returncode == 2:  # the agent refused the job spec: retrying cannot help
+            raise DeviceError(f"job {job.job_id}: agent refused the job: {err[-STDERR_TAIL:].strip()}")
+        if not report_path.is_file():
+            raise InfrastructureError(
+                f"job {job.job_id}: agent exited {proc.returncode} without a report: {err[-STDERR_TAIL:].strip()}")
         try:
             return schema.loads_report(report_path.read_text())
         except schema.SchemaError as e:

@@ -1,0 +1,130 @@
+"""``edgeprune bench``: one artifact (or a reference model, exported on the fly) measured on many devices at
+once, one row per device, recorded under a run id in ``--out`` (default ``results/runs/<run id>/``)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from agent import schema
+from edgeprune import data, export, models
+from edgeprune.errors import UsageError
+from host import state
+from host.devices import DeviceConfig
+from host.fleet import DeviceOutcome, Events, run_on_devices
+from host.jobs import build_job
+from host.transport import write_json_atomic
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
+           "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id):
+        raise UsageError(f"--run-id: {run_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    return run_id
+
+
+def artifact_from(model_or_dir: str, workdir: Path) -> Tuple[Path, export.Manifest]:
+    """A reference model name (exported dense to ONNX, verified) or a folder holding one artifact + manifest."""
+    if model_or_dir in models.MODELS:
+        model, meta = models.pretrained(model_or_dir)
+        path = workdir / f"{model_or_dir}.onnx"
+        check = data.to_tensor_batch(data.eval_split(2).images)
+        man = export.export_onnx(model, path, check_inputs=check, model_name=model_or_dir,
+                                 source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256="")
+        man.write(workdir / f"{model_or_dir}.manifest.json")
+        return path, man
+    folder = Path(model_or_dir)
+    if not folder.is_dir():
+        raise UsageError(f"--model: {model_or_dir!r} is neither a reference model ({', '.join(sorted(models.MODELS))}) "
+                         "nor a folder with an artifact and its .manifest.json")
+    manifests = sorted(folder.glob("*.manifest.json"))
+    if len(manifests) != 1:
+        raise UsageError(f"--model: {folder} must hold exactly one *.manifest.json (found {len(manifests)})")
+    try:
+        raw = json.loads(manifests[0].read_text())
+        raw["verification"] = export.Verification(**raw["verification"])
+        man = export.Manifest(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{manifests[0]}: not an edgeprune manifest ({e})") from None
+    art = folder / man.file
+    if not art.is_file() or Path(man.file).name != man.file:
+        raise UsageError(f"{manifests[0]}: file: {man.file!r} must name an artifact in the same folder")
+    if models.sha256_file(art) != man.sha256:
+        raise UsageError(f"{art}: sha256 does not match its manifest (changed after export?)")
+    return art, man
+
+
+@dataclass
+class BenchResult:
+    run_id: str
+    out: Path
+    outcomes: List[DeviceOutcome]
+    rows: List[Dict[str, object]]
+
+
+def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[Path] = None,
+              run_id: Optional[str] = None, threads: Optional[int] = None, quick: bool = False,
+              eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS, state_path: Path = state.DEFAULT_PATH,
+              events: Optional[Events] = None, **fleet_kw: object) -> BenchResult:
+    run_id = check_run_id(run_id) if run_id else new_run_id()
+    if threads is not None and threads < 1:
+        raise UsageError("--threads: must be >= 1")
+    out = Path(out) if out is not None else Path("results") / "runs" / run_id
+    (out / "reports").mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    art, man = artifact_from(model_or_dir, out)
+    ev = data.eval_split(eval_per_class)
+    shard = ev.save(out / f"{ev.name}-{len(ev)}.npz")
+    shard_sha = models.sha256_file(shard)
+    outcomes = run_on_devices(
+        devices, lambda d: build_job(d, f"{run_id}-{d.id}", art, man, shard, shard_sha, ev.name, quick=quick,
+                                     threads=threads),
+        out / "jobs", events=events, **fleet_kw)  # type: ignore[arg-type]
+    rows = []
+    for dev, o in zip(devices, outcomes):
+        report_path = out / "reports" / f"{dev.id}.json"
+        if o.report is not None:
+            write_json_atomic(report_path, schema.dumps(o.report))
+        # reachable and answering = good (even if the model failed); busy says nothing about health
+        health = "good" if o.report is not None else ("unknown" if o.error_type == "DeviceBusy" else "bad")
+        state.record(dev.id, health, {"last_run": run_id, "error": o.error}, state_path)
+        r = o.report
+        row: Dict[str, object] = {"device": dev.id, "runtime": dev.runtime.name,
+                                  "threads": threads if threads is not None else dev.runtime.threads,
+                                  "status": r.status if r is not None else "error", "error": o.error or "",
+                                  "attempts": o.attempts, "seconds": round(o.seconds, 2),
+                                  "report": f"reports/{dev.id}.json" if r is not None else ""}
+        if r is not None and r.timing is not None:
+            row.update(latency_p50_ms=round(r.timing.latency_ms.median, 4), latency_p90_ms=round(r.timing.latency_ms.p90, 4),
+                       throughput_ips=round(r.timing.throughput_ips, 2))
+        if r is not None and r.accuracy is not None:
+            row["accuracy_top1"] = round(r.accuracy.top1, 4)
+        if r is not None and r.power is not None:
+            row.update(power_w=round(r.power.mean_w, 3), power_source=r.power.source,
+                       energy_mj=round(r.power.energy_mj_per_inference, 4))
+        rows.append(row)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_json_atomic(out / "summary.csv", buf.getvalue())
+    write_json_atomic(out / "run.json", json.dumps({
+        "run_id": run_id, "artifact": str(art), "manifest": asdict(man), "devices": [d.id for d in devices],
+        "threads": threads, "eval": {"split": ev.name, "n": len(ev), "sha256": shard_sha},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, default=str))
+    return BenchResult(run_id, out, outcomes, rows)

@@ -1,0 +1,70 @@
+"""``edgeprune devices check``: reach each device, ask its agent what it has (``probe``) and who holds its
+lease, and persist good / bad with the time of the check. One device failing never stops the others."""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+from edgeprune.errors import DeviceError
+from host import state
+from host.devices import DeviceConfig
+from host.fleet import transport_for
+
+
+# the Python modules that provide each agent runtime (what `agent probe` lists)
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",), "tensorrt": ("tensorrt",),
+                   "tflite": ("ai_edge_litert", "tflite_runtime"), "torch": ("torch",)}
+
+
+def runtime_installed(probe: Dict[str, Any], runtime: str) -> bool:
+    found = probe.get("runtimes") or {}
+    return any(found.get(m) for m in RUNTIME_MODULES.get(runtime, (runtime,)))
+
+
+def _summary(probe: Dict[str, Any]) -> str:
+    runtimes = probe.get("runtimes") or {}
+    have = [f"{k} {v.get('version') if isinstance(v, dict) else v}" for k, v in sorted(runtimes.items())
+            if v and (not isinstance(v, dict) or v.get("version"))]
+    return f"python {probe.get('python', '?')}; " + (", ".join(have) or "no runtime found")
+
+
+def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> Dict[str, Any]:
+    t0 = time.monotonic()
+    details: Dict[str, Any] = {}
+    health = "bad"
+    transport = None
+    try:
+        transport = transport_factory(dev)
+        rc, out, err = transport.exec_agent(["probe", "--json"], timeout=120)
+        if rc != 0:
+            raise DeviceError(f"agent probe exited {rc}: {err.strip()[-500:]}")
+        probe = json.loads(out)
+        details["probe"] = probe
+        details["summary"] = _summary(probe)
+        rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir], timeout=60)
+        lease = json.loads(out) if rc == 0 else {}
+        holder = (lease.get("lease") or {}).get("holder") if lease.get("held") else None
+        details["lease"] = (f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')}" if holder else None)
+        if not runtime_installed(probe, dev.runtime.name):
+            raise DeviceError(f"runtime {dev.runtime.name} (from the device config) is not installed on the device")
+        health = "good"
+    except (DeviceError, ValueError, OSError) as e:
+        details["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if transport is not None:
+            transport.close()
+    details["seconds"] = round(time.monotonic() - t0, 3)
+    return {"health": health, "details": details}
+
+
+def check_devices(devices: List[DeviceConfig], state_path: Path = state.DEFAULT_PATH,
+                  transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> Dict[str, Dict[str, Any]]:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(devices)))) as pool:
+        futures = {d.id: pool.submit(check_device, d, transport_factory) for d in devices}
+        results = {i: f.result() for i, f in futures.items()}
+    for dev_id, r in results.items():
+        r.update(state.record(dev_id, r["health"], r["details"], state_path))
+    return results
