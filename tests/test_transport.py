@@ -78,7 +78,7 @@ def test_hung_agent_is_killed_on_timeout(tmp_path, job_inputs):
 
 def test_agent_without_report_is_a_device_error(tmp_path, job_inputs):
     fake = _fake_python(tmp_path, "echo 'job.json: runtime.threads: must be an integer' >&2; exit 2")
-    with pytest.raises(DeviceError, match="exited 2 without a report: job.json: runtime.threads"):
+    with pytest.raises(DeviceError, match="agent refused the job: job.json: runtime.threads"):
         LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
 
 
