@@ -15,7 +15,8 @@ Commands (``python -m agent ...``)::
     --version                          print the agent version
 
 Modules: ``runner`` (one job, phase by phase), ``runtimes`` (backend registry), ``timing`` (protocol and
-statistics), ``power`` (sensor registry), ``accuracy`` (eval shard), ``probe`` (device identity), ``cli``.
+statistics), ``power`` (sensor registry), ``thermal`` (temperature and throttling sources), ``accuracy`` (eval
+shard), ``probe`` (device identity), ``lease`` (exclusive device leases), ``registry``, ``cli``.
 """
 
 __version__ = "0.1.0"

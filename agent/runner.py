@@ -1,8 +1,10 @@
 """Run one job, phase by phase, and return a :class:`~agent.schema.Report` (never raise for a failed job).
 
-Phases: identity -> verify artifact (and eval shard) sha256 -> pin CPUs -> discover power sensor -> load
-(``load_time_ms``) -> first inference (``first_inference_ms``) -> warm-up -> cooldown -> timed window (power
-sampled in the background during it only) -> accuracy on the eval shard. An exception in any phase makes the
+Phases: identity -> verify artifact (and eval shard) sha256 -> pin CPUs -> discover power sensor and thermal
+sources -> load (``load_time_ms``) -> start temperature -> first inference (``first_inference_ms``) -> warm-up ->
+cooldown -> wait to cool (``thermal.wait_to_cool_c``) -> timed window (power sampled in the background during
+it only; temperature at its start, every second during it and at its end) -> accuracy on the eval shard. A
+device without thermal sources gets ``thermal: null`` and no warning (one log line). An exception in any phase makes the
 report ``status="error"`` with ``error={"type", "message"}``; the sections measured before it are kept.
 ``job.timeout_s`` is checked between phases and bounds the warm-up, the timed window and the eval loop.
 """
@@ -18,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import psutil
 
-from agent import ArtifactError, JobTimeout, SensorError, accuracy, power, probe, runtimes, timing
+from agent import ArtifactError, JobTimeout, SensorError, accuracy, power, probe, runtimes, thermal, timing
 from agent.schema import AccuracyResult, ErrorInfo, EvalSpec, JobSpec, Report, SchemaError
 
 
@@ -164,6 +166,12 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
         if sensor is None:
             report.warnings.append("power sensor %r not found on this device (%s); power not reported"
                                    % (job.power.sensor, power.sensor_class(job.power.sensor).where))
+    monitor = None
+    if job.thermal is not None and job.thermal.enabled:
+        monitor = thermal.discover(root, job.thermal)
+        if monitor is None and job.thermal.wait_to_cool_c is not None:
+            report.warnings.append("thermal.wait_to_cool_c=%g but this device has no thermal source; not waiting"
+                                   % job.thermal.wait_to_cool_c)
 
     deadline.check("loading the model")
     t0 = time.perf_counter_ns()
@@ -179,7 +187,7 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
                     input="default_rng(seed).standard_normal, %s" % job.artifact.input_dtype,
                     clock="time.perf_counter_ns", cpu_affinity_applied=pinned["cpu_affinity_applied"],
                     cpu_allowed=allowed, **session.info)
-    _time(job, session, sensor, protocol, load_ms, deadline, report)
+    _time(job, session, sensor, monitor, protocol, load_ms, deadline, report)
     rss.sample()
 
     if job.eval is not None and eval_path is not None:
@@ -187,11 +195,15 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
         report.accuracy = _accuracy(job, job.eval, eval_path, session, batch, deadline, rss)
 
 
-def _time(job: JobSpec, session: runtimes.Session, sensor: Optional[power.PowerSensor], protocol: Dict[str, Any],
-          load_ms: float, deadline: Deadline, report: Report) -> None:
-    """First inference, warm-up, cooldown, then the timed window with power sampled during it only."""
+def _time(job: JobSpec, session: runtimes.Session, sensor: Optional[power.PowerSensor],
+          monitor: Optional[thermal.ThermalMonitor], protocol: Dict[str, Any], load_ms: float, deadline: Deadline,
+          report: Report) -> None:
+    """First inference, warm-up, cooldown, wait to cool, then the timed window with power sampled during it only
+    and temperatures at its start, during it and at its end."""
     spec = job.timing
     x = timing.make_input(job.artifact.input_shape, spec.batch_size, spec.seed, job.artifact.input_dtype)
+    if monitor is not None:
+        monitor.sample("start")
     deadline.check("the first inference")
     t0 = time.perf_counter_ns()
     session.run(x)
@@ -201,17 +213,41 @@ def _time(job: JobSpec, session: runtimes.Session, sensor: Optional[power.PowerS
     warm = timing.warmup(session.run, x, spec, deadline.at_ns)
     if spec.cooldown_s > 0:
         time.sleep(min(spec.cooldown_s, max(0.0, deadline.remaining_s())))
+    if monitor is not None and job.thermal is not None and job.thermal.wait_to_cool_c is not None:
+        _wait_to_cool(monitor, job.thermal.wait_to_cool_c, job.thermal.wait_to_cool_timeout_s, deadline, report)
     deadline.check("the timed window")
+    if monitor is not None:
+        monitor.sample("window_start")
+        monitor.start_background(thermal.SAMPLE_INTERVAL_S)
     if sensor is not None:
         sensor.start()
     try:
         m = timing.measure(session.run, x, spec, deadline.at_ns)
     finally:
         window = _stop(sensor, report)
+        if monitor is not None:
+            monitor.stop_background()
+            monitor.sample("end")
+            report.thermal, _ = monitor.result()  # kept if the window failed; replaced below with drift
     report.timing, warnings = timing.summarise(m, spec, protocol, load_ms, first_ms, warm)
     report.warnings.extend(warnings)
     if window is not None:
         report.power = power.to_result(window, report.timing.duration_s, len(m.samples_ns), spec.batch_size)
+    if monitor is not None:
+        report.thermal, warnings = monitor.result(timing.drift([s / 1e6 for s in m.samples_ns]))
+        report.warnings.extend(warnings)
+
+
+def _wait_to_cool(monitor: thermal.ThermalMonitor, target_c: float, timeout_s: float, deadline: Deadline,
+                  report: Report) -> None:
+    """Wait (bounded by ``timeout_s`` and the job deadline) until the primary sensor is below ``target_c``."""
+    bound = min(timeout_s, max(0.0, deadline.remaining_s()))
+    waited = monitor.wait_to_cool(target_c, bound, thermal.POLL_S)
+    if not waited["reached"]:
+        now = waited["end_c"]
+        report.warnings.append("thermal.wait_to_cool_c=%g not reached after %.1f s (%s at %s); measuring anyway"
+                               % (target_c, waited["waited_s"], monitor.source,
+                                  "unreadable" if now is None else "%.1f °C" % now))
 
 
 def _accuracy(job: JobSpec, ev: EvalSpec, eval_path: Path, session: runtimes.Session, fixed_batch: Optional[int],

@@ -27,6 +27,11 @@ Job spec (host -> agent), version 1::
                  "cv_warn": 0.1, "cpu_affinity": [0], "cooldown_s": 0.0, "keep_samples": 20000},
       "power": {"sensor": "model", "sample_hz": 20.0, "idle_w": 5.0, "max_w": 35.0, "options": {}},
       "eval": {"path": "eval.npz", "sha256": "<64 hex>", "split": "eval", "batch_size": 100},  # or null
+      "thermal": {"enabled": true,            # optional section (these are its defaults); null = no thermal
+                  "wait_to_cool_c": null,     # °C: before the timed window, wait until the sensor is below this
+                  "wait_to_cool_timeout_s": 120.0,   # ... for at most this long (and never past timeout_s)
+                  "zone": null},              # sensor to report: a zone type ("cpu-thermal"), "thermal_zone0",
+                                              # "apex_0" or "vcgencmd"; null = the CPU zone, else the first found
       "timeout_s": 900.0
     }
 
@@ -116,6 +121,14 @@ class EvalSpec:
 
 
 @dataclass
+class ThermalSpec:
+    enabled: bool = True
+    wait_to_cool_c: Optional[float] = None
+    wait_to_cool_timeout_s: float = 120.0
+    zone: Optional[str] = None
+
+
+@dataclass
 class JobSpec:
     job_id: str
     artifact: ArtifactSpec
@@ -125,6 +138,7 @@ class JobSpec:
     timing: TimingSpec = field(default_factory=TimingSpec)
     power: Optional[PowerSpec] = field(default_factory=PowerSpec)
     eval: Optional[EvalSpec] = None
+    thermal: Optional[ThermalSpec] = field(default_factory=ThermalSpec)
     timeout_s: float = 900.0
     schema_version: int = JOB_SCHEMA_VERSION
 
@@ -155,6 +169,10 @@ class JobSpec:
         if self.eval is not None:
             _check(SHA256_RE.match(self.eval.sha256) is not None, "eval.sha256", "must be 64 lowercase hex digits")
             _check(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        if self.thermal is not None:
+            _check(self.thermal.wait_to_cool_timeout_s >= 0, "thermal.wait_to_cool_timeout_s", "must be >= 0")
+            _check(self.thermal.zone is None or self.thermal.zone != "", "thermal.zone",
+                   "must be null or a sensor name")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         return self
 

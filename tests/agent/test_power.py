@@ -31,8 +31,9 @@ def test_model_sensor_requires_idle_and_max_watts() -> None:
 
 
 def test_unknown_sensor_lists_known_ones() -> None:
-    with pytest.raises(SensorError, match=r"unknown power sensor 'ina3221' \(this agent knows: model, rapl\)"):
-        power.discover(PowerSpec(sensor="ina3221"))
+    with pytest.raises(SensorError, match=r"unknown power sensor 'joulescope' \(this agent knows: command, ina3221, "
+                                          r"model, nvml, rapl, rpi5, tegrastats\)"):
+        power.discover(PowerSpec(sensor="joulescope"))
 
 
 def test_model_sensor_formula_label_and_energy() -> None:
