@@ -32,4 +32,10 @@ class ExportError(EdgepruneError):
 
 
 class DeviceError(EdgepruneError):
-    """A device could not run a job (transport failure, timeout, agent error)."""
+    """A device could not run a job (transport failure, timeout, agent error).
+
+    ``infrastructure`` is True when the failure is in reaching the device (connection refused or lost,
+    timeout, no report), which a retry may cure; False when retrying cannot help (host key, authentication,
+    a job the agent refused)."""
+
+    infrastructure = False

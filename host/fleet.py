@@ -59,7 +59,7 @@ class Lease:
         self._renewer: Optional[threading.Thread] = None
 
     def _agent(self, *args: str) -> Dict[str, Any]:
-        rc, out, err = self.transport.exec_agent(["lease", *args, "--dir", self.transport.cache_dir], timeout=60)
+        rc, out, err = self.transport.exec_agent(["lease", *args, "--dir", self.transport.cache_dir()], timeout=60)
         if rc != 0:
             raise InfrastructureError(f"{self.device_id}: lease {args[0]} failed (exit {rc}): {err.strip()[-500:]}")
         try:
@@ -141,8 +141,8 @@ def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retr
                 try:
                     out.report = transport.run_job(job, Path(workdir) / dev.id / job.job_id)
                     break
-                except InfrastructureError as e:
-                    if attempt == retries:
+                except DeviceError as e:
+                    if not e.infrastructure or attempt == retries:
                         raise
                     delay = backoff_s * 2 ** attempt
                     emit(dev.id, "retry", f"{e}; retrying in {delay:.0f} s")

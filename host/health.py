@@ -44,7 +44,7 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
         probe = json.loads(out)
         details["probe"] = probe
         details["summary"] = _summary(probe)
-        rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir], timeout=60)
+        rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir()], timeout=60)
         lease = json.loads(out) if rc == 0 else {}
         holder = (lease.get("lease") or {}).get("holder") if lease.get("held") else None
         details["lease"] = (f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')}" if holder else None)

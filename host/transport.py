@@ -22,6 +22,8 @@ class InfrastructureError(DeviceError):
     """The device could not be reached or did not answer (connection lost, timeout, no report): worth a retry,
     unlike a model or runtime error, which a report with status "error" carries."""
 
+    infrastructure = True
+
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
 
@@ -43,7 +45,11 @@ class LocalTransport:
                  cache_dir: Optional[Path] = None) -> None:
         self.python = python or sys.executable
         self.grace_s = grace_s
-        self.cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "edgeprune").expanduser())
+        self._cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "edgeprune").expanduser())
+
+    def cache_dir(self) -> str:
+        """The device-side folder for the cache and the lease (here: on this machine)."""
+        return self._cache_dir
 
     def _env(self) -> dict:
         return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(AGENT_ROOT), os.environ.get("PYTHONPATH")])))

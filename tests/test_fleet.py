@@ -106,7 +106,7 @@ class Flaky:
 
     def __init__(self, real: LocalTransport, failures: int, report_status: str = "ok") -> None:
         self.real, self.failures, self.calls, self.closed = real, failures, 0, 0
-        self.cache_dir, self.report_status = real.cache_dir, report_status
+        self.cache_dir, self.report_status = real.cache_dir, report_status  # a method, passed through
 
     def exec_agent(self, args, timeout=60.0):
         return self.real.exec_agent(args, timeout)
