@@ -2,17 +2,21 @@
 
 Everything read from files goes through ``root`` (default ``/``) so tests can point it at a captured tree.
 A file that is missing or unreadable means the key is absent, never an exception. Parsers are pure functions.
-Runtimes are found with ``importlib.util.find_spec`` and ``importlib.metadata`` only: probing never imports them.
+Runtimes are found with ``importlib.util.find_spec`` and ``importlib.metadata`` only: probing never imports them,
+except OpenVINO and onnxruntime when ``probe(devices=True)`` asks which devices / providers they see.
+The Edge TPU is found by its library (``ctypes.util.find_library``), its PCIe node (``/dev/apex_N``) or its
+USB ids; power is ``"modelled only"`` when no power sensor is found.
 """
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import os
 import platform
 import re
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import agent
 from agent import power
@@ -27,6 +31,13 @@ RUNTIME_MODULES = {
     "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11"),
     "torch": ("torch",),
 }
+
+# agent backend -> the import names that provide it, in the order the backend tries them
+BACKEND_MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                   "tflite": ("ai_edge_litert", "tflite_runtime"), "tensorrt": ("tensorrt",), "torch": ("torch",)}
+
+# Coral USB Accelerator ids: before its firmware is loaded (Global Unichip) and after (Google)
+EDGETPU_USB_IDS = {("1a6e", "089a"), ("18d1", "9302")}
 
 # L4T release -> JetPack release, from NVIDIA's JetPack archive (only releases we have checked)
 L4T_TO_JETPACK = {"32.7.1": "4.6.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "36.3.0": "6.0", "36.4.0": "6.1",
@@ -138,9 +149,56 @@ def _dist_version(dists: Sequence[str]) -> Optional[str]:
     return None
 
 
-def probe(root: str = "/") -> Dict[str, Any]:
-    """Everything known about this device, as plain data (what ``python -m agent probe --json`` prints)."""
-    r = Path(root)
+def backends_available(runtimes: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
+    """Agent backend -> "module version" of the first module that provides it here, or None."""
+    out: Dict[str, Optional[str]] = {}
+    for backend, modules in BACKEND_MODULES.items():
+        found = [m for m in modules if runtimes.get(m) is not None]
+        out[backend] = "%s %s" % (found[0], runtimes[found[0]]) if found else None
+    return out
+
+
+def edgetpu(root: Path, find_library: Callable[[str], Optional[str]] = ctypes.util.find_library) -> Dict[str, Any]:
+    """Coral Edge TPU: the runtime library (``libedgetpu.so.1``), PCIe/M.2 nodes (``/dev/apex_N``), USB ids."""
+    try:
+        library = find_library("edgetpu")
+    except (OSError, ValueError):
+        library = None
+    try:
+        pcie = sorted(p.name for p in (root / "dev").glob("apex_*"))
+    except OSError:
+        pcie = []
+    usb: List[str] = []
+    try:
+        for dev in sorted((root / "sys/bus/usb/devices").iterdir()):
+            ids = (_read(dev, "idVendor"), _read(dev, "idProduct"))
+            if ids[0] is not None and ids[1] is not None and (ids[0].strip(), ids[1].strip()) in EDGETPU_USB_IDS:
+                usb.append("%s:%s" % (ids[0].strip(), ids[1].strip()))
+    except OSError:
+        pass
+    return {"library": library, "pcie": pcie, "usb": usb, "present": bool(library or pcie or usb)}
+
+
+def runtime_devices() -> Dict[str, Any]:
+    """What OpenVINO and onnxruntime can run on here (imports them: only when asked). Missing = None."""
+    out: Dict[str, Any] = {"openvino": None, "onnxruntime": None}
+    if importlib.util.find_spec("openvino") is not None:
+        try:
+            from agent.runtimes import _import_ov
+            out["openvino"] = list(_import_ov().Core().available_devices)
+        except Exception as e:  # a broken install is reported, never raised
+            out["openvino"] = "error: %s" % e
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            import onnxruntime
+            out["onnxruntime"] = list(onnxruntime.get_available_providers())
+        except Exception as e:
+            out["onnxruntime"] = "error: %s" % e
+    return out
+
+
+def _describe(r: Path) -> Dict[str, Any]:
+    """Identity and firmware: what every report carries."""
     uname = platform.uname()
     osr = parse_os_release(_read(r, "etc/os-release") or "")
     info: Dict[str, Any] = {
@@ -154,8 +212,6 @@ def probe(root: str = "/") -> Dict[str, Any]:
         "agent_version": agent.__version__,
         "serial": read_serial(r),
         "firmware": {},
-        "runtimes": runtimes_installed(),
-        "power_sensors": power.available_sensors(str(r / "sys")),
     }
     l4t = parse_l4t_release(_read(r, "etc/nv_tegra_release") or "")
     if l4t is not None:
@@ -167,9 +223,31 @@ def probe(root: str = "/") -> Dict[str, Any]:
     return info
 
 
+def probe(root: str = "/", devices: bool = False,
+          find_library: Callable[[str], Optional[str]] = ctypes.util.find_library) -> Dict[str, Any]:
+    """Everything known about this device, as plain data (what ``python -m agent probe --json`` prints).
+
+    ``devices=True`` also asks OpenVINO and onnxruntime which devices and providers they see (imports them).
+    """
+    r = Path(root)
+    info = _describe(r)
+    runtimes = runtimes_installed()
+    sensors = power.available_sensors(str(r / "sys"))
+    info.update({
+        "runtimes": runtimes,
+        "backends": backends_available(runtimes),
+        "edgetpu": edgetpu(r, find_library),
+        "power_sensors": sensors,
+        "power": "measured: %s" % ", ".join(sensors) if sensors else "modelled only",
+    })
+    if devices:
+        info["runtime_devices"] = runtime_devices()
+    return info
+
+
 def identity(device_id: str, runtime: str, runtime_version: str, artifact_sha256: str,
              root: str = "/") -> Identity:
-    p = probe(root)
+    p = _describe(Path(root))
     extra = {k: p[k] for k in ("board_model", "l4t") if k in p}
     return Identity(device_id=device_id, hostname=p["hostname"], os=p["os"], kernel=p["kernel"],
                     machine=p["machine"], cpu_model=p["cpu_model"], cpu_count=p["cpu_count"], python=p["python"],

@@ -79,7 +79,7 @@ def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
     (["--model", "vgg16"], "--model: unknown model 'vgg16'"),
     (["--threads", "0"], "--threads: must be >= 1"),
     (["--round-to", "0"], "--round-to: must be >= 1"),
-    (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read device config"),
+    (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read"),
 ])
 def test_demo_bad_arguments_exit_2_with_one_clear_message(tmp_path, args, match):
     r = edgeprune("demo", "--out", str(tmp_path / "o"), *args)

@@ -65,5 +65,5 @@ def test_fixed_batch_export(tmp_path, pruned, eval_split):
 def test_bad_opset_and_format(tmp_path, pruned, eval_split):
     with pytest.raises(UsageError, match="opset"):
         _export(pruned[0], tmp_path / "m.onnx", eval_split, opset=19)
-    with pytest.raises(UsageError, match="unknown export format 'tflite'"):
-        export.get_exporter("tflite")
+    with pytest.raises(UsageError, match="unknown export format 'coreml'"):
+        export.get_exporter("coreml")

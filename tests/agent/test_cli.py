@@ -47,7 +47,7 @@ def test_failed_job_exits_1_with_an_error_report(job_dir: MakeJob, capsys: pytes
     (lambda d: d["runtime"].update(threads="4"), "runtime.threads: must be an integer"),
     (lambda d: d["timing"].update(warmup=3), "timing.warmup: unknown field"),
     (lambda d: d.update(schema_version=7), "schema_version: job spec version 7 is not supported"),
-    (lambda d: d["runtime"].update(name="tflite"), "runtime.name: unknown runtime 'tflite'"),
+    (lambda d: d["runtime"].update(name="coreml"), "runtime.name: unknown runtime 'coreml'"),
     (lambda d: d["power"].update(max_w=None), "power.idle_w: power.idle_w and power.max_w are required"),
 ])
 def test_bad_job_spec_exits_2_naming_file_and_field(job_dir: MakeJob, capsys: pytest.CaptureFixture,

@@ -102,3 +102,74 @@ def test_probe_does_not_import_the_runtimes_it_finds() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[2]))
     assert json.loads(out.stdout) == []
+
+
+# ------------------------------------------------------------------------ runtimes, Edge TPU, power
+def edgetpu_root(tmp_path: Path) -> Path:
+    """A root with a PCIe Edge TPU node and a USB Accelerator (after firmware load: 18d1:9302) beside a mouse."""
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    (root / "dev" / "apex_0").write_text("")
+    for dev, (vendor, product) in {"2-1": ("18d1", "9302"), "1-1": ("046d", "c077")}.items():
+        d = root / "sys" / "bus" / "usb" / "devices" / dev
+        d.mkdir(parents=True)
+        (d / "idVendor").write_text(vendor + "\n")
+        (d / "idProduct").write_text(product + "\n")
+    return root
+
+
+def test_edgetpu_found_by_library_pcie_node_and_usb_ids(tmp_path: Path) -> None:
+    root = edgetpu_root(tmp_path)
+    found = probe.edgetpu(root, find_library=lambda name: "libedgetpu.so.1" if name == "edgetpu" else None)
+    assert found == {"library": "libedgetpu.so.1", "pcie": ["apex_0"], "usb": ["18d1:9302"], "present": True}
+    assert probe.edgetpu(tmp_path / "empty", find_library=lambda name: None) == \
+        {"library": None, "pcie": [], "usb": [], "present": False}
+    (root / "dev" / "apex_0").unlink()
+    usb_only = probe.edgetpu(root, find_library=lambda name: None)
+    assert usb_only["present"] and usb_only["usb"] == ["18d1:9302"] and usb_only["pcie"] == []
+
+
+def test_probe_reports_edgetpu_backends_and_modelled_power(tmp_path: Path) -> None:
+    info = probe.probe(str(edgetpu_root(tmp_path)), find_library=lambda name: None)
+    assert info["edgetpu"]["pcie"] == ["apex_0"] and info["edgetpu"]["present"]
+    assert info["power_sensors"] == [] and info["power"] == "modelled only"
+    assert info["backends"]["onnxruntime"] == "onnxruntime %s" % onnxruntime.__version__
+    assert set(info["backends"]) == {"onnxruntime", "openvino", "tflite", "tensorrt", "torch"}
+    assert "runtime_devices" not in info  # only when asked
+    json.dumps(info)
+
+
+def test_backends_map_the_first_module_found() -> None:
+    found = probe.backends_available({"onnxruntime": "1.17.1", "openvino": None, "tflite_runtime": "2.14.0",
+                                      "ai_edge_litert": None, "tensorrt": "8.5.2.2", "torch": None})
+    assert found == {"onnxruntime": "onnxruntime 1.17.1", "openvino": None, "tflite": "tflite_runtime 2.14.0",
+                     "tensorrt": "tensorrt 8.5.2.2", "torch": None}
+    both = probe.backends_available({"ai_edge_litert": "2.3.0", "tflite_runtime": "2.14.0"})
+    assert both["tflite"] == "ai_edge_litert 2.3.0"  # the one the backend tries first
+
+
+def test_probe_lists_runtime_devices_when_asked(tmp_path: Path) -> None:
+    info = probe.probe(str(tmp_path), devices=True)
+    devices = info["runtime_devices"]
+    assert "CPUExecutionProvider" in devices["onnxruntime"]
+    if info["runtimes"]["openvino"] is not None:
+        assert "CPU" in devices["openvino"]
+    else:
+        assert devices["openvino"] is None
+
+
+def test_probe_versions_come_from_metadata_without_imports() -> None:
+    code = ("import sys, json; from agent import probe; info = probe.probe(); "
+            "print(json.dumps({'imported': [m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt', "
+            "'ai_edge_litert', 'tflite_runtime') if m in sys.modules], 'runtimes': info['runtimes']}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    got = json.loads(out.stdout)
+    assert got["imported"] == []
+    assert got["runtimes"]["onnxruntime"] == onnxruntime.__version__
+    from importlib import metadata
+    for module, dist in (("torch", "torch"), ("ai_edge_litert", "ai-edge-litert")):
+        try:
+            assert got["runtimes"][module] == metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            assert got["runtimes"][module] is None

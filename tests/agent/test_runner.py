@@ -227,10 +227,11 @@ def test_image_size_must_match_the_model() -> None:
 
 # ------------------------------------------------------------------------------------------ runtime registry
 def test_runtime_registry() -> None:
-    assert runtimes.runtime_names() == ["onnxruntime", "openvino"]
+    assert runtimes.runtime_names() == ["onnxruntime", "openvino", "tensorrt", "tflite", "torch"]
     assert isinstance(runtimes.get_runtime("onnxruntime"), runtimes.OnnxRuntime)
-    with pytest.raises(RuntimeBackendError, match=r"unknown runtime 'tensorrt' \(this agent knows: onnxruntime, openvino\)"):
-        runtimes.get_runtime("tensorrt")
+    with pytest.raises(RuntimeBackendError, match=r"unknown runtime 'coreml' \(this agent knows: onnxruntime, openvino, "
+                                                  r"tensorrt, tflite, torch\)"):
+        runtimes.get_runtime("coreml")
     with pytest.raises(ValueError, match="already registered"):
         runtimes.register_runtime("onnxruntime")(runtimes.OnnxRuntime)
 
