@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report JSON path, written atomically (default: stdout)")
     pr = sub.add_parser("probe", help="describe this device")
     pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("--disk", default="~", help="report free disk space for this folder (default: home)")
+    pr.add_argument("--devices", action="store_true",
+                    help="also list OpenVINO devices and onnxruntime providers (imports those runtimes)")
     le = sub.add_parser("lease", help="take, renew, release or show this device's exclusive lease (JSON out)")
     le.add_argument("action", choices=["acquire", "renew", "release", "show"])
     le.add_argument("--dir", type=Path, required=True, help="lease folder (the device cache)")
@@ -109,8 +112,8 @@ def _cmd_run(job_path: Path, out: Optional[Path]) -> int:
     return EXIT_OK
 
 
-def _cmd_probe(as_json: bool) -> int:
-    info = probe.probe()
+def _cmd_probe(as_json: bool, disk: str = "~", devices: bool = False) -> int:
+    info = probe.probe(devices=devices, disk_path=disk)
     if as_json:
         print(json.dumps(info, indent=1, sort_keys=True))
         return EXIT_OK
@@ -126,4 +129,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_run(args.job, args.out)
     if args.command == "lease":
         return _cmd_lease(args)
-    return _cmd_probe(args.json)
+    return _cmd_probe(args.json, args.disk, args.devices)

@@ -14,12 +14,13 @@ import importlib.util
 import os
 import platform
 import re
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import agent
-from agent import power
+from agent import power, thermal
 from agent.schema import Identity
 
 # import name -> distribution names that may provide it, in order of preference
@@ -223,11 +224,33 @@ def _describe(r: Path) -> Dict[str, Any]:
     return info
 
 
+def disk_free_mb(path: str) -> Optional[float]:
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent), in MB."""
+    p = Path(os.path.expanduser(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return round(shutil.disk_usage(str(p)).free / 1e6, 1)
+    except OSError:
+        return None
+
+
+def temperatures(root: str) -> Optional[Dict[str, float]]:
+    """One reading of every thermal sensor found (°C), or None where the device has none."""
+    monitor = thermal.discover(root)
+    if monitor is None:
+        return None
+    monitor.sample("probe")
+    return dict(monitor.samples[-1].temps_c) if monitor.samples else None
+
+
 def probe(root: str = "/", devices: bool = False,
-          find_library: Callable[[str], Optional[str]] = ctypes.util.find_library) -> Dict[str, Any]:
+          find_library: Callable[[str], Optional[str]] = ctypes.util.find_library,
+          disk_path: str = "~") -> Dict[str, Any]:
     """Everything known about this device, as plain data (what ``python -m agent probe --json`` prints).
 
     ``devices=True`` also asks OpenVINO and onnxruntime which devices and providers they see (imports them).
+    ``disk_path``: where free disk space is reported for (the host passes the device cache folder).
     """
     r = Path(root)
     info = _describe(r)
@@ -239,6 +262,8 @@ def probe(root: str = "/", devices: bool = False,
         "edgetpu": edgetpu(r, find_library),
         "power_sensors": sensors,
         "power": "measured: %s" % ", ".join(sensors) if sensors else "modelled only",
+        "disk_free_mb": disk_free_mb(disk_path),
+        "temperatures_c": temperatures(root),
     })
     if devices:
         info["runtime_devices"] = runtime_devices()

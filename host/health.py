@@ -28,7 +28,12 @@ def _summary(probe: Dict[str, Any]) -> str:
     runtimes = probe.get("runtimes") or {}
     have = [f"{k} {v.get('version') if isinstance(v, dict) else v}" for k, v in sorted(runtimes.items())
             if v and (not isinstance(v, dict) or v.get("version"))]
-    return f"python {probe.get('python', '?')}; " + (", ".join(have) or "no runtime found")
+    temps = probe.get("temperatures_c") or {}
+    hottest = f"; {max(temps.values()):.0f} °C" if temps else ""
+    disk = probe.get("disk_free_mb")
+    return (f"python {probe.get('python', '?')}; " + (", ".join(have) or "no runtime found")
+            + (f"; {disk / 1000:.1f} GB free" if isinstance(disk, (int, float)) else "") + hottest
+            + f"; power {probe.get('power', '?')}")
 
 
 def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> Dict[str, Any]:
@@ -38,7 +43,7 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
     transport = None
     try:
         transport = transport_factory(dev)
-        rc, out, err = transport.exec_agent(["probe", "--json"], timeout=120)
+        rc, out, err = transport.exec_agent(["probe", "--json", "--disk", transport.cache_dir()], timeout=120)
         if rc != 0:
             raise DeviceError(f"agent probe exited {rc}: {err.strip()[-500:]}")
         probe = json.loads(out)

@@ -40,7 +40,7 @@ def _race(directory: str, i: int, start, results) -> None:
 
 
 def test_two_processes_racing_exactly_one_wins(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: JAX (loaded by the tflite tests) warns on os.fork()
     for round_ in range(5):
         d = tmp_path / f"r{round_}"
         start, results = ctx.Event(), ctx.Queue()

@@ -173,3 +173,14 @@ def test_probe_versions_come_from_metadata_without_imports() -> None:
             assert got["runtimes"][module] == metadata.version(dist)
         except metadata.PackageNotFoundError:
             assert got["runtimes"][module] is None
+
+
+def test_probe_reports_disk_and_temperatures(tmp_path):
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("45250\n")
+    info = probe.probe(root=str(tmp_path), disk_path=str(tmp_path / "not" / "yet" / "created"))
+    assert info["disk_free_mb"] > 0  # measured on the nearest existing parent
+    assert list(info["temperatures_c"].values()) == [45.25]
+    assert probe.probe(root=str(tmp_path / "empty"))["temperatures_c"] is None
