@@ -98,7 +98,7 @@ def test_int8_export_of_resnet20_tracks_torch(tmp_path: Path, resnet20: Any, sub
 
 # ---------------------------------------------------------------- one ResNet-20 through every CPU runtime
 def agent_top1(artifact: Path, man: export.Manifest, runtime: str, shard: Path,
-               options: Optional[Dict[str, Any]] = None) -> float:
+               options: Optional[Dict[str, Any]] = None, n: int = 200) -> float:
     job = job_from_dict({
         "schema_version": 1, "job_id": "x-" + runtime, "device_id": "local",
         "artifact": {"path": artifact.name, "sha256": man.sha256, "format": man.format, "input_name": man.input_name,
@@ -122,7 +122,7 @@ def agent_top1(artifact: Path, man: export.Manifest, runtime: str, shard: Path,
     assert r.returncode == 0, r.stderr[-2000:]
     report = loads_report(out.read_text())
     assert report.status == "ok", report.error
-    assert report.accuracy is not None and report.accuracy.n == 200
+    assert report.accuracy is not None and report.accuracy.n == n
     return report.accuracy.top1
 
 
@@ -142,3 +142,30 @@ def test_resnet20_same_top1_on_every_runtime(fp32: Dict[str, Any], resnet20: Any
         got["openvino"] = agent_top1(d / "r20.onnx", onnx_man, "openvino", shard, {"precision": "f32"})
     assert torch_top1 > 0.8  # the real pretrained weights, not chance
     assert got == {k: torch_top1 for k in got}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(data.data_dir() is None or not (data.data_dir() / data.TEST_FILE).is_file(),
+                    reason="needs the full CIFAR-10 test set and the ResNet-56 checkpoint (EDGEPRUNE_DATA)")
+def test_resnet56_same_top1_on_onnxruntime_openvino_litert_within_0_1pp(tmp_path: Path) -> None:
+    """One ResNet-56 artifact set, a 2,000-image stratified eval shard, measured by the agent on each runtime."""
+    from edgeprune import models
+
+    model, meta = models.pretrained("resnet56")
+    subset = data.eval_split(200)
+    assert len(subset) == 2000
+    shard = subset.save(tmp_path / "eval2000.npz")
+    with torch.no_grad():
+        logits = torch.cat([model(data.to_tensor_batch(subset.images[sl])) for sl in data.batches(2000, 250)])
+    torch_top1 = float((logits.argmax(1).numpy() == subset.labels).mean())
+    ids = dict(model_name="resnet56", source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256="")
+    check = data.to_tensor_batch(subset.images[::100])
+    onnx_man = export.export_onnx(model, tmp_path / "r56.onnx", check_inputs=check, **ids)
+    tfl_man = export.export_tflite(model, tmp_path / "r56.tflite", check_inputs=check, **ids)
+    got = {"onnxruntime": agent_top1(tmp_path / "r56.onnx", onnx_man, "onnxruntime", shard, n=2000),
+           "tflite": agent_top1(tmp_path / "r56.tflite", tfl_man, "tflite", shard, n=2000)}
+    if importlib.util.find_spec("openvino") is not None:
+        got["openvino"] = agent_top1(tmp_path / "r56.onnx", onnx_man, "openvino", shard, {"precision": "f32"}, n=2000)
+    assert torch_top1 > 0.9
+    for runtime, top1 in got.items():
+        assert abs(top1 - torch_top1) <= 0.001, (runtime, top1, torch_top1)
