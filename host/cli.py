@@ -210,7 +210,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        overall = progress.add_task("candidates", total=len(opts.ratios))
+        overall = progress.add_task("candidates built", total=len(opts.ratios))
         step = progress.add_task("", total=None, visible=False)
 
         def events(kind: str, msg: str, done: Optional[int], total: Optional[int]) -> None:
@@ -220,8 +220,11 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 progress.update(step, description=msg, completed=0, total=None, visible=True)
             elif kind == "progress":
                 progress.update(step, description=msg, completed=done, total=total, visible=True)
-            elif kind == "row":
+            elif kind == "built":
                 progress.update(overall, completed=done)
+                progress.console.print(f"[dim]built[/] {msg}")
+            elif kind == "row":
+                progress.update(overall, description="candidates measured", completed=done)
                 progress.console.print(("[green]" if msg.endswith(": ok") else "[red]") + f"done[/] {msg}")
 
         result = run_demo(opts, events)

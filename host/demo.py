@@ -120,7 +120,8 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
 
 
 def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
-    """Run the demo loop; every completed candidate is in ``summary.csv`` before the next one starts."""
+    """Run the demo loop: build every candidate, then measure them back to back; each measured candidate is in
+    ``summary.csv`` before the next one is measured."""
     opts.validate()
     emit = events or (lambda *a: None)
     out = Path(opts.out)
@@ -144,9 +145,9 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
     base, meta = models.pretrained(opts.model)
     dev = opts.device
     transport = LocalTransport(python=dev.python)
-    rows: List[Dict[str, object]] = []
-    failures = 0
-    summary = out / "summary.csv"
+    # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,
+    # so that their latencies are compared under the same machine conditions, not minutes and a fine-tune apart.
+    built = []
     for ratio in opts.ratios:
         tag = f"{opts.model}-r{int(round(ratio * 100)):03d}"
         emit("stage", f"{tag}: pruning {ratio:.0%} of channels", None, None)
@@ -166,6 +167,13 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
         man.write(out / "artifacts" / f"{tag}.manifest.json")
         job = build_job(dev, tag, onnx_path, man, eval_path, eval_sha, ev.name, quick=opts.quick, seed=opts.seed)
+        built.append((tag, ratio, pr, recovery, job))
+        emit("built", tag, len(built), len(opts.ratios))
+
+    rows: List[Dict[str, object]] = []
+    failures = 0
+    summary = out / "summary.csv"
+    for tag, ratio, pr, recovery, job in built:
         emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
         report_path = out / "reports" / f"{tag}.json"
         try:
@@ -174,8 +182,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
             report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
         write_json_atomic(report_path, schema.dumps(report))
         failures += report.status != "ok"
-        row = _row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path)
-        rows.append(row)
+        rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
         _write_summary(summary, rows)
         emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
     write_json_atomic(out / "demo.json", json.dumps({
