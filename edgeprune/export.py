@@ -135,11 +135,7 @@ def export_onnx(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, mod
     x = check_inputs.numpy().astype(np.float32)
     out = (sess.run(None, {"input": x})[0] if dynamic_batch
            else np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))]))
-    ver = compare(ref, out, tol)
-    if not ver.passed:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{path}: ONNX artifact disagrees with torch (max abs err {ver.max_abs_err:.3g}, "
-                          f"cosine {ver.cosine:.6f}, top-1 agreement {ver.top1_agreement:.3f}); not shipped")
+    ver = verify_or_delete(path, ref, out, tol, "ONNX")
     return Manifest(
         file=path.name, sha256=sha256_file(path), format="onnx", precision="fp32", input_name="input",
         input_shape=list(input_shape), input_dtype="float32", layout="NCHW", output_name="logits",
@@ -183,11 +179,7 @@ def export_torchscript(model: nn.Module, path: Path, *, check_inputs: torch.Tens
     os.replace(tmp, path)
     with torch.no_grad():
         ref = model(check_inputs).numpy()
-    ver = compare(ref, out, tol)
-    if not ver.passed:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{path}: TorchScript artifact disagrees with torch (max abs err {ver.max_abs_err:.3g}, "
-                          f"cosine {ver.cosine:.6f}, top-1 agreement {ver.top1_agreement:.3f}); not shipped")
+    ver = verify_or_delete(path, ref, out, tol, "TorchScript")
     return Manifest(
         file=path.name, sha256=sha256_file(path), format="torchscript", precision="fp32", input_name="input",
         input_shape=list(input_shape), input_dtype="float32", layout="NCHW", output_name="logits",
@@ -285,12 +277,7 @@ def export_tflite(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, m
         raise UsageError(f"check_inputs: needs at least one batch of {batch} for the fixed-batch TFLite artifact")
     with torch.no_grad():
         ref = model(check_inputs[:len(outs) * batch]).numpy()
-    ver = compare(ref, np.concatenate(outs), tol)
-    if not ver.passed:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{path}: TFLite {precision} artifact disagrees with torch (max abs err "
-                          f"{ver.max_abs_err:.3g}, cosine {ver.cosine:.6f}, top-1 agreement "
-                          f"{ver.top1_agreement:.3f}); not shipped")
+    ver = verify_or_delete(path, ref, np.concatenate(outs), tol, f"TFLite {precision}")
     if quant is not None:
         quant["input"] = {"dtype": np.dtype(inp["dtype"]).name, "scale": in_q[0] if in_q else None,
                           "zero_point": in_q[1] if in_q else None}
@@ -338,6 +325,17 @@ def _tflite_qparams(detail: Dict[str, Any]) -> "Optional[tuple[float, int]]":
         return None
     scale, zero = detail["quantization"]
     return (float(scale), int(zero)) if scale else None
+
+
+def verify_or_delete(path: Path, reference: np.ndarray, candidate: np.ndarray, tol: Tolerance,
+                     what: str) -> Verification:
+    """Compare an artifact's outputs with torch's; outside tolerance the artifact is deleted, never shipped."""
+    ver = compare(reference, candidate, tol)
+    if not ver.passed:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"{path}: {what} artifact disagrees with torch (max abs err {ver.max_abs_err:.3g}, "
+                          f"cosine {ver.cosine:.6f}, top-1 agreement {ver.top1_agreement:.3f}); not shipped")
+    return ver
 
 
 Exporter = Callable[..., Manifest]

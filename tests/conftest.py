@@ -41,3 +41,17 @@ def resnet20():
 @pytest.fixture(scope="session")
 def eval_split():
     return data.eval_split()
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory, resnet20):
+    """A verified ResNet-20 ONNX artifact, its manifest and a 50-image eval shard, for transport tests."""
+    from edgeprune import export
+
+    d = tmp_path_factory.mktemp("artifact")
+    ev = data.eval_split(5)
+    man = export.export_onnx(resnet20[0], d / "r20.onnx", check_inputs=data.to_tensor_batch(ev.images[:8]),
+                             model_name="resnet20", source_checkpoint_sha256=resnet20[1]["sha256"],
+                             pruning_plan_sha256="0" * 64)
+    shard = ev.save(d / "eval.npz")
+    return d / "r20.onnx", man, shard

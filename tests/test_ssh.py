@@ -16,7 +16,7 @@ import pytest
 paramiko = pytest.importorskip("paramiko")
 
 from agent import schema  # noqa: E402
-from edgeprune import data, export, models  # noqa: E402
+from edgeprune import data, models  # noqa: E402
 from edgeprune.errors import ConfigError, DeviceError  # noqa: E402
 from host.ssh import (HostKeyError, SSHError, SSHTransport, agent_bundle, known_hosts_lines,  # noqa: E402
                       parse_jump, quote_argv)
@@ -31,17 +31,6 @@ def fleet(tmp_path_factory):
     f = sshd.start_fleet(tmp_path_factory.mktemp("sshd"), 4)
     yield f
     f.stop()
-
-
-@pytest.fixture(scope="module")
-def job_inputs(tmp_path_factory, resnet20):
-    d = tmp_path_factory.mktemp("ssh-artifact")
-    ev = data.eval_split(5)
-    man = export.export_onnx(resnet20[0], d / "r20.onnx", check_inputs=data.to_tensor_batch(ev.images[:8]),
-                             model_name="resnet20", source_checkpoint_sha256=resnet20[1]["sha256"],
-                             pruning_plan_sha256="0" * 64)
-    shard = ev.save(d / "eval.npz")
-    return d / "r20.onnx", man, shard
 
 
 def _job(job_inputs, job_id="s1", **kw):

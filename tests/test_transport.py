@@ -7,20 +7,9 @@ import psutil
 import pytest
 
 from agent import schema
-from edgeprune import data, export, models
+from edgeprune import data, models
 from edgeprune.errors import DeviceError
 from host.transport import LocalTransport
-
-
-@pytest.fixture(scope="module")
-def job_inputs(tmp_path_factory, resnet20):
-    d = tmp_path_factory.mktemp("artifact")
-    ev = data.eval_split(5)
-    man = export.export_onnx(resnet20[0], d / "r20.onnx", check_inputs=data.to_tensor_batch(ev.images[:8]),
-                             model_name="resnet20", source_checkpoint_sha256=resnet20[1]["sha256"],
-                             pruning_plan_sha256="0" * 64)
-    shard = ev.save(d / "eval.npz")
-    return d / "r20.onnx", man, shard
 
 
 def _job(job_inputs, **kw):
