@@ -31,6 +31,7 @@ Energy per inference is always energy over the timed window / inferences (:func:
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import logging
 import math
@@ -82,7 +83,7 @@ def to_result(w: PowerWindow, duration_s: float, iterations: int, batch_size: in
                        overhead_pct=w.overhead_pct, details=w.details)
 
 
-class PowerSensor:
+class PowerSensor(abc.ABC):
     """Base: a sampling thread calls :meth:`sample`; subclasses implement ``_read`` and ``_summarise``."""
 
     name = ""
@@ -100,15 +101,19 @@ class PowerSensor:
         self._failure: Optional[BaseException] = None
 
     @classmethod
+    @abc.abstractmethod
     def discover(cls, spec: PowerSpec, sys_root: str = "/sys") -> Optional["PowerSensor"]:
-        raise NotImplementedError
+        ...
 
     def _read(self) -> Any:
-        raise NotImplementedError
+        """One reading, for sensors sampled by the base class's thread. Sensors that receive readings instead
+        (tegrastats streams lines) override ``start`` and never get here."""
+        raise SensorError("power sensor %r takes no polled readings" % self.name)
 
+    @abc.abstractmethod
     def _summarise(self, readings: List[Tuple[int, Any]]) -> Tuple[float, Dict[str, Any]]:
         """Mean watts over the readings, and details for the report."""
-        raise NotImplementedError
+        ...
 
     def sample(self) -> None:
         t0 = self._clock()

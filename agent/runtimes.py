@@ -15,6 +15,7 @@ Backends: ``onnxruntime``, ``openvino``, ``tflite`` (LiteRT / tflite_runtime, op
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -35,25 +36,28 @@ from agent.schema import ArtifactSpec
 _RUNTIMES: "Registry[Runtime]" = Registry("runtime", RuntimeBackendError)
 
 
-class Session:
+class Session(abc.ABC):
     """A loaded model. ``input_shape`` is the model's own input shape, ``None`` where a dimension is dynamic."""
 
     input_name: str
     input_shape: List[Optional[int]]
     info: Dict[str, Any]  # what the backend actually applied (providers, ...), recorded in the report
 
+    @abc.abstractmethod
     def run(self, inputs: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
 
-class Runtime:
+class Runtime(abc.ABC):
     name: str = ""
 
+    @abc.abstractmethod
     def version(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load(self, path: Path, input_spec: ArtifactSpec, threads: int, options: Dict[str, Any]) -> Session:
-        raise NotImplementedError
+        ...
 
 
 register_runtime = _RUNTIMES.register

@@ -21,6 +21,7 @@ temperature rose.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import re
@@ -131,25 +132,28 @@ def read_millicelsius(path: Path) -> Optional[float]:
     return value if value > OFFLINE_C else None
 
 
-class ThermalSource:
+class ThermalSource(abc.ABC):
     """Base: ``read()`` returns sensor -> °C for the sensors that answered; trips and throttle bits optional."""
 
     name = ""
     where = ""  # what discover() looks for, for the log line when nothing is found
 
     @classmethod
+    @abc.abstractmethod
     def discover(cls, sys_root: str, run: Run) -> Optional["ThermalSource"]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def sensors(self) -> List[str]:
-        raise NotImplementedError
+        ...
 
     def aliases(self) -> Dict[str, str]:
         """Other names a job may use for a sensor (e.g. the sysfs folder), mapped to the sensor name."""
         return {}
 
+    @abc.abstractmethod
     def read(self) -> Dict[str, float]:
-        raise NotImplementedError
+        ...
 
     def trips(self) -> Dict[str, List[Trip]]:
         return {}

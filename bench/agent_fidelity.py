@@ -10,12 +10,16 @@ One ONNX artifact, batch 1, 1 thread, pinned to the same CPU, timed in interleav
 and the agent's OpenVINO run again with the modelled power sensor sampling at 20 Hz, to measure the sampler's
 cost (its own reported overhead_pct, and the median latency with vs without it).
 
+Then, in one process and interleaved (so machine drift cancels): the agent's OpenVINO session ``run()`` against a
+bare ``InferRequest.infer()`` compiled with benchmark_app's settings — the agent's own per-call cost.
+
 Goal: agent median within ±3 % of benchmark_app's. Printed: medians over rounds, the ratio, and the run-to-run
 CV of each method's per-round medians.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -62,6 +66,41 @@ def benchmark_app_median(art, seconds, cpu):
     return float(m.group(1))
 
 
+def inprocess_overhead(art, rounds, seconds=1.5):
+    """Median latency of the agent's OpenVINO session vs a bare infer() on the same compiled settings."""
+    import hashlib
+
+    import numpy as np
+    import openvino as ov
+
+    from agent import runtimes
+
+    spec = schema.ArtifactSpec(path=str(art), sha256=hashlib.sha256(art.read_bytes()).hexdigest())
+    sess = runtimes.get_runtime("openvino").load(art, spec, 1, {"device": "CPU", "precision": "f32"})
+    core = ov.Core()
+    model = core.read_model(str(art))
+    model.reshape([1, 3, 32, 32])
+    bare = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": "1", "NUM_STREAMS": "1",
+                                             "INFERENCE_PRECISION_HINT": "f32"})
+    req = bare.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    req.set_input_tensor(ov.Tensor(x))
+    fns = {"agent session run()": lambda: sess.run(x), "bare InferRequest.infer()": req.infer}
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            for _ in range(30):
+                f()
+            ts = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t0 = time.perf_counter_ns()
+                f()
+                ts.append(time.perf_counter_ns() - t0)
+            out[name].append(statistics.median(ts) / 1e6)
+    return out
+
+
 def cv(xs):
     return statistics.stdev(xs) / statistics.mean(xs) if len(xs) > 1 else 0.0
 
@@ -94,6 +133,8 @@ def main(argv=None) -> int:
             res["agent_ov_power"].append(med)
             overhead.append(ovh)
             print(f"round {rep + 1}/{args.reps} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        os.sched_setaffinity(0, {cpu})  # the same CPU the agent and benchmark_app ran on
+        inproc = inprocess_overhead(art, args.reps + 1)
     med = {k: statistics.median(v) for k, v in res.items()}
     print(f"\n{args.model}, batch 1, 1 thread pinned to CPU {cpu}, {args.seconds:.0f} s windows, {args.reps} interleaved "
           f"rounds ({time.time() - t0:.0f} s)\n")
@@ -105,6 +146,13 @@ def main(argv=None) -> int:
         print(f"| {label} | {med[k]:.3f} | {' '.join(f'{x:.3f}' for x in res[k])} | {cv(res[k]):.3f} |")
     print(f"\nagent / benchmark_app = {med['agent_ov'] / med['benchmark_app']:.3f} "
           f"({100 * (med['agent_ov'] / med['benchmark_app'] - 1):+.1f} %; goal within ±3 %)")
+    print("\nIn one process, pinned, interleaved (%d rounds of 1.5 s each):\n" % len(inproc["bare InferRequest.infer()"]))
+    print("| call | median of per-round medians (ms) | per-round medians |")
+    print("|---|---:|---|")
+    for k, v in inproc.items():
+        print(f"| {k} | {statistics.median(v):.3f} | {' '.join(f'{x:.3f}' for x in v)} |")
+    a, b = statistics.median(inproc["agent session run()"]), statistics.median(inproc["bare InferRequest.infer()"])
+    print(f"\nagent session per-call cost: {a - b:+.3f} ms ({100 * (a / b - 1):+.1f} %)")
     print(f"power sampler: reported overhead {statistics.median(overhead):.3f} % of the window; median latency with "
           f"it / without it = {med['agent_ov_power'] / med['agent_ov']:.3f}")
     return 0
