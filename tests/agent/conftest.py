@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -85,3 +88,24 @@ def job_dir(tmp_path: Path) -> Callable[..., Path]:
         return tmp_path / "job.json"
 
     return make
+
+
+# Packages a job must not pull into the agent process (the host side, and every runtime the job does not use).
+HEAVY = ("torch", "pandas", "pydantic", "host", "edgeprune", "onnx", "onnxruntime", "openvino", "litert_torch",
+         "ai_edge_litert")
+
+
+def imports_of_job(job: Path, runtime_module: str) -> Dict[str, Any]:
+    """Run ``agent.cli.main(['run', job])`` in a fresh interpreter (the test process has torch loaded) and say what
+    it imported: ``{"rc", "bad": heavy packages other than the job's runtime, "runtime_loaded"}``."""
+    heavy = tuple(m for m in HEAVY if m != runtime_module)
+    code = ("import json, sys; from agent import cli; "
+            "rc = cli.main(['run', %r, '--out', %r]); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in %r); "
+            "sys.stderr.write(json.dumps({'rc': rc, 'bad': bad, 'runtime_loaded': %r in sys.modules}))"
+            ) % (str(job), str(job.parent / "r.json"), heavy, runtime_module)
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(job.parent),
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stderr.strip().splitlines()[-1])
