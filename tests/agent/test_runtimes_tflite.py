@@ -34,6 +34,7 @@ from agent.runner import run_job  # noqa: E402
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report  # noqa: E402
 
 from .conftest import SHARD, SHARD_TOP1, SHARD_TOP5, W, build_model, imports_of_job, sha256  # noqa: E402
+from .torch_models import Tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MakeJob = Callable[..., Path]
@@ -41,22 +42,6 @@ NHWC = [1, 32, 32, 3]
 INFO_KEYS = {"module", "version", "delegate", "delegate_library", "delegate_options", "xnnpack", "op_resolver",
              "num_threads", "input_tensor", "input_dtype", "input_quantization", "quantized_in_agent",
              "output_dtype", "output_quantization", "batch_mode"}
-
-
-class Tiny(torch.nn.Module):
-    """The conftest ONNX graph in torch: Conv 1x1 (no bias) -> mean over H, W -> Linear."""
-
-    def __init__(self, conv_w: np.ndarray, w: np.ndarray, b: np.ndarray) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
-        self.fc = torch.nn.Linear(3, 10)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.from_numpy(np.array(conv_w)))
-            self.fc.weight.copy_(torch.from_numpy(np.array(w)))
-            self.fc.bias.copy_(torch.from_numpy(np.array(b)))
-
-    def forward(self, x: Any) -> Any:
-        return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
 def onnx_weights(path: Path) -> Dict[str, np.ndarray]:

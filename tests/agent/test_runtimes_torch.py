@@ -24,27 +24,12 @@ from agent.runner import run_job  # noqa: E402
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report  # noqa: E402
 
 from .conftest import SHARD_TOP1, SHARD_TOP5, W, build_model, sha256  # noqa: E402
+from .torch_models import Tiny
 
 MakeJob = Callable[..., Path]
 INFO_KEYS = {"torch_version", "device", "device_name", "cuda_version", "cudnn_version", "cudnn_benchmark",
              "precision", "num_threads", "batch_mode", "load_warnings"}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here")
-
-
-class Tiny(torch.nn.Module):
-    """The conftest ONNX graph in torch: Conv 1x1 (no bias) -> mean over H, W -> Linear."""
-
-    def __init__(self, conv_w: np.ndarray, w: np.ndarray, b: np.ndarray) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
-        self.fc = torch.nn.Linear(3, 10)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.from_numpy(np.array(conv_w)))
-            self.fc.weight.copy_(torch.from_numpy(np.array(w)))
-            self.fc.bias.copy_(torch.from_numpy(np.array(b)))
-
-    def forward(self, x: Any) -> Any:
-        return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
 def script(module: Any, path: Path) -> Path:
