@@ -63,6 +63,3 @@ def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest
         eval=(schema.EvalSpec(path=str(Path(eval_shard).resolve()), sha256=eval_sha256, split=eval_split,
                               batch_size=100) if eval_shard is not None else None),
     ).validate()
-
-
-

@@ -201,3 +201,10 @@ def start_fleet(root: Path, n: int, log_level: str = "INFO") -> SshdFleet:
 def write_known_hosts(path: Path, lines: Sequence[str]) -> Path:
     Path(path).write_text("".join(line + "\n" for line in lines))
     return Path(path)
+
+
+def needs_sshd() -> list:
+    """The marks for a test module that drives real sshd processes: `ssh`, and a skip where there is none."""
+    import pytest
+
+    return [pytest.mark.ssh, pytest.mark.skipif(not have_sshd(), reason="OpenSSH server not installed (/usr/sbin/sshd)")]

@@ -14,8 +14,7 @@ from host import fleet as host_fleet
 from . import sshd
 from .test_demo import edgeprune
 
-pytestmark = [pytest.mark.ssh,
-              pytest.mark.skipif(not sshd.have_sshd(), reason="OpenSSH server not installed (/usr/sbin/sshd)")]
+pytestmark = sshd.needs_sshd()
 
 
 @pytest.fixture(scope="module")

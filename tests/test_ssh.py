@@ -22,8 +22,7 @@ from host.ssh import (HostKeyError, SSHError, SSHTransport, agent_bundle, known_
                       parse_jump, quote_argv)
 from tests import sshd  # noqa: E402
 
-pytestmark = [pytest.mark.ssh,
-              pytest.mark.skipif(not sshd.have_sshd(), reason="OpenSSH server not installed (/usr/sbin/sshd)")]
+pytestmark = sshd.needs_sshd()
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,19 @@ def job_dir(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def random_model(path: Path, seed: int = 0) -> Path:
+    """The conftest model with random conv and Gemm weights, so outputs are not small integers."""
+    build_model(path)
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(seed)
+    for i, init in enumerate(model.graph.initializer):
+        arr = numpy_helper.to_array(init)
+        model.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array(rng.standard_normal(arr.shape).astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    return path
+
+
 # Packages a job must not pull into the agent process (the host side, and every runtime the job does not use).
 HEAVY = ("torch", "pandas", "pydantic", "host", "edgeprune", "onnx", "onnxruntime", "openvino", "litert_torch",
          "ai_edge_litert")

@@ -16,7 +16,7 @@ from agent import ArtifactError, RuntimeBackendError, runtimes
 from agent.runner import run_job
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report
 
-from .conftest import SHARD_TOP1, SHARD_TOP5, build_model, imports_of_job, sha256
+from .conftest import SHARD_TOP1, SHARD_TOP5, build_model, random_model, imports_of_job, sha256
 
 ov = pytest.importorskip("openvino")
 
@@ -45,22 +45,6 @@ def run(job_path: Path) -> Report:
 
 def use_openvino(d: Dict[str, Any], options: Optional[Dict[str, Any]] = None) -> None:
     d["runtime"] = {"name": "openvino", "threads": 1, "options": options or {}}
-
-
-def random_model(path: Path, seed: int = 0) -> Path:
-    """The conftest model with random conv and Gemm weights, so outputs are not small integers."""
-    import onnx
-    from onnx import numpy_helper
-
-    build_model(path)
-    model = onnx.load(str(path))
-    rng = np.random.default_rng(seed)
-    for i, init in enumerate(model.graph.initializer):
-        arr = numpy_helper.to_array(init)
-        model.graph.initializer[i].CopyFrom(
-            numpy_helper.from_array(rng.standard_normal(arr.shape).astype(np.float32), init.name))
-    onnx.save(model, str(path))
-    return path
 
 
 def save_ir(onnx_path: Path) -> Path:

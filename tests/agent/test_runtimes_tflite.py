@@ -33,7 +33,7 @@ from agent import RuntimeBackendError, runtimes  # noqa: E402
 from agent.runner import run_job  # noqa: E402
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report  # noqa: E402
 
-from .conftest import SHARD, SHARD_TOP1, SHARD_TOP5, W, build_model, imports_of_job, sha256  # noqa: E402
+from .conftest import SHARD, SHARD_TOP1, SHARD_TOP5, W, random_model, imports_of_job, sha256  # noqa: E402
 from .torch_models import Tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,19 +46,6 @@ INFO_KEYS = {"module", "version", "delegate", "delegate_library", "delegate_opti
 
 def onnx_weights(path: Path) -> Dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-
-
-def random_onnx(path: Path, seed: int) -> Path:
-    """The conftest model with random weights (as in the OpenVINO tests)."""
-    build_model(path)
-    model = onnx.load(str(path))
-    rng = np.random.default_rng(seed)
-    for i, init in enumerate(model.graph.initializer):
-        arr = numpy_helper.to_array(init)
-        model.graph.initializer[i].CopyFrom(
-            numpy_helper.from_array(rng.standard_normal(arr.shape).astype(np.float32), init.name))
-    onnx.save(model, str(path))
-    return path
 
 
 def convert_fp32(module: Any, path: Path, dynamic: bool) -> Path:
@@ -82,7 +69,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Path]
     shown = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     try:
-        onnx_path = random_onnx(d / "random.onnx", seed=0)
+        onnx_path = random_model(d / "random.onnx", seed=0)
         weights = onnx_weights(onnx_path)
         random_module = Tiny(weights["conv_w"], weights["W"], weights["b"])
         conftest_module = Tiny(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), W, np.zeros(10, np.float32))
