@@ -21,7 +21,7 @@ from host import state
 from host.devices import DeviceConfig
 from host.fleet import DeviceOutcome, Events, run_on_devices
 from host.jobs import build_job
-from host.transport import write_json_atomic
+from host.transport import write_text_atomic
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
@@ -99,7 +99,7 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
     for dev, o in zip(devices, outcomes):
         report_path = out / "reports" / f"{dev.id}.json"
         if o.report is not None:
-            write_json_atomic(report_path, schema.dumps(o.report))
+            write_text_atomic(report_path, schema.dumps(o.report))
         # reachable and answering = good (even if the model failed); busy says nothing about health
         health = "good" if o.report is not None else ("unknown" if o.error_type == "DeviceBusy" else "bad")
         state.record(dev.id, health, {"last_run": run_id, "error": o.error}, state_path)
@@ -122,8 +122,8 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    write_json_atomic(out / "summary.csv", buf.getvalue())
-    write_json_atomic(out / "run.json", json.dumps({
+    write_text_atomic(out / "summary.csv", buf.getvalue())
+    write_text_atomic(out / "run.json", json.dumps({
         "run_id": run_id, "artifact": str(art), "manifest": asdict(man), "devices": [d.id for d in devices],
         "threads": threads, "eval": {"split": ev.name, "n": len(ev), "sha256": shard_sha},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, default=str))

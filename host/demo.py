@@ -25,7 +25,7 @@ from edgeprune import data, export, finetune, models, prune
 from edgeprune.errors import DeviceError, UsageError
 from host.devices import DeviceConfig, local_device
 from host.jobs import build_job
-from host.transport import LocalTransport, write_json_atomic
+from host.transport import LocalTransport, write_text_atomic
 
 SUMMARY_COLUMNS = [
     "model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_cv",
@@ -96,7 +96,7 @@ def _write_summary(path: Path, rows: List[Dict[str, object]]) -> None:
     w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    write_json_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report: schema.Report,
@@ -161,7 +161,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
                                     seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
             recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
         emit("stage", f"{tag}: export ONNX", None, None)
-        write_json_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
+        write_text_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
         onnx_path = out / "artifacts" / f"{tag}.onnx"
         man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=opts.model,
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
@@ -180,12 +180,12 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
             report = transport.run_job(job, out / "jobs" / tag)
         except DeviceError as e:
             report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
-        write_json_atomic(report_path, schema.dumps(report))
+        write_text_atomic(report_path, schema.dumps(report))
         failures += report.status != "ok"
         rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
         _write_summary(summary, rows)
         emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
-    write_json_atomic(out / "demo.json", json.dumps({
+    write_text_atomic(out / "demo.json", json.dumps({
         "model": opts.model, "checkpoint": meta, "eval": {"split": ev.name, "n": len(ev), "sha256": eval_sha,
                                                           "source": ev.source},
         "finetune_split": ft_split.name if ft_split is not None else None, "device": dev.model_dump(by_alias=True),

@@ -73,7 +73,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 from agent import schema
 from edgeprune.errors import ConfigError, DeviceError
 from host.devices import DeviceConfig, SSHConfig
-from host.transport import write_json_atomic
+from host.transport import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -841,7 +841,7 @@ class SSHTransport:
         job.validate()
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(workdir / "job.json", schema.dumps(job))
+        write_text_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"
         report_path.unlink(missing_ok=True)
 
@@ -884,7 +884,7 @@ class SSHTransport:
                            % (job.job_id, rc, header["log_tail"].strip()[-LOG_TAIL_CHARS:]),
                            infrastructure=rc is None or rc < 0 or rc > 128)
         text = body.decode("utf-8", "replace")
-        write_json_atomic(report_path, text)
+        write_text_atomic(report_path, text)
         try:
             report = schema.loads_report(text)
         except schema.SchemaError as e:

@@ -28,7 +28,7 @@ AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folde
 STDERR_TAIL = 4000
 
 
-def write_json_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -76,7 +76,7 @@ class LocalTransport:
         """
         workdir = Path(workdir).resolve()  # the agent runs with cwd=workdir: every path handed to it is absolute
         workdir.mkdir(parents=True, exist_ok=True)
-        job_path = write_json_atomic(workdir / "job.json", schema.dumps(job))
+        job_path = write_text_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"
         report_path.unlink(missing_ok=True)
         env = self._env()
