@@ -1,15 +1,35 @@
-"""Recovery after pruning: short fine-tuning and labels-free BatchNorm recalibration.
+"""Recovery after pruning: short fine-tuning (optionally distilled, sparsity-keeping, resumable), labels-free
+BatchNorm recalibration, and a top-1 evaluation helper.
 
 Fine-tuning follows the reference training recipe (SGD, momentum 0.9, weight decay 5e-4, random crop with
-4-pixel padding and horizontal flip) with a cosine learning-rate schedule, bounded by epochs *and* wall time,
-seeded. It runs on CUDA when available, else on the CPU.
+4-pixel padding and horizontal flip) with a cosine learning-rate schedule, bounded by epochs, wall time and
+optionally a step count, seeded. It runs on CUDA when available (with ``cudnn.benchmark``), else on the CPU.
+
+Options:
+
+* **Distillation** from a dense ``teacher``: ``loss = (1 - α)·CE(student, y) + α·T²·KL(p_teacher ‖ p_student)``
+  with both distributions softened by the temperature ``T`` (Hinton et al., 2015). The teacher runs in eval mode,
+  without gradients, on the student's device and on the same augmented batch.
+* **Sparsity**: ``masks`` (parameter name → bool, from :mod:`edgeprune.sparsity`) are kept exactly: the masked
+  gradients are zeroed and the masks re-applied after every optimizer step.
+* **Checkpoints**: with ``checkpoint=path`` the full training state (weights, optimizer, scheduler, step and
+  epoch position, every RNG) is written atomically every ``checkpoint_every`` steps, when a bound stops the run,
+  when it completes, and when it is interrupted between steps (an exception from ``progress``, Ctrl-C there).
+  If the file exists at the start, training resumes from it; on the CPU a resumed run ends with bit-identical
+  weights to an uninterrupted one. The checkpoint records the training configuration (hyper-parameters, the
+  split's content hash, the teacher's and the masks' hashes); a different configuration is refused. The
+  starting weights are not part of it: the caller must rebuild the same model (replay the pruning plan) first.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -17,13 +37,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Split, batches, to_tensor_batch
-from .errors import UsageError
+from .errors import DataError, UsageError
+
+__all__ = ["FinetuneResult", "Progress", "default_device", "augment", "finetune", "distillation_loss",
+           "recalibrate_bn", "evaluate", "CHECKPOINT_FORMAT"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps planned)
+
+CHECKPOINT_FORMAT = "edgeprune-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+MOMENTUM = 0.9
 
 
 @dataclass
 class FinetuneResult:
+    """What :func:`finetune` did. Step and image counts are cumulative over resumed runs; ``seconds`` is this
+    call's wall time. ``sparse_layers`` is the number of masked parameters, ``sparsity_kept`` whether every
+    masked weight is exactly zero at the end (None without masks)."""
+
     epochs_planned: int
     steps_done: int
     steps_planned: int
@@ -33,6 +64,18 @@ class FinetuneResult:
     final_loss: float
     device: str
     split: str
+    stopped_by_steps: bool = False
+    resumed: bool = False
+    resumed_from_step: int = 0
+    checkpoint: Optional[str] = None
+    distill_alpha: Optional[float] = None
+    distill_temperature: Optional[float] = None
+    sparse_layers: int = 0
+    sparsity_kept: Optional[bool] = None
+
+    @property
+    def completed(self) -> bool:
+        return self.steps_done >= self.steps_planned
 
 
 def default_device() -> str:
@@ -60,62 +103,322 @@ def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: i
     return padded.permute(0, 2, 3, 1)[b, iy.view(n, h, 1), ix.view(n, 1, w)].permute(0, 3, 1, 2).contiguous()
 
 
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _positive_int(value: Any, arg: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UsageError(f"{arg}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _state_sha256(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split_sha256(split: Split) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(split.images).tobytes())
+    h.update(np.ascontiguousarray(split.labels).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_save(obj: Dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Path, model: nn.Module, config: Dict[str, Any]) -> Dict[str, Any]:
+    """Read and validate a fine-tuning checkpoint; errors name the file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise DataError(f"{path}: not a readable fine-tuning checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not an edgeprune fine-tuning checkpoint (delete it or choose another path)")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"{path}: checkpoint version {ck.get('version')!r}, this edgeprune reads "
+                        f"{CHECKPOINT_VERSION}")
+    saved, own = ck["model"], model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in saved] + [f"unexpected {k}" for k in saved if k not in own]
+    problems += [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"{path}: checkpoint does not fit the model ({'; '.join(problems[:5])}{more}); rebuild the "
+                        "same pruned model (replay its plan) before resuming, or delete the checkpoint")
+    if ck.get("config") != config:
+        old = ck.get("config") or {}
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise UsageError(f"{path}: checkpoint was written by a fine-tuning run with a different configuration "
+                         f"(differs in: {', '.join(diff)}); use the same settings to resume, or delete it")
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """``(1 - alpha)·CE(logits, targets) + alpha·T²·KL(softmax(teacher/T) ‖ softmax(logits/T))``, batch mean.
+
+    The T² factor keeps the soft-target gradients on the same scale as the hard-target ones (Hinton et al.)."""
+    ce = F.cross_entropy(logits, targets)
+    kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kd
+
+
 def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Optional[float] = None,
              lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0,
-             device: Optional[str] = None, progress: Optional[Progress] = None) -> FinetuneResult:
-    """Fine-tune ``model`` in place on ``split``; stop after ``epochs`` or ``max_seconds``, whichever is first."""
-    if epochs < 1:
-        raise UsageError(f"epochs: must be >= 1, got {epochs}")
-    if max_seconds is not None and max_seconds <= 0:
+             device: Optional[str] = None, progress: Optional[Progress] = None,
+             max_steps: Optional[int] = None,
+             teacher: Optional[nn.Module] = None, distill_alpha: Optional[float] = None,
+             distill_temperature: float = 4.0,
+             masks: Optional[Mapping[str, torch.Tensor]] = None,
+             checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 100,
+             deterministic: bool = False) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``split``; stop after ``epochs``, ``max_seconds`` of wall time or
+    ``max_steps`` (counted from the start of training, resumed steps included), whichever comes first.
+
+    The learning-rate schedule is cosine over ``epochs``; the time and step bounds cut it short without
+    changing it, so a run stopped by them can be resumed from its ``checkpoint`` to the same end.
+
+    ``teacher``: a dense model to distil from, weighted by ``distill_alpha`` (default 0.5 with a teacher; given
+    without one it is an error) at temperature ``distill_temperature``. ``masks``: 2:4 (or any) sparsity masks
+    to keep exactly, keyed by parameter name (``sparsity.apply_2to4(model).masks``); they are applied at the
+    start, so masked weights are zero from the first step. ``checkpoint``: a file (its folder is created) to
+    save to every ``checkpoint_every`` steps and resume from (see the module docstring). ``deterministic``:
+    on CUDA, use deterministic cuDNN kernels instead of ``cudnn.benchmark``. ``progress(step, planned)`` is
+    called after each step.
+
+    Returns a :class:`FinetuneResult`; the model is left in eval mode on the CPU.
+    """
+    from .sparsity import MaskKeeper, masks_sha256
+
+    epochs = _positive_int(epochs, "epochs")
+    batch_size = _positive_int(batch_size, "batch_size")
+    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    if max_steps is not None:
+        max_steps = _positive_int(max_steps, "max_steps")
+    if max_seconds is not None and not max_seconds > 0:
         raise UsageError(f"max_seconds: must be > 0, got {max_seconds}")
+    if not lr > 0:
+        raise UsageError(f"lr: must be > 0, got {lr}")
+    if not weight_decay >= 0:
+        raise UsageError(f"weight_decay: must be >= 0, got {weight_decay}")
+    if len(split) == 0:
+        raise UsageError(f"split: {split.name!r} has no images")
+    if teacher is None:
+        if distill_alpha is not None:
+            raise UsageError("distill_alpha: given without a teacher")
+        alpha = 0.0
+    else:
+        if teacher is model:
+            raise UsageError("teacher: must be a separate model (a dense copy), not the model being fine-tuned")
+        alpha = 0.5 if distill_alpha is None else float(distill_alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise UsageError(f"distill_alpha: must lie in [0, 1], got {distill_alpha}")
+        if not distill_temperature > 0:
+            raise UsageError(f"distill_temperature: must be > 0, got {distill_temperature}")
+    temperature = float(distill_temperature)
     device = device or default_device()
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.is_dir():
+        raise UsageError(f"checkpoint: {ckpt_path} is a directory; give a file path")
+    if masks is not None:
+        MaskKeeper(model, masks)  # validate names and shapes before anything changes
+
+    t0 = time.perf_counter()
+    n = len(split)
+    steps_per_epoch = math.ceil(n / batch_size)
+    planned = steps_per_epoch * epochs
+    # Validate an existing checkpoint before the model is touched: a mismatch leaves everything as it was.
+    config: Dict[str, Any] = {}
+    ck: Optional[Dict[str, Any]] = None
+    if ckpt_path is not None:
+        config = {"epochs": epochs, "lr": float(lr), "batch_size": batch_size, "weight_decay": float(weight_decay),
+                  "momentum": MOMENTUM, "nesterov": True, "schedule": "cosine", "seed": int(seed),
+                  "split": split.name, "split_images": n, "split_sha256": _split_sha256(split),
+                  "distill_alpha": alpha if teacher is not None else None,
+                  "distill_temperature": temperature if teacher is not None else None,
+                  "teacher_sha256": _state_sha256(teacher) if teacher is not None else None,
+                  "masks_sha256": masks_sha256(masks) if masks is not None else None}
+        if ckpt_path.is_file():
+            ck = _load_checkpoint(ckpt_path, model, config)
+        else:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    n = len(split)
-    steps_per_epoch = math.ceil(n / batch_size)
-    planned = steps_per_epoch * epochs
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, nesterov=True)
+    # Masked gradients are zeroed by hooks and the weights re-masked after every opt.step().
+    keeper = MaskKeeper(model, masks, optimizer=opt) if masks is not None else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, planned) / planned)))
+
+    # Training position: `epoch` epochs begun, `pos` batches of the current one done, `order` its permutation.
+    step, epoch, pos, order, seen, loss_v = 0, 0, 0, None, 0, float("nan")
+    resumed_from: Optional[int] = None
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, epoch, pos, seen, loss_v = ck["step"], ck["epoch"], ck["pos"], ck["images_seen"], ck["final_loss"]
+        order = ck["order"].numpy() if ck["order"] is not None else None
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available() \
+                and len(ck["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        gen.set_state(ck["rng"]["generator"])
+        rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+        resumed_from = step
+
+    def save() -> None:
+        assert ckpt_path is not None
+        _atomic_save({
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "epoch": epoch, "pos": pos, "images_seen": seen, "final_loss": loss_v,
+            "order": torch.from_numpy(order) if order is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "numpy": json.dumps(rng.bit_generator.state)},
+        }, ckpt_path)
+
+    teacher_state = None
+    if teacher is not None:
+        p0 = next(teacher.parameters(), None)
+        teacher_state = (teacher.training, p0.device if p0 is not None else None)
+        teacher.to(device).eval()
+    cudnn_state = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
     labels = torch.from_numpy(split.labels)
-    t0 = time.perf_counter()
-    step, seen, loss_v, by_time = 0, 0, float("nan"), False
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for sl in batches(n, batch_size):
-            idx = order[sl]
+    saved_step = step if resumed_from is not None else -1
+    by_time = by_steps = False
+    at_boundary = True  # the state is between two steps (safe to checkpoint)
+    try:
+        if keeper is not None:
+            keeper.__enter__()
+        while step < planned:
+            if max_steps is not None and step >= max_steps:
+                by_steps = True
+                break
+            at_boundary = False
+            if order is None or pos == steps_per_epoch:
+                order, pos, epoch = rng.permutation(n), 0, epoch + 1
+            idx = order[pos * batch_size:min((pos + 1) * batch_size, n)]
             x = augment(to_tensor_batch(split.images[idx]), gen).to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            if teacher is not None and alpha > 0:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                if t_logits.shape != logits.shape:
+                    raise UsageError(f"teacher: outputs {tuple(t_logits.shape)} for a batch where the model "
+                                     f"outputs {tuple(logits.shape)}")
+                loss = distillation_loss(logits, t_logits, y, alpha=alpha, temperature=temperature)
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
-            seen += len(idx)
-            loss_v = float(loss.detach())
+            step, pos, seen, loss_v = step + 1, pos + 1, seen + len(idx), float(loss.detach())
+            at_boundary = True
+            if ckpt_path is not None and step % checkpoint_every == 0:
+                save()
+                saved_step = step
             if progress is not None:
                 progress(step, planned)
-            if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+            if max_seconds is not None and time.perf_counter() - t0 >= max_seconds and step < planned:
                 by_time = True
                 break
-        if by_time:
-            break
-    model.eval().to("cpu")
-    return FinetuneResult(epochs, step, planned, seen, time.perf_counter() - t0, by_time, loss_v, device, split.name)
+        if ckpt_path is not None and step != saved_step:
+            save()
+    except BaseException:
+        if ckpt_path is not None and at_boundary and step != saved_step:
+            try:
+                save()  # interrupted between steps: keep the progress made
+            except Exception:  # best effort (the save itself may be what failed); the original error matters
+                pass
+        raise
+    finally:
+        if keeper is not None:
+            keeper.__exit__(None, None, None)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn_state
+        if teacher is not None and teacher_state is not None:
+            teacher.train(teacher_state[0])
+            if teacher_state[1] is not None:
+                teacher.to(teacher_state[1])
+        model.eval().to("cpu")
+
+    kept = keeper.violations() == 0 if keeper is not None else None
+    return FinetuneResult(
+        epochs, step, planned, seen, time.perf_counter() - t0, by_time, loss_v, device, split.name,
+        stopped_by_steps=by_steps, resumed=resumed_from is not None, resumed_from_step=resumed_from or 0,
+        checkpoint=str(ckpt_path) if ckpt_path is not None else None,
+        distill_alpha=alpha if teacher is not None else None,
+        distill_temperature=temperature if teacher is not None else None,
+        sparse_layers=len(keeper) if keeper is not None else 0, sparsity_kept=kept)
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 200, device: Optional[str] = None) -> int:
-    """Re-estimate BatchNorm running statistics on ``split`` (no labels, no gradient). Returns images used."""
+    """Re-estimate BatchNorm running statistics on ``split`` (no labels, no gradient). Returns images used.
+
+    Only the BatchNorm buffers change; weights (and so pruning and 2:4 sparsity patterns) are untouched.
+    The model is left in eval mode on the CPU."""
+    batch_size = _positive_int(batch_size, "batch_size")
     device = device or default_device()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the whole pass
     model.to(device).train()
-    for sl in batches(len(split), batch_size):
-        model(to_tensor_batch(split.images[sl]).to(device))
-    model.eval().to("cpu")
+    try:
+        for sl in batches(len(split), batch_size):
+            model(to_tensor_batch(split.images[sl]).to(device))
+    finally:
+        model.eval().to("cpu")
     return len(split)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 500, device: Optional[str] = None) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on ``split``, in eval mode, without gradients.
+
+    The model's mode and device are restored afterwards."""
+    batch_size = _positive_int(batch_size, "batch_size")
+    if len(split) == 0:
+        raise UsageError(f"split: {split.name!r} has no images")
+    device = device or default_device()
+    was_training = model.training
+    p0 = next(model.parameters(), None)
+    home = p0.device if p0 is not None else torch.device("cpu")
+    model.to(device).eval()
+    correct = 0
+    try:
+        for sl in batches(len(split), batch_size):
+            pred = model(to_tensor_batch(split.images[sl]).to(device)).argmax(1).cpu().numpy()
+            correct += int((pred == split.labels[sl]).sum())
+    finally:
+        model.train(was_training).to(home)
+    return correct / len(split)

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from edgeprune import data, finetune, prune
-from edgeprune.errors import UsageError
+from edgeprune.errors import DataError, UsageError
+
+
+@functools.lru_cache(maxsize=None)
+def _small(per_class: int = 3) -> data.Split:
+    return data.calib_split(per_class=per_class)  # loaded once: reading the npz is most of a tiny test's time
 
 
 def test_crop_offsets_and_flip():
@@ -64,4 +70,151 @@ def test_finetune_wall_time_bound(resnet20):
 @pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs"), ({"max_seconds": 0}, "max_seconds")])
 def test_finetune_bad_arguments(resnet20, kw, match):
     with pytest.raises(UsageError, match=match):
-        finetune.finetune(copy.deepcopy(resnet20[0]), data.calib_split(per_class=1), **kw)
+        finetune.finetune(copy.deepcopy(resnet20[0]), _small(1), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- distillation
+
+def test_distillation_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)
+    ce = F.cross_entropy(s, y)
+    assert torch.allclose(finetune.distillation_loss(s, t, y, alpha=0.0, temperature=4.0), ce)
+    assert torch.allclose(finetune.distillation_loss(s, s, y, alpha=0.3, temperature=4.0), 0.7 * ce)
+    T = 2.0
+    p_t = F.softmax(t / T, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, 1))).sum(1).mean()   # KL(teacher || student), batch mean
+    expected = 0.25 * ce + 0.75 * T * T * kl
+    assert torch.allclose(finetune.distillation_loss(s, t, y, alpha=0.75, temperature=T), expected, atol=1e-6)
+
+
+def test_finetune_with_teacher(resnet20):
+    split = _small(4)
+    teacher = copy.deepcopy(resnet20[0]).train()   # its mode and weights must come back unchanged
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    runs = {}
+    for alpha in (None, 0.9):
+        model = copy.deepcopy(resnet20[0])
+        res = finetune.finetune(model, split, epochs=1, batch_size=20, device="cpu",
+                                teacher=teacher if alpha else None, distill_alpha=alpha, distill_temperature=3.0)
+        runs[alpha] = (model, res)
+    res = runs[0.9][1]
+    assert res.distill_alpha == 0.9 and res.distill_temperature == 3.0 and runs[None][1].distill_alpha is None
+    assert not torch.equal(runs[None][0].linear.weight, runs[0.9][0].linear.weight)  # the KL term mattered
+    assert teacher.training and all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("kw,match", [({"distill_alpha": 0.5}, "distill_alpha: given without a teacher"),
+                                      ({"teacher": "same", "distill_alpha": 0.5}, "teacher"),
+                                      ({"teacher": "copy", "distill_alpha": 1.5}, "distill_alpha"),
+                                      ({"teacher": "copy", "distill_temperature": 0}, "distill_temperature"),
+                                      ({"batch_size": 0}, "batch_size"), ({"max_steps": 0}, "max_steps"),
+                                      ({"checkpoint_every": 0}, "checkpoint_every"), ({"lr": 0}, "lr")])
+def test_finetune_more_bad_arguments(resnet20, kw, match):
+    model = copy.deepcopy(resnet20[0])
+    if "teacher" in kw:
+        kw = dict(kw, teacher=model if kw["teacher"] == "same" else copy.deepcopy(model))
+    with pytest.raises(UsageError, match=match):
+        finetune.finetune(model, _small(1), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+BATCH, EPOCHS = 8, 2  # 30 images: 4 steps per epoch (the last one 6 images), 8 in all
+
+
+def _run(base, **kw):
+    model = copy.deepcopy(base)
+    res = finetune.finetune(model, _small(), epochs=EPOCHS, batch_size=BATCH, lr=0.05, device="cpu", seed=3, **kw)
+    return model, res
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resnet20):
+    return _run(resnet20[0])
+
+
+def test_resume_after_max_steps_is_bit_identical(resnet20, uninterrupted, tmp_path):
+    ck = tmp_path / "ft.ckpt"
+    _, first = _run(resnet20[0], checkpoint=ck, max_steps=3, checkpoint_every=100)
+    assert first.stopped_by_steps and first.steps_done == 3 and not first.resumed and ck.is_file()
+    assert first.checkpoint == str(ck) and not first.completed
+    model, res = _run(resnet20[0], checkpoint=ck)
+    assert res.resumed and res.resumed_from_step == 3 and res.steps_done == res.steps_planned == 8
+    assert res.images_seen == uninterrupted[1].images_seen == 60 and res.completed
+    assert res.final_loss == uninterrupted[1].final_loss
+    assert _same(model, uninterrupted[0])
+    assert not list(tmp_path.glob("*.tmp"))
+    # a completed checkpoint resumes to the same end without training
+    again, res2 = _run(resnet20[0], checkpoint=ck)
+    assert res2.resumed and res2.resumed_from_step == 8 and res2.steps_done == 8 and _same(again, model)
+
+
+def test_resume_after_an_exception_across_an_epoch_boundary(resnet20, uninterrupted, tmp_path):
+    ck = tmp_path / "ft.ckpt"
+    done = []
+
+    def boom(step, planned):
+        done.append(step)
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(resnet20[0], checkpoint=ck, checkpoint_every=2, progress=boom)
+    assert done == [1, 2, 3, 4, 5]
+    model, res = _run(resnet20[0], checkpoint=ck, checkpoint_every=2)
+    assert res.resumed_from_step == 5 and _same(model, uninterrupted[0])
+
+
+def test_resume_with_masks_and_teacher(resnet20, tmp_path):
+    from edgeprune import sparsity
+
+    base = copy.deepcopy(resnet20[0])
+    masks = sparsity.apply_2to4(base).masks
+    kw = dict(masks=masks, teacher=resnet20[0], distill_alpha=0.5, max_steps=4)
+    whole, _ = _run(base, **kw)
+    ck = tmp_path / "ft.ckpt"
+    _run(base, checkpoint=ck, **dict(kw, max_steps=2))
+    model, res = _run(base, checkpoint=ck, **kw)
+    assert res.resumed_from_step == 2 and res.steps_done == 4 and res.stopped_by_steps and res.sparsity_kept
+    assert _same(model, whole)
+    with pytest.raises(UsageError, match="masks_sha256"):  # other masks: not the same run
+        _run(base, checkpoint=ck, **dict(kw, masks={"linear.weight": masks["linear.weight"]}))
+
+
+def test_checkpoint_config_and_shape_mismatch(resnet20, tmp_path):
+    ck = tmp_path / "ft.ckpt"
+    _run(resnet20[0], checkpoint=ck, max_steps=1)
+    model = copy.deepcopy(resnet20[0])
+    with pytest.raises(UsageError, match=r"ft\.ckpt.*different configuration.*differs in: lr"):
+        finetune.finetune(model, _small(), epochs=EPOCHS, batch_size=BATCH, lr=0.1, device="cpu", seed=3,
+                          checkpoint=ck)
+    assert _same(model, resnet20[0])  # refused before anything was changed
+    other = copy.deepcopy(resnet20[0])  # a different structure (as a model pruned differently would be)
+    other.linear = torch.nn.Linear(64, 5)
+    with pytest.raises(DataError, match=r"ft\.ckpt: checkpoint does not fit the model \(linear.weight: "
+                                        r"checkpoint \(10, 64\) vs model \(5, 64\)"):
+        _run(other, checkpoint=ck)
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="junk.ckpt"):
+        _run(resnet20[0], checkpoint=junk)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+def test_evaluate_top1(resnet20):
+    split = data.eval_split(10)
+    model = copy.deepcopy(resnet20[0]).train()
+    acc = finetune.evaluate(model, split, batch_size=64, device="cpu")
+    assert acc == _acc(model.eval(), split) == finetune.evaluate(model, split) and acc > 0.8
+    model.train()
+    finetune.evaluate(model, split, device="cpu")
+    assert model.training  # mode restored
+    with pytest.raises(UsageError, match="batch_size"):
+        finetune.evaluate(model, split, batch_size=0)
