@@ -4,14 +4,15 @@ The architecture matches ``akamaster/pytorch_resnet_cifar10`` (BSD-2-Clause, (c)
 whose published checkpoints load with ``strict=True`` after the ``module.`` prefix is stripped.
 
 The option-A shortcut has no parameters: it subsamples ``x[:, :, ::2, ::2]`` and zero-pads the channel
-dimension. It is an ``nn.Module`` (not a lambda) holding its padding explicitly, so that a pruned model whose
-residual stream lost channels can still be described, saved and rebuilt from plain data.
+dimension. It is an ``nn.Module`` (not a lambda) holding its channel map explicitly (:class:`ShortcutA`), so that
+a model whose residual stream lost channels to pruning is still plain, exportable modules, rebuilt by replaying
+the pruning plan.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,21 +37,100 @@ __all__ = [
 
 
 class ShortcutA(nn.Module):
-    """Option-A shortcut: spatial subsample by ``stride`` and zero channels padded before/after."""
+    """Option-A shortcut: spatial subsample by ``stride``, then a parameter-free channel map.
 
-    def __init__(self, stride: int, pad_before: int, pad_after: int) -> None:
+    Output channel ``j`` is input channel ``src[j]`` of the subsampled input, or zero where ``src[j] == -1``.
+    A freshly built block uses the original map "zero-pad ``pad_before`` channels, the input, ``pad_after``
+    channels"; structured pruning of the residual stream (``edgeprune.prune`` with ``prune_residual=True``)
+    turns it into a general map by removing entries (output channels pruned) or zeroing them (the input channel
+    they copied was pruned).
+
+    Whenever the map is such a contiguous zero-padding, the forward pass is the original
+    ``x[:, :, ::s, ::s]`` + ``F.pad`` (so a dense model traces and exports exactly as before); any other map is
+    computed as ``index_select(F.pad(x, one zero channel appended), 1, index)``, i.e. ONNX ``Pad`` + ``Gather``
+    with a constant index, which every runtime supports.
+
+    The map lives in plain attributes (``in_channels``, ``src``) and a non-persistent buffer, so the state dict
+    is unchanged (published checkpoints still load with ``strict=True``).
+    """
+
+    def __init__(self, stride: int, pad_before: int, pad_after: int, in_channels: Optional[int] = None) -> None:
         super().__init__()
+        if stride < 1 or pad_before < 0 or pad_after < 0:
+            raise ValueError(f"ShortcutA: stride must be >= 1 and padding >= 0, got {stride}, {pad_before}, {pad_after}")
         self.stride = stride
-        self.pad_before = pad_before
-        self.pad_after = pad_after
+        self.in_channels: Optional[int] = in_channels
+        self._pad: Optional[Tuple[int, int]] = (pad_before, pad_after)
+        self.src: List[int] = []
+        self.register_buffer("index", torch.zeros(0, dtype=torch.long), persistent=False)
+        if in_channels is not None:
+            self.set_map(in_channels, [-1] * pad_before + list(range(in_channels)) + [-1] * pad_after)
+
+    @classmethod
+    def from_map(cls, stride: int, in_channels: int, src: Sequence[int]) -> "ShortcutA":
+        """A shortcut with an explicit channel map (``src[j]`` in ``-1 .. in_channels - 1``)."""
+        m = cls(stride, 0, 0)
+        m.set_map(in_channels, src)
+        return m
+
+    def set_map(self, in_channels: int, src: Sequence[int]) -> None:
+        """Replace the channel map; output channel ``j`` copies input channel ``src[j]`` (``-1``: zeros)."""
+        src = [int(s) for s in src]
+        if in_channels < 0 or any(not -1 <= s < in_channels for s in src):
+            raise ValueError(f"ShortcutA: every src entry must be in -1..{in_channels - 1}, got {src}")
+        self.in_channels = in_channels
+        self.src = src
+        self._pad = self.contiguous_padding(in_channels, src)
+        index = [s if s >= 0 else in_channels for s in src]  # in_channels: the appended zero channel
+        self.index = torch.tensor(index, dtype=torch.long, device=self.index.device)
+
+    @staticmethod
+    def contiguous_padding(in_channels: int, src: Sequence[int]) -> Optional[Tuple[int, int]]:
+        """``(before, after)`` when ``src`` is "zeros, every input channel in order, zeros", else None."""
+        src = list(src)
+        before = 0
+        while before < len(src) and src[before] == -1:
+            before += 1
+        if src[before:before + in_channels] != list(range(in_channels)):
+            return None
+        rest = src[before + in_channels:]
+        return (before, len(rest)) if all(s == -1 for s in rest) else None
+
+    @property
+    def out_channels(self) -> Optional[int]:
+        return len(self.src) if self.in_channels is not None else None
+
+    @property
+    def pad_before(self) -> Optional[int]:
+        return self._pad[0] if self._pad is not None else None
+
+    @property
+    def pad_after(self) -> Optional[int]:
+        return self._pad[1] if self._pad is not None else None
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride, :: self.stride] if self.stride != 1 else x
+
+    def _pad_forward(self, x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        return F.pad(self._subsample(x), (0, 0, 0, 0, before, after))
+
+    def _gather_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(self._subsample(x), (0, 0, 0, 0, 0, 1))
+        return torch.index_select(x, 1, self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+        if self.in_channels is None:  # built without in_channels: learn it from the first input
+            n = int(x.shape[1])
+            self.set_map(n, [-1] * self._pad[0] + list(range(n)) + [-1] * self._pad[1])
+        if self._pad is not None:
+            return self._pad_forward(x, *self._pad)
+        return self._gather_forward(x)
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, pad=({self.pad_before}, {self.pad_after})"
+        if self._pad is not None:
+            return f"stride={self.stride}, pad=({self._pad[0]}, {self._pad[1]})"
+        kept = sum(s >= 0 for s in self.src)
+        return f"stride={self.stride}, in={self.in_channels}, out={len(self.src)} ({kept} copied, rest zero)"
 
 
 class BasicBlock(nn.Module):
@@ -62,7 +142,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = ShortcutA(stride, planes // 4, planes // 4)
+            self.shortcut = ShortcutA(stride, planes // 4, planes // 4, in_channels=in_planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -141,20 +221,42 @@ def load_checkpoint(model: nn.Module, path: Path) -> Dict[str, object]:
     return meta
 
 
-def protected_layers(model: nn.Module) -> List[nn.Module]:
-    """Layers whose output channels channel pruning must keep, for this model family.
+def protected_layers(model: nn.Module, prune_residual: bool = False) -> List[nn.Module]:
+    """Layers whose output channels channel pruning keeps by default, for this model family.
 
-    For the option-A CIFAR ResNets the residual stream (stem conv and every block's second conv) is coupled
-    through the parameter-free zero-padding shortcut, which no pruner can shrink consistently without
-    re-indexing the padding; these models are pruned inside each block (conv1 → bn1 → conv2 input),
-    as in Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017). The classifier is always kept.
+    Every model: the stem (the first ``nn.Conv2d`` in definition order) and the classifier (the last
+    ``nn.Linear``). The stem's outputs feed everything downstream at full resolution and cost few MACs; the
+    classifier's outputs are the classes. (:func:`edgeprune.prune.prune` additionally never prunes a group whose
+    channels reach the model output, whatever is protected.) For a model whose first-defined conv is not the one
+    that runs first, or whose classifier is a conv, pass ``ignored_layers`` to ``prune`` explicitly. Protecting a
+    layer protects its whole dependency group: in a torchvision ResNet-18 the stem is coupled to ``layer1``'s
+    identity shortcuts, so ``layer1``'s residual stream stays whole too.
+
+    Option-A CIFAR ResNets (:class:`CifarResNet`). Each stage's residual stream (the outputs of its blocks'
+    second convs, and for stage 1 the stem's) meets the next stage through the parameter-free :class:`ShortcutA`
+    (subsample + zero-pad). ``edgeprune.prune`` registers a Torch-Pruning pruner for ``ShortcutA`` that
+    re-indexes its channel map instead of treating the pad as a channel-preserving op, so the streams on either
+    side of a stage boundary are separate groups and can be pruned:
+
+    * ``prune_residual=False`` (default): every block's second conv is protected as well, and these models are
+      pruned inside each block only (conv1 → bn1 → conv2 input), as in Li et al., "Pruning Filters for
+      Efficient ConvNets" (ICLR 2017). This was the only option before the ShortcutA pruner existed; it stays
+      the default so that published results and existing plans reproduce.
+    * ``prune_residual=True``: only the stem and the classifier are protected; the second convs of stages 2
+      and 3 form one group per stage (with the input side of the ShortcutA leaving the stage and the output side
+      of the one entering it). Stage 1's stream contains the protected stem and stays whole unless the stem is
+      unprotected too (``ignored_layers=[model.linear]``). A pruned stream leaves a ShortcutA with a general
+      channel map, which runs (and exports) as ``Pad`` + ``Gather`` instead of a single ``Pad``.
     """
-    keep: List[nn.Module] = []
     if isinstance(model, CifarResNet):
-        keep += [model.conv1, model.linear]
-        for layer in (model.layer1, model.layer2, model.layer3):
-            keep += [block.conv2 for block in layer]
-    return keep
+        keep: List[nn.Module] = [model.conv1, model.linear]
+        if not prune_residual:
+            for layer in (model.layer1, model.layer2, model.layer3):
+                keep += [block.conv2 for block in layer]
+        return keep
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return ([convs[0]] if convs else []) + ([linears[-1]] if linears else [])
 
 
 CHECKPOINTS: Dict[str, str] = {
