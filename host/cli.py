@@ -73,6 +73,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="short timing windows")
     b.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
 
+    pr = sub.add_parser("prune", help="prune one model (channels and/or 2:4), recover it, export verified artifacts")
+    pr.add_argument("--model", required=True, help="reference model name (resnet20 … resnet56) or a checkpoint file")
+    pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1); 0 exports "
+                    "the dense model unchanged")
+    pr.add_argument("--out", type=Path, required=True, help="output folder for the plan, artifacts and manifests")
+    pr.add_argument("--align", type=int, default=1, help="keep a multiple of N channels per pruned layer (e.g. 8)")
+    pr.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels than this per layer")
+    pr.add_argument("--importance", default="l1", help="channel importance: l1, l2, bn_scale, taylor, random")
+    pr.add_argument("--global", dest="global_ranking", action="store_true",
+                    help="rank channels across all layers (non-uniform widths) instead of the same ratio per layer")
+    pr.add_argument("--prune-residual", action="store_true",
+                    help="option-A ResNets: also prune each stage's residual stream (default: inside blocks only)")
+    pr.add_argument("--sparsity", default=None, help="also apply semi-structured sparsity: 2:4")
+    pr.add_argument("--formats", default="onnx", help="comma-separated: onnx, openvino, openvino-fp16, tflite, "
+                    "tflite-fp16, tflite-int8, edgetpu, tensorrt, torchscript")
+    ft = pr.add_mutually_exclusive_group()
+    ft.add_argument("--finetune-epochs", type=int, default=None, help="recovery fine-tune epochs on the finetune split")
+    ft.add_argument("--finetune-minutes", type=float, default=None, help="recovery fine-tune wall-time bound")
+    pr.add_argument("--finetune-per-class", type=_per_class, default=None,
+                    help="finetune-split images per class, or 'full' (default: full)")
+    pr.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model, 0..1")
+    pr.add_argument("--no-recalibrate", action="store_true", help="skip BatchNorm recalibration")
+    pr.add_argument("--eval-per-class", type=_per_class, default=argparse.SUPPRESS,
+                    help="torch top-1 check: 100 (the shipped 1,000 images, default) or 'full'")
+    pr.add_argument("--seed", type=int, default=0)
+
+    se = sub.add_parser("sensitivity", help="accuracy drop per layer group when only it is pruned (CSV + PNG)")
+    se.add_argument("--model", required=True, help="reference model name or a checkpoint file")
+    se.add_argument("--ratios", type=_ratios, default=[0.25, 0.5, 0.75], help="ratios to try per group (default "
+                    "0.25,0.5,0.75)")
+    se.add_argument("--importance", default="l1", help="channel importance: l1, l2, bn_scale, taylor, random")
+    se.add_argument("--align", type=int, default=1, help="keep a multiple of N channels per pruned layer")
+    se.add_argument("--recalibrate", action="store_true", help="re-estimate BatchNorm statistics before each check")
+    se.add_argument("--calib-per-class", type=int, default=100,
+                    help="calib-split images per class (default 100: the shipped 1,000 images)")
+    se.add_argument("--out", type=Path, required=True, help="output folder for sensitivity.csv and sensitivity.png")
+
     dv = sub.add_parser("devices", help="the fleet: list it, or check each device's health")
     dv.add_argument("action", choices=["list", "check"])
     dv.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
@@ -243,6 +280,91 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.failures else 0
 
 
+def _stage_progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _prune(args: argparse.Namespace, console: Console) -> int:
+    from host.pruning import PruneOptions, run_prune
+
+    kw = dict(model=args.model, out=args.out, ratio=args.ratio, align=args.align, min_channels=args.min_channels,
+              importance=args.importance, global_ranking=args.global_ranking, sparsity=args.sparsity,
+              prune_residual=args.prune_residual,
+              formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+              finetune_epochs=args.finetune_epochs, finetune_minutes=args.finetune_minutes,
+              finetune_per_class=args.finetune_per_class, distill=args.distill,
+              recalibrate=not args.no_recalibrate, seed=args.seed)
+    if hasattr(args, "eval_per_class"):
+        kw["eval_per_class"] = args.eval_per_class
+    opts = PruneOptions(**kw)
+    with _stage_progress(console) as progress:
+        step = progress.add_task("", total=None)
+
+        def events(kind: str, msg: str, done: Optional[int], total: Optional[int]) -> None:
+            if kind == "info":
+                progress.console.print(f"[dim]{msg}[/]")
+            elif kind in ("stage", "progress"):
+                progress.update(step, description=msg, completed=done or 0, total=total)
+            elif kind == "built":
+                progress.console.print(f"[green]verified[/] {msg}")
+
+        res = run_prune(opts, events)
+    table = Table(title=f"edgeprune prune {res.tag}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("MMACs", f"{res.macs_before / 1e6:.2f}", f"{res.macs_after / 1e6:.2f} ({res.macs_reduction:.2f}× fewer)")
+    table.add_row("params", f"{res.params_before:,}", f"{res.params_after:,}")
+    table.add_row(f"torch top-1 ({res.eval_split}, n={res.eval_n})", f"{res.top1_dense:.2%}", f"{res.top1_pruned:.2%}")
+    console.print(table)
+    if res.sparsity:
+        console.print(f"2:4 sparsity: {res.sparsity}")
+    console.print(f"recovery: {res.recovery.get('kind')}")
+    for a in res.artifacts:
+        v = a["verification"]
+        console.print(f"{a['format']:>13}: {res.out / a['file']}  (max abs err {v['max_abs_err']:.2g}, "
+                      f"top-1 agreement {v['top1_agreement']:.1%} on {v['n']} images)")
+    console.print(f"wrote {res.out / 'plan.json'} and {res.out / 'prune.json'} in {res.seconds:.0f} s")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from edgeprune import data, sensitivity
+    from host.pruning import load_model
+
+    if args.align < 1:
+        raise UsageError("--align: must be >= 1")
+    if args.calib_per_class < 1:
+        raise UsageError("--calib-per-class: must be >= 1")
+    name, model, _meta = load_model(args.model)
+    cal = data.calib_split(args.calib_per_class)
+    with _stage_progress(console) as progress:
+        task = progress.add_task("sensitivity", total=None)
+        df = sensitivity.analyse(model, cal, torch.zeros(1, 3, 32, 32), ratios=args.ratios,
+                                 importance=args.importance, round_to=args.align, recalibrate=args.recalibrate,
+                                 progress=lambda d, t, what: progress.update(task, description=what, completed=d,
+                                                                             total=t))
+    args.out.mkdir(parents=True, exist_ok=True)
+    from host.transport import write_text_atomic
+
+    csv_path = args.out / "sensitivity.csv"
+    write_text_atomic(csv_path, df.to_csv(index=False, float_format="%.6g"))
+    png = sensitivity.plot(df, args.out / "sensitivity.png", title=f"{name}: pruning sensitivity ({args.importance})")
+    worst = df.sort_values("drop_pp", ascending=False).head(5)
+    table = Table(title=f"{name}: most sensitive groups (dense top-1 {df.attrs['dense_top1']:.2%} on "
+                        f"{df.attrs['split']}, n={df.attrs['n']})")
+    for col in ("group", "channels", "ratio", "kept", "top-1", "drop pp"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for r in worst.itertuples():
+        table.add_row(r.group, str(r.channels), f"{r.ratio:g}", str(r.kept), f"{r.top1:.2%}", f"{r.drop_pp:.2f}")
+    console.print(table)
+    console.print(f"wrote {csv_path} and {png}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -257,6 +379,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args, console)
         if args.command == "devices":
             return _devices(args, console)
+        if args.command == "prune":
+            return _prune(args, console)
+        if args.command == "sensitivity":
+            return _sensitivity(args, console)
         parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse enforces choices
     except UsageError as e:
         err.print(f"[red]edgeprune: error:[/] {e}", highlight=False)
