@@ -1,6 +1,7 @@
 """Run one job, phase by phase, and return a :class:`~agent.schema.Report` (never raise for a failed job).
 
-Phases: identity -> verify artifact (and eval shard) sha256 -> pin CPUs -> discover power sensor and thermal
+Phases: identity -> verify artifact sha256, then each of its other files (``artifact.files``, found beside it
+in the same folder), and the eval shard's -> pin CPUs -> discover power sensor and thermal
 sources -> load (``load_time_ms``) -> start temperature -> first inference (``first_inference_ms``) -> warm-up ->
 cooldown -> wait to cool (``thermal.wait_to_cool_c``) -> timed window (power sampled in the background during
 it only; temperature at its start, every second during it and at its end) -> accuracy on the eval shard. A
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import psutil
 
 from agent import ArtifactError, JobTimeout, SensorError, accuracy, power, probe, runtimes, thermal, timing
-from agent.schema import AccuracyResult, ErrorInfo, EvalSpec, JobSpec, Report, SchemaError
+from agent.schema import AccuracyResult, ErrorInfo, EvalSpec, JobSpec, Report, SchemaError, file_name_problem
 
 
 class Deadline:
@@ -81,11 +82,15 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve(base_dir: Path, rel: str, field: str) -> Path:
-    """An absolute path as given, or a path inside base_dir; it must be an existing file."""
+    """An absolute path as given, or a path inside base_dir; it must be an existing file.
+
+    A relative path is normalised by name ('..' may not lead out of base_dir) but symbolic links are not followed:
+    the file keeps the name it has in the job folder (a transport links an artifact's files there under their
+    own names, e.g. ``model.xml`` next to ``model.bin``, pointing into its content-addressed cache)."""
     p = Path(rel)
     if not p.is_absolute():
         base = base_dir.resolve()
-        p = (base / p).resolve()
+        p = Path(os.path.normpath(str(base / p)))
         if base != p and base not in p.parents:
             raise ArtifactError("%s: %r escapes the job folder %s" % (field, rel, base))
     if not p.is_file():
@@ -97,6 +102,21 @@ def verify(path: Path, expected: str, what: str) -> None:
     got = sha256_file(path)
     if got != expected:
         raise ArtifactError("%s sha256 mismatch: expected %s got %s" % (what, expected, got))
+
+
+def verify_artifact_files(model_path: Path, files: Dict[str, str]) -> None:
+    """Every one of the artifact's other files (``artifact.files``: plain name -> sha256) must be in the
+    artifact's folder with its sha256; ArtifactError naming the first that is missing or differs."""
+    folder = model_path.parent
+    for name in sorted(files):
+        problem = file_name_problem(name)
+        if problem is not None:  # validate() refuses these already; never open a path built from one
+            raise ArtifactError("artifact.files: %r %s" % (name, problem))
+        p = folder / name
+        if not p.is_file():
+            raise ArtifactError("artifact.files.%s: %s is missing: it must be beside the artifact %s"
+                                % (name, p, model_path.name))
+        verify(p, files[name], "artifact.files.%s: %s" % (name, name))
 
 
 def pin_cpus(requested: Optional[List[int]]) -> Dict[str, Any]:
@@ -148,6 +168,7 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
 
     model_path = resolve(base_dir, job.artifact.path, "artifact.path")
     verify(model_path, job.artifact.sha256, "artifact")
+    verify_artifact_files(model_path, job.artifact.files)
     eval_path = None
     if job.eval is not None:
         eval_path = resolve(base_dir, job.eval.path, "eval.path")

@@ -6,17 +6,30 @@ definition. Every document carries ``schema_version``; the loaders accept only t
 
 Version history
 ---------------
-1 (edgeprune 0.1): first version.
+Job spec:
 
-Job spec (host -> agent), version 1::
+1 (edgeprune 0.1): first version; an artifact is one file.
+2: ``artifact.files``, the artifact's other files (OpenVINO IR's ``.bin`` beside its ``.xml``, a TensorRT int8
+   calibration npz, an Edge TPU compiler log), each verified by sha256 before anything is loaded. Version 2 is
+   what the host writes; version 1 jobs are still read (as jobs without extra files: a version 1 job may carry
+   ``files`` only empty). The version was bumped rather than ``files`` emitted only when non-empty so that an
+   older agent refuses every newer job by its ``schema_version`` (one clear line) instead of accepting the
+   single-file ones and failing the others on an unknown field.
+
+Report: 1 (edgeprune 0.1), unchanged since.
+
+Job spec (host -> agent), version 2::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "job_id": "demo-r0.50",                 # [A-Za-z0-9._-]+
       "device_id": "local",
-      "artifact": {"path": "model.onnx",      # relative to the job file's folder, or absolute
+      "artifact": {"path": "model.xml",       # relative to the job file's folder (no '..' out of it), or absolute
                    "sha256": "<64 hex>",      # verified before the artifact is loaded
-                   "format": "onnx",
+                   "format": "openvino-ir",
+                   "files": {"model.bin": "<64 hex>"},   # v2: the artifact's other files, by plain file name
+                                              # (no '/', '\\', NUL, leading '.'), in the artifact's folder;
+                                              # each verified before the artifact is loaded ({} or absent: none)
                    "input_name": "input", "input_shape": [1, 3, 32, 32],
                    "input_dtype": "float32", "layout": "NCHW"},
       "preprocess": {"scale": 0.00392156862745098,   # uint8 HWC RGB pixels * scale, then (x - mean) / std
@@ -48,13 +61,37 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-JOB_VERSIONS = (1,)
+JOB_VERSIONS = (1, 2)
 REPORT_VERSIONS = (1,)
 JOB_SCHEMA_VERSION = JOB_VERSIONS[-1]
 REPORT_SCHEMA_VERSION = REPORT_VERSIONS[-1]
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+FILE_NAME_MAX = 255
+
+
+def file_name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` is not a plain file name (one that stays in its folder), or None when it is one.
+
+    Plain: a non-empty string of at most 255 characters, without '/', '\\' or NUL, not starting with '.' (so
+    neither '.' nor '..', nor a hidden file)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty file name"
+    if "/" in name or "\\" in name:
+        return "must be a plain file name, without folders ('/' or '\\')"
+    if "\0" in name:
+        return "must not contain NUL"
+    if name.startswith("."):
+        return "must not start with '.' (no '.', '..' or hidden files)"
+    if len(name) > FILE_NAME_MAX:
+        return "is longer than %d characters" % FILE_NAME_MAX
+    return None
+
+
+def base_name(path: str) -> str:
+    """The last component of a job path, '/' or '\\' separated (the host and the agent may differ in OS)."""
+    return re.split(r"[\\/]", path)[-1]
 
 
 class SchemaError(ValueError):
@@ -71,6 +108,7 @@ class ArtifactSpec:
     input_shape: List[int] = field(default_factory=lambda: [1, 3, 32, 32])
     input_dtype: str = "float32"
     layout: str = "NCHW"
+    files: Dict[str, str] = field(default_factory=dict)   # v2: other files of the artifact, name -> sha256
 
 
 @dataclass
@@ -146,6 +184,17 @@ class JobSpec:
         _check(ID_RE.match(self.job_id) is not None, "job_id", "must match [A-Za-z0-9._-]{1,128}")
         _check(ID_RE.match(self.device_id) is not None, "device_id", "must match [A-Za-z0-9._-]{1,128}")
         _check(SHA256_RE.match(self.artifact.sha256) is not None, "artifact.sha256", "must be 64 lowercase hex digits")
+        _check(isinstance(self.artifact.files, dict), "artifact.files", "must be an object")
+        _check(self.schema_version >= 2 or not self.artifact.files, "artifact.files",
+               "needs schema_version 2 (this job says %r)" % (self.schema_version,))
+        primary = base_name(self.artifact.path)
+        for name in sorted(self.artifact.files):
+            problem = file_name_problem(name)
+            _check(problem is None, "artifact.files", "%r %s" % (name, problem))
+            _check(name != primary, "artifact.files.%s" % name,
+                   "is the artifact itself (artifact.path); list only its other files")
+            _check(SHA256_RE.match(str(self.artifact.files[name])) is not None, "artifact.files.%s" % name,
+                   "must be 64 lowercase hex digits")
         _check(len(self.artifact.input_shape) >= 1 and all(d > 0 for d in self.artifact.input_shape),
                "artifact.input_shape", "must be a list of positive integers")
         _check(self.artifact.layout in ("NCHW", "NHWC"), "artifact.layout", "must be NCHW or NHWC")

@@ -16,7 +16,7 @@ import torch
 
 from agent import schema
 from edgeprune import data, export, models
-from edgeprune.errors import UsageError
+from edgeprune.errors import ExportError, UsageError
 from host import state
 from host.devices import DeviceConfig
 from host.fleet import DeviceOutcome, Events, run_on_devices
@@ -38,35 +38,49 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def artifact_from(model_or_dir: str, workdir: Path) -> Tuple[Path, export.Manifest]:
-    """A reference model name (exported dense to ONNX, verified) or a folder holding one artifact + manifest."""
-    if model_or_dir in models.MODELS:
-        model, meta = models.pretrained(model_or_dir)
-        path = workdir / f"{model_or_dir}.onnx"
+def artifact_from(model: str, workdir: Path) -> Tuple[Path, export.Manifest]:
+    """The artifact ``--model`` names and its manifest, every file of it verified against the manifest.
+
+    ``model``: a reference model name (exported dense to ONNX here, verified); a manifest file
+    (``r20.openvino.manifest.json``); an artifact file with its manifest beside it (:func:`export.find_manifest`);
+    or a folder holding exactly one ``*.manifest.json`` (a folder with several, as :func:`export.export` writes
+    the formats of one tag, needs the manifest named). UsageError when it is none of these, when a manifest is
+    not one, or when a file it lists is missing or differs from its sha256."""
+    if model in models.MODELS:
+        net, meta = models.pretrained(model)
+        path = workdir / f"{model}.onnx"
         check = data.to_tensor_batch(data.eval_split(2).images)
-        man = export.export_onnx(model, path, check_inputs=check, model_name=model_or_dir,
+        man = export.export_onnx(net, path, check_inputs=check, model_name=model,
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256="")
-        man.write(workdir / f"{model_or_dir}.manifest.json")
+        man.write(workdir / f"{model}.manifest.json")
         return path, man
-    folder = Path(model_or_dir)
-    if not folder.is_dir():
-        raise UsageError(f"--model: {model_or_dir!r} is neither a reference model ({', '.join(sorted(models.MODELS))}) "
-                         "nor a folder with an artifact and its .manifest.json")
-    manifests = sorted(folder.glob("*.manifest.json"))
-    if len(manifests) != 1:
-        raise UsageError(f"--model: {folder} must hold exactly one *.manifest.json (found {len(manifests)})")
+    given = Path(model)
+    if given.is_dir():
+        manifests = sorted(given.glob("*.manifest.json"))
+        if not manifests:
+            raise UsageError(f"--model: {given} holds no *.manifest.json (an exported artifact's folder has one per "
+                             "format)")
+        if len(manifests) > 1:
+            names = ", ".join(m.name for m in manifests)
+            raise UsageError(f"--model: {given} holds {len(manifests)} manifests ({names}); name one: "
+                             f"--model {manifests[0]}")
+        manifest = manifests[0]
+    elif given.is_file() and given.name.endswith(".json"):
+        manifest = given
+    elif given.is_file():
+        found = export.find_manifest(given)
+        if found is None:
+            raise UsageError(f"--model: {given} has no manifest beside it (*.manifest.json naming {given.name})")
+        manifest = found
+    else:
+        raise UsageError(f"--model: {model!r} is neither a reference model ({', '.join(sorted(models.MODELS))}) nor "
+                         "a manifest, an artifact or a folder with an artifact and its .manifest.json")
+    man = export.Manifest.read(manifest)
     try:
-        raw = json.loads(manifests[0].read_text())
-        raw["verification"] = export.Verification(**raw["verification"])
-        man = export.Manifest(**raw)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{manifests[0]}: not an edgeprune manifest ({e})") from None
-    art = folder / man.file
-    if not art.is_file() or Path(man.file).name != man.file:
-        raise UsageError(f"{manifests[0]}: file: {man.file!r} must name an artifact in the same folder")
-    if models.sha256_file(art) != man.sha256:
-        raise UsageError(f"{art}: sha256 does not match its manifest (changed after export?)")
-    return art, man
+        man.check_files(manifest.parent)
+    except ExportError as e:
+        raise UsageError(f"{e} (manifest {manifest})") from None
+    return manifest.parent / man.file, man
 
 
 @dataclass

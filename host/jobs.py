@@ -1,8 +1,9 @@
 """Build the job spec a device runs, from its config and an exported artifact — one place for demo and bench."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from agent import schema
 
@@ -42,24 +43,52 @@ def power_spec(dev: DeviceConfig) -> Optional[schema.PowerSpec]:
                             options=dict(p.options))
 
 
+def runtime_options(dev: DeviceConfig, manifest: Manifest) -> Dict[str, Any]:
+    """The device's ``runtime.options`` with the manifest's ``runtime_options`` merged in (what this artifact must
+    run with: tensorrt's ``precision``, an Edge TPU model's ``delegate``). DeviceError when the device config
+    sets one of them to something else: the artifact was exported for that setting and the device's would win
+    silently, or measure a different thing."""
+    options = dict(dev.runtime.options)
+    for key, value in sorted(manifest.runtime_options.items()):
+        if key in options and options[key] != value:
+            raise DeviceError(f"{dev.id}: runtime.options.{key} is {options[key]!r} in the device config but this "
+                              f"artifact ({manifest.file}, {manifest.export_format}) must run with {value!r}; "
+                              "remove it from the device config or export for that setting")
+        options[key] = value
+    return options
+
+
 def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest, eval_shard: Optional[Path],
               eval_sha256: str = "", eval_split: str = "eval", *, quick: bool = False, seed: int = 0,
               threads: Optional[int] = None) -> schema.JobSpec:
-    """The job for ``dev``; DeviceError when the device's runtime cannot load this artifact's format."""
+    """The job for ``dev``; DeviceError when the device's runtime cannot load this artifact's format, is not the
+    runtime it was exported for (``manifest.target_runtime``), or is configured against its ``runtime_options``.
+
+    ``artifact`` is the primary file (``manifest.file``); the manifest's other files (``files``) go into the job's
+    ``artifact.files``, expected beside it (the transports ship and link them so)."""
     formats = RUNTIME_FORMATS.get(dev.runtime.name, ())
     if manifest.format not in formats:
         raise DeviceError(f"{dev.id}: runtime {dev.runtime.name} loads {', '.join(formats) or 'no known format'}; "
                           f"this artifact is {manifest.format}")
+    if manifest.target_runtime and manifest.target_runtime != dev.runtime.name:
+        raise DeviceError(f"{dev.id}: this artifact ({manifest.file}, {manifest.export_format}) was exported for "
+                          f"runtime {manifest.target_runtime}, but the device runs {dev.runtime.name}")
+    options = runtime_options(dev, manifest)
     n_threads = dev.runtime.threads if threads is None else threads
-    return schema.JobSpec(
+    artifact = Path(os.path.abspath(artifact))  # not resolve(): a symlink keeps its name, its files stay beside it
+    extra = {name: digest for name, digest in manifest.files.items() if name != manifest.file}
+    job = schema.JobSpec(
         job_id=job_id, device_id=dev.id,
-        artifact=schema.ArtifactSpec(path=str(Path(artifact).resolve()), sha256=manifest.sha256, format=manifest.format,
+        artifact=schema.ArtifactSpec(path=str(artifact), sha256=manifest.sha256, format=manifest.format,
                                      input_name=manifest.input_name, input_shape=list(manifest.input_shape),
-                                     input_dtype=manifest.input_dtype, layout=manifest.layout),
+                                     input_dtype=manifest.input_dtype, layout=manifest.layout, files=extra),
         preprocess=schema.PreprocessSpec(scale=float(manifest.preprocess["scale"]),
                                          mean=list(manifest.preprocess["mean"]), std=list(manifest.preprocess["std"])),
-        runtime=schema.RuntimeSpec(name=dev.runtime.name, threads=n_threads, options=dict(dev.runtime.options)),
+        runtime=schema.RuntimeSpec(name=dev.runtime.name, threads=n_threads, options=options),
         timing=timing_spec(dev, quick, seed, n_threads), power=power_spec(dev),
         eval=(schema.EvalSpec(path=str(Path(eval_shard).resolve()), sha256=eval_sha256, split=eval_split,
-                              batch_size=100) if eval_shard is not None else None),
-    ).validate()
+                              batch_size=100) if eval_shard is not None else None))
+    try:
+        return job.validate()
+    except schema.SchemaError as e:  # a manifest this agent cannot take (a file name it refuses, ...)
+        raise DeviceError(f"{dev.id}: cannot build job {job_id} for {artifact}: {e}") from None

@@ -26,18 +26,26 @@ Remote commands
 Device cache (``ssh.cache_dir``, default ``~/.cache/edgeprune``, ``~`` meaning the device user's home)
     ``<cache>/<sha256>``                  artifacts, eval shards and agent bundles, named by their sha256
     ``<cache>/agent-<sha256>/agent/``     an agent bundle unpacked (to a temp dir, then renamed: atomic)
-    ``<cache>/jobs/<job_id>.<random>/``   one job's folder (``job.json``, ``agent.log``, ``report.json``),
+    ``<cache>/jobs/<job_id>.<random>/``   one job's folder (``job.json``, ``agent.log``, ``report.json``, and
+                                          ``artifact/``: the artifact's files linked under their own names),
                                           created fresh for each job and removed when it ends
     Uploads go to ``<cache>/<sha256>.tmp.<random>`` over SFTP and are renamed into place only after the device's
     own python has verified their sha256. An entry counts as cached only if it exists *and* its sha256 verifies
     on the device; a tampered entry is deleted and uploaded again.
 
+Artifacts of several files (OpenVINO IR's ``.xml`` + ``.bin``, a TensorRT ONNX and its int8 calibration npz:
+``artifact.files`` in the job) travel file by file through the cache, each under its sha256; in the job folder
+``artifact/<name>`` links (symbolic, else hard, else a copy) give each its own name again, so that a runtime finds
+``r20.bin`` beside ``r20.xml``, and the job the device runs has ``artifact.path: artifact/<primary name>``. Names
+are plain file names (:func:`agent.schema.file_name_problem`), checked on the host and again by the helper.
+
 Per job (cache warm) this is one remote command: a small helper (:data:`DEVICE_HELPER`, run by the device's
-python with ``-c``) verifies the cached inputs, creates the job folder, runs ``python -m agent run job.json --out
-report.json`` in it (``PYTHONPATH`` = the unpacked bundle), prints a marker line, a one-line JSON header and the
-report's bytes, then removes the folder. The agent is killed at ``timeout_s + grace_s`` by the helper itself
-(so a host that vanished leaves nothing running); the host's own deadline, a little later, kills the whole
-process group. A cold cache adds one SFTP upload per missing file and one more command.
+python with ``-c``) verifies the cached inputs, creates the job folder and its artifact links, runs
+``python -m agent run job.json --out report.json`` in it (``PYTHONPATH`` = the unpacked bundle), prints a marker
+line, a one-line JSON header and the report's bytes, then removes the folder. The agent is killed at
+``timeout_s + grace_s`` by the helper itself (so a host that vanished leaves nothing running); the host's own
+deadline, a little later, kills the whole process group. A cold cache adds one SFTP upload per missing file and
+one more command.
 
 Errors: :class:`SSHError` (a :class:`~edgeprune.errors.DeviceError`) with ``infrastructure=True`` when the
 connection, the transport or a timeout failed (a runner may retry those, on this device or another) and
@@ -73,7 +81,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 from agent import schema
 from edgeprune.errors import ConfigError, DeviceError
 from host.devices import DeviceConfig, SSHConfig
-from host.transport import write_text_atomic
+from host.transport import ARTIFACT_DIR, artifact_files, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +187,46 @@ def unpack(cache, sha, dest):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+def link_all(cache, links, pairs):
+    os.mkdir(links, 0o700)
+    for name, sha in pairs:
+        if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
+                or "\0" in name or len(name) > 255 or len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha)):
+            return "refused to link %r to %r: not a plain file name and a sha256" % (name, sha)
+        src, dst = os.path.join(cache, sha), os.path.join(links, name)
+        try:
+            os.symlink(src, dst)
+        except (OSError, NotImplementedError):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+    return None
+def run_agent(run, jobdir, bundle_dir, out):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (bundle_dir, env.get("PYTHONPATH")) if p])
+    logpath = os.path.join(jobdir, "agent.log")
+    with open(logpath, "wb") as logf:
+        proc = subprocess.Popen([run["python"], "-m", "agent"] + run["argv"], cwd=jobdir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            out["rc"] = proc.wait(timeout=run["timeout_s"])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            out["timed_out"] = True
+    out["log_tail"] = tail(logpath, run["log_tail"])
+    rp = os.path.join(jobdir, "report.json")
+    if not os.path.isfile(rp):
+        return b""
+    size = os.path.getsize(rp)
+    if size > run["max_report"]:
+        out["report_error"] = "report.json is %d bytes, over the %d-byte limit" % (size, run["max_report"])
+        return b""
+    with open(rp, "rb") as f:
+        report = f.read()
+    out["report_size"] = len(report)
+    return report
 def tail(path, n):
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - n))
@@ -191,7 +239,7 @@ def main():
     spec = json.loads(sys.argv[1])
     cache = spec["cache"]
     out = {"hits": [], "missing": [], "replaced": [], "committed": [], "bad_upload": [], "rc": None,
-           "timed_out": False, "report_size": None, "report_error": None, "log_tail": ""}
+           "timed_out": False, "report_size": None, "report_error": None, "log_tail": "", "link_error": None}
     for sha, tmp in spec.get("commit", []):
         t = os.path.join(cache, tmp)
         if sha256(t) == sha:
@@ -224,28 +272,9 @@ def main():
         try:
             with open(os.path.join(jobdir, "job.json"), "wb") as f:
                 f.write(sys.stdin.buffer.read())
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([p for p in (d, env.get("PYTHONPATH")) if p])
-            logpath = os.path.join(jobdir, "agent.log")
-            with open(logpath, "wb") as logf:
-                proc = subprocess.Popen([run["python"], "-m", "agent"] + run["argv"], cwd=jobdir, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
-                try:
-                    out["rc"] = proc.wait(timeout=run["timeout_s"])
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    out["timed_out"] = True
-            out["log_tail"] = tail(logpath, run["log_tail"])
-            rp = os.path.join(jobdir, "report.json")
-            if os.path.isfile(rp):
-                size = os.path.getsize(rp)
-                if size > run["max_report"]:
-                    out["report_error"] = "report.json is %d bytes, over the %d-byte limit" % (size, run["max_report"])
-                else:
-                    with open(rp, "rb") as f:
-                        report = f.read()
-                    out["report_size"] = len(report)
+            out["link_error"] = link_all(cache, os.path.join(jobdir, "artifact"), run.get("links", []))
+            if out["link_error"] is None:
+                report = run_agent(run, jobdir, d, out)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)
     sys.stdout.buffer.write(b"EDGEPRUNE_HELPER\n" + json.dumps(out).encode() + b"\n" + report)
@@ -832,27 +861,39 @@ class SSHTransport:
         return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def run_job(self, job: schema.JobSpec, workdir: Path) -> schema.Report:
-        """Ship ``job``'s artifact, eval shard and the agent (cached by sha256), run it, return its report.
+        """Ship ``job``'s artifact (every file of it), eval shard and the agent (cached by sha256), run it, return
+        its report.
 
-        Paths in ``job`` are local (absolute, or relative to ``workdir``). ``workdir`` receives ``job.json`` (as
+        Paths in ``job`` are local (absolute, or relative to ``workdir``); ``artifact.files`` are beside
+        ``artifact.path``. On the device the artifact's files are linked into the job folder's ``artifact/`` under
+        their own names, and the job it runs names the primary one there. ``workdir`` receives ``job.json`` (as
         given) and ``report.json``. A report with ``status: "error"`` is returned, not raised; SSHError is raised
         when no valid report came back (``infrastructure`` says whether a retry may help).
         """
-        job.validate()
+        try:
+            job.validate()
+        except schema.SchemaError as e:
+            raise SSHError("job %s: %s" % (job.job_id, e), infrastructure=False) from None
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"
         report_path.unlink(missing_ok=True)
 
-        sources: Dict[str, Union[Path, bytes]] = {job.artifact.sha256: workdir / job.artifact.path}
+        try:
+            files = artifact_files(job, workdir)               # (name, local path, sha256), the primary first
+        except DeviceError as e:
+            raise SSHError(str(e), infrastructure=False) from None
+        sources: Dict[str, Union[Path, bytes]] = {}
+        for _, path, digest in files:
+            sources.setdefault(_check_sha(digest), path)        # same bytes under two names: one upload
         if job.eval is not None:
             sources[job.eval.sha256] = workdir / job.eval.path
         for path in sources.values():
             if isinstance(path, Path) and not path.is_file():
                 raise SSHError("job %s: %s does not exist" % (job.job_id, path), infrastructure=False)
-        remote = schema.job_from_dict(schema.to_dict(job))      # the job as the device sees it: cache paths
-        remote.artifact.path = self.cache_path(job.artifact.sha256)
+        remote = schema.job_from_dict(schema.to_dict(job))      # the job as the device sees it
+        remote.artifact.path = ARTIFACT_DIR + "/" + files[0][0]    # linked in the job folder, by the helper
         if remote.eval is not None:
             remote.eval.path = self.cache_path(remote.eval.sha256)
         data, bundle_sha = self.bundle()
@@ -861,6 +902,7 @@ class SSHTransport:
         spec = {"want": [s for s in sources if s != bundle_sha], "bundle": bundle_sha,
                 "run": {"jobdir": "%s.%s" % (job.job_id, secrets.token_hex(6)), "python": self.python,
                         "argv": ["run", "job.json", "--out", "report.json"], "timeout_s": limit,
+                        "links": [[name, digest] for name, _, digest in files],
                         "max_report": self.max_report_bytes, "log_tail": LOG_TAIL_CHARS}}
         try:
             header, body = self._helper(spec, sources, schema.dumps(remote).encode(),
@@ -871,6 +913,8 @@ class SSHTransport:
                 raise SSHError("job %s: agent did not finish within %.0f s; killed (%s)" % (job.job_id, limit, e),
                                infrastructure=True, timed_out=True) from None
             raise
+        if header.get("link_error"):
+            raise SSHError("job %s: the device helper %s" % (job.job_id, header["link_error"]), infrastructure=False)
         if header["timed_out"]:
             raise SSHError("job %s: agent did not finish within %.0f s; killed. Agent log: %s"
                            % (job.job_id, limit, header["log_tail"].strip()[-LOG_TAIL_CHARS:]),

@@ -3,16 +3,28 @@
 ``LocalTransport`` runs the agent as a separate process on this machine — the same entry point
 (``python -m agent run JOB.json --out REPORT.json``) that SSH devices run — so the local path exercises the
 real contract: a JSON job in, a versioned JSON report out, nothing shared in memory.
+
+The agent sees the same job folder from every transport: ``job.json`` and ``artifact/``, which holds the
+artifact's files under their own names (:func:`artifact_files`: the primary file and ``artifact.files``, e.g.
+``r20.xml`` and ``r20.bin``, ``r20.trt.onnx`` and ``r20.trt.calib.npz``) as links (copies where the file system has
+no links) to the real files, and ``artifact.path`` names the primary one there. Runtimes find a file's companions
+beside it (OpenVINO's ``.bin``, relative paths in ``runtime.options``); the agent verifies every file's sha256
+before it loads anything. ``LocalTransport`` links to the files where they are; ``SSHTransport`` to the device's
+content-addressed cache (``host.ssh``). The folder is created fresh for each job and removed when it ends; the
+``workdir`` keeps ``job.json`` as given and ``report.json``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from agent import schema
 from edgeprune.errors import DeviceError
@@ -26,6 +38,47 @@ class InfrastructureError(DeviceError):
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
+
+
+ARTIFACT_DIR = "artifact"   # in the agent's job folder: the artifact's files, linked under their own names
+
+
+def artifact_files(job: schema.JobSpec, workdir: Path) -> List[Tuple[str, Path, str]]:
+    """``(name, local path, sha256)`` of every file of ``job``'s artifact, the primary (``artifact.path``, relative
+    to ``workdir`` or absolute) first, then ``artifact.files`` from the primary's folder. DeviceError (retrying
+    cannot help) for a name that is not a plain file name, two files of one name, or a file that is not there."""
+    primary = Path(os.path.abspath(Path(workdir) / job.artifact.path))
+    out = [(primary.name, primary, job.artifact.sha256)]
+    for name, digest in sorted(job.artifact.files.items()):
+        problem = schema.file_name_problem(name)
+        if problem is not None:
+            raise DeviceError(f"job {job.job_id}: artifact.files: {name!r} {problem}")
+        if name == primary.name:
+            raise DeviceError(f"job {job.job_id}: artifact.files.{name}: is the artifact itself (artifact.path)")
+        out.append((name, primary.parent / name, digest))
+    problem = schema.file_name_problem(primary.name)
+    if problem is not None:
+        raise DeviceError(f"job {job.job_id}: artifact.path: {primary.name!r} {problem}")
+    for name, path, _ in out:
+        if not path.is_file():
+            where = "artifact.path" if path == primary else f"artifact.files.{name} (expected beside {primary.name})"
+            raise DeviceError(f"job {job.job_id}: {path} does not exist ({where})")
+    return out
+
+
+def link_file(src: Union[str, Path], dst: Union[str, Path]) -> str:
+    """``dst`` made to show ``src``: a symbolic link, else a hard link, else a copy. Returns which it made."""
+    try:
+        os.symlink(src, dst)
+        return "symlink"
+    except (OSError, NotImplementedError):
+        pass
+    try:
+        os.link(src, dst)
+        return "hardlink"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -71,18 +124,45 @@ class LocalTransport:
     def run_job(self, job: schema.JobSpec, workdir: Path) -> schema.Report:
         """Write ``job`` into ``workdir``, run the agent on it, and return its validated report.
 
-        A report with ``status: "error"`` is returned, not raised: the device ran and said what failed.
-        DeviceError is raised only when no valid report came back (crash, timeout, bad output).
+        The agent runs in a fresh job folder inside ``workdir`` (removed afterwards) whose ``artifact/`` links the
+        artifact's files under their own names (see the module docstring); ``workdir`` keeps ``job.json`` (as
+        given) and ``report.json``. A report with ``status: "error"`` is returned, not raised: the device ran and
+        said what failed. DeviceError is raised when the job's files are not there to link, and when no valid
+        report came back (crash, timeout, bad output).
         """
-        workdir = Path(workdir).resolve()  # the agent runs with cwd=workdir: every path handed to it is absolute
+        try:
+            job.validate()
+        except schema.SchemaError as e:
+            raise DeviceError(f"job {job.job_id}: {e}") from None
+        workdir = Path(workdir).resolve()  # every path handed to the agent is absolute
         workdir.mkdir(parents=True, exist_ok=True)
-        job_path = write_text_atomic(workdir / "job.json", schema.dumps(job))
+        files = artifact_files(job, workdir)
+        write_text_atomic(workdir / "job.json", schema.dumps(job))
         report_path = workdir / "report.json"
         report_path.unlink(missing_ok=True)
+        jobdir = Path(tempfile.mkdtemp(prefix=f".job-{job.job_id}.", dir=workdir))
+        try:
+            agent_job = copy.deepcopy(job)
+            links = jobdir / ARTIFACT_DIR
+            links.mkdir()
+            for name, path, _ in files:
+                link_file(path, links / name)
+            agent_job.artifact.path = str(links / files[0][0])
+            if agent_job.eval is not None:
+                agent_job.eval.path = os.path.abspath(workdir / agent_job.eval.path)
+            job_path = write_text_atomic(jobdir / "job.json", schema.dumps(agent_job))
+            return self._run(job, job_path, report_path)
+        finally:
+            shutil.rmtree(jobdir, ignore_errors=True)   # links and copies only: never what they point to
+
+    def _run(self, job: schema.JobSpec, job_path: Path, report_path: Path) -> schema.Report:
         env = self._env()
         cmd = [self.python, "-m", "agent", "run", str(job_path), "--out", str(report_path)]
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, cwd=job_path.parent, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError as e:
+            raise InfrastructureError(f"job {job.job_id}: cannot start the agent with {self.python}: {e}") from None
         try:
             _, err = proc.communicate(timeout=job.timeout_s + self.grace_s)
         except subprocess.TimeoutExpired:

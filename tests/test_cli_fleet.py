@@ -52,6 +52,17 @@ def test_bench_device_filter_and_artifact_folder(tmp_path, fleet_dir):
     assert r.returncode == 2 and "sha256 does not match its manifest" in " ".join(r.stderr.split())
 
 
+def test_bench_folder_with_several_manifests_needs_one_named(tmp_path, fleet_dir):
+    art = tmp_path / "art"      # export() writes one manifest per format of a tag into one folder
+    art.mkdir()
+    for name in ("r20.onnx.manifest.json", "r20.openvino.manifest.json"):
+        (art / name).write_text("{}")
+    r = edgeprune("bench", "--model", str(art), "--fleet", str(fleet_dir), cwd=tmp_path)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "holds 2 manifests (r20.onnx.manifest.json, r20.openvino.manifest.json); " \
+        f"name one: --model {art / 'r20.onnx.manifest.json'}" in err, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("args,match", [
     (["--devices", "nope"], "--devices: nope not in the fleet (has: bench-a, bench-b)"),
     (["--run-id", "a b;c"], "--run-id: 'a b;c' must match"),

@@ -1,6 +1,8 @@
 """run_job end to end with onnxruntime on a tiny model; accuracy on the crafted shard; runtime registry."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -13,6 +15,10 @@ from agent.runner import run_job
 from agent.schema import ArtifactSpec, PreprocessSpec, Report, loads_job
 
 SHARD_TOP1, SHARD_TOP5 = 0.5, 0.8  # see conftest.py
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 MakeJob = Callable[..., Path]
 
@@ -81,6 +87,65 @@ def test_bad_artifact_paths(job_dir: MakeJob, path: str, message: str) -> None:
 
 def test_absolute_artifact_path_is_accepted(job_dir: MakeJob, tmp_path: Path) -> None:
     r = run(job_dir(lambda d: d["artifact"].update(path=str(tmp_path / "model.onnx"))))
+    assert r.status == "ok", r.error
+
+
+# ------------------------------------------------------------------------- artifact.files (job schema 2)
+def _with_files(tmp_path: Path, files: Dict[str, bytes], listed: Dict[str, str]) -> Callable[[Dict[str, Any]], None]:
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+
+    def edit(d: Dict[str, Any]) -> None:
+        d["schema_version"] = 2
+        d["artifact"]["files"] = listed
+
+    return edit
+
+
+def test_artifact_files_are_verified_then_loaded(job_dir: MakeJob, tmp_path: Path) -> None:
+    content = {"model.calib.npz": b"calibration", "model.log": b"log"}
+    r = run(job_dir(_with_files(tmp_path, content, {k: sha256(v) for k, v in content.items()})))
+    assert r.status == "ok", r.error
+
+
+@pytest.mark.parametrize("case", ["tampered", "missing"])
+def test_bad_artifact_file_is_refused_before_loading(job_dir: MakeJob, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    loaded: List[Any] = []
+    monkeypatch.setattr(runtimes.OnnxRuntime, "load", lambda *a: loaded.append(a))
+    content = {"model.bin": b"weights"}
+    listed = {"model.bin": sha256(b"weights"), "model.log": sha256(b"log")}
+    if case == "tampered":
+        content["model.log"] = b"log, changed"
+    r = run(job_dir(_with_files(tmp_path, content, listed)))
+    assert r.status == "error" and r.error is not None and r.error.type == "ArtifactError"
+    assert r.error.message.startswith("artifact.files.model.log: ")
+    if case == "tampered":
+        assert "model.log sha256 mismatch: expected %s got %s" % (listed["model.log"], sha256(b"log, changed")) \
+            in r.error.message
+    else:
+        assert "%s is missing: it must be beside the artifact model.onnx" % (tmp_path / "model.log") \
+            in r.error.message
+    assert loaded == [] and r.timing is None
+
+
+def test_linked_artifact_keeps_its_name_in_the_job_folder(job_dir: MakeJob, tmp_path: Path) -> None:
+    """A transport links an artifact's files into the job folder; the runner must not follow the links (the
+    cache names files by sha256) but load and check them by their names there."""
+    store = tmp_path / "store"
+    store.mkdir()
+    job = job_dir()
+    (tmp_path / "model.onnx").rename(store / sha256((tmp_path / "model.onnx").read_bytes()))
+    (store / "calib").write_bytes(b"calibration")
+    links = tmp_path / "artifact"
+    links.mkdir()
+    (links / "model.onnx").symlink_to(next(p for p in store.iterdir() if p.name != "calib"))
+    (links / "model.calib.npz").symlink_to(store / "calib")
+    d = json.loads(job.read_text())
+    d["schema_version"] = 2
+    d["artifact"].update(path="artifact/model.onnx", files={"model.calib.npz": sha256(b"calibration")})
+    job.write_text(json.dumps(d))
+    r = run(job)
     assert r.status == "ok", r.error
 
 

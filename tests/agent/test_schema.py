@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from agent.schema import (ErrorInfo, JobSpec, LatencyStats, Report, SchemaError, TimingResult, dumps, job_from_dict,
-                          loads_job, loads_report)
+from agent.schema import (ErrorInfo, JobSpec, LatencyStats, Report, SchemaError, TimingResult, dumps,
+                          file_name_problem, job_from_dict, loads_job, loads_report)
 
 SHA = "a" * 64
 
@@ -37,7 +38,7 @@ def test_report_round_trip() -> None:
     assert loads_report(dumps(report)) == report
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_unknown_schema_version_is_refused(version: object) -> None:
     d = minimal_job()
     d["schema_version"] = version
@@ -76,3 +77,63 @@ def test_missing_required_field_is_named() -> None:
 def test_invalid_json_is_a_schema_error() -> None:
     with pytest.raises(SchemaError, match="not valid JSON"):
         loads_job("{")
+
+
+# ------------------------------------------------------------------------------------ artifact.files (v2)
+def test_v2_artifact_files_round_trip_and_v1_still_reads() -> None:
+    d = minimal_job()
+    d["schema_version"] = 2
+    d["artifact"].update(path="r20.xml", format="openvino-ir", files={"r20.bin": "b" * 64})
+    job = job_from_dict(d)
+    assert job.schema_version == 2 and job.artifact.files == {"r20.bin": "b" * 64}
+    assert loads_job(dumps(job)) == job
+    old = job_from_dict(minimal_job())                      # version 1: no files, read as before
+    assert old.schema_version == 1 and old.artifact.files == {}
+    assert loads_job(dumps(old)) == old
+    assert JobSpec(job_id="j", artifact=old.artifact).schema_version == 2   # what the host writes now
+
+
+def test_v1_job_with_files_is_refused() -> None:
+    d = minimal_job()
+    d["artifact"]["files"] = {"m.bin": "b" * 64}
+    with pytest.raises(SchemaError, match=r"^artifact\.files: needs schema_version 2 \(this job says 1\)$"):
+        job_from_dict(d)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../x", "must be a plain file name, without folders"),
+    ("sub/x.bin", "must be a plain file name, without folders"),
+    ("..\\x.bin", "must be a plain file name, without folders"),
+    ("/etc/passwd", "must be a plain file name, without folders"),
+    ("..", "must not start with '.'"),
+    (".", "must not start with '.'"),
+    (".hidden", "must not start with '.'"),
+    ("a\0b", "must not contain NUL"),
+    ("", "must be a non-empty file name"),
+    ("x" * 256, "is longer than 255 characters"),
+])
+def test_artifact_files_names_must_be_plain(name: str, message: str) -> None:
+    d = minimal_job()
+    d["schema_version"] = 2
+    d["artifact"]["files"] = {"ok.bin": "b" * 64, name: "c" * 64}
+    with pytest.raises(SchemaError, match=r"^artifact\.files: .* " + re.escape(message)):
+        job_from_dict(d)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"m.onnx": "b" * 64}, r"^artifact\.files\.m\.onnx: is the artifact itself"),
+    ({"m.bin": "B" * 64}, r"^artifact\.files\.m\.bin: must be 64 lowercase hex digits$"),
+    ({"m.bin": 5}, r"^artifact\.files\.m\.bin: must be a string$"),
+    (["m.bin"], r"^artifact\.files: must be an object$"),
+])
+def test_artifact_files_entries_are_checked(files: object, message: str) -> None:
+    d = minimal_job()
+    d["schema_version"] = 2
+    d["artifact"]["files"] = files
+    with pytest.raises(SchemaError, match=message):
+        job_from_dict(d)
+
+
+def test_file_name_problem_accepts_plain_names() -> None:
+    for name in ("r20.bin", "r20.trt.calib.npz", "r20_edgetpu.log", "a..b", "x" * 255):
+        assert file_name_problem(name) is None, name
