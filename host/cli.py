@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "8 suits AVX2 CPUs, see bench/RESULTS.md)")
     d.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
-    b.add_argument("--model", required=True, help="reference model name (exported dense) or an artifact folder")
+    b.add_argument("--model", required=True, help="reference model name (exported dense), a manifest or artifact "
+                   "file, or a folder holding exactly one manifest (as `edgeprune prune --out` writes)")
     b.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
     b.add_argument("--devices", default=None, help="comma-separated device ids from the fleet")
     b.add_argument("--threads", type=int, default=None, help="runtime threads (overrides each device's config)")
