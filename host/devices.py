@@ -8,6 +8,12 @@ override any part of it::
     runtime: {name: onnxruntime, threads: 1, options: {}}
     timing: {min_duration_s: 3.0, min_iters: 200, cpu_affinity: auto}
     power: {sensor: model, idle_w: 5.0, max_w: 15.0}
+    targets: {latency_p50_ms: 0.5x, accuracy_drop_pp: 1.0}   # what `edgeprune search` must reach here
+
+``targets`` takes the metrics and values of ``--target`` (:mod:`host.targets`: a number, or a multiple of the
+dense model on this device such as ``0.5x``), checked when the file is read; aliases are stored under their
+canonical names. A class template's targets merge with the device's metric by metric (the device's value wins,
+whichever alias either one uses); a targets file and the command line override both.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from edgeprune.errors import ConfigError
+from edgeprune.errors import ConfigError, UsageError
+from host import targets as _targets
 
 
 class _Strict(BaseModel):
@@ -70,6 +78,17 @@ class SSHConfig(_Strict):
     cache_dir: str = "~/.cache/edgeprune"     # content-addressed cache on the device
 
 
+_WHERE = "targets"   # the prefix host.targets puts on its messages; cut off again (the loader names the field)
+
+
+def _target_metric(key: Any) -> Any:
+    """The canonical metric of a targets key, or the key itself when it is not a metric (reported later)."""
+    try:
+        return _targets.canonical_metric(str(key), _WHERE)
+    except UsageError:
+        return key
+
+
 class DeviceConfig(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     device_class: str = Field("local", alias="class")
@@ -83,7 +102,35 @@ class DeviceConfig(_Strict):
     round_to: int = Field(1, ge=1)            # channel alignment for pruning on this device
     precisions: List[str] = Field(default_factory=lambda: ["fp32"])
     cache_dir: Optional[str] = None           # local transport: cache and lease folder (default ~/.cache/edgeprune)
+    # search targets on this device: metric (host.targets.METRICS or accuracy_drop_pp) -> number or "0.5x"
+    targets: Dict[str, Union[float, str]] = Field(default_factory=dict)
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_as_search_reads_them(cls, raw: Any) -> Any:
+        """host.targets' own parser checks each metric and value; keys come back canonical (aliases resolved).
+        An error carries the offending key in its context (``target``) so the loader can point at its line."""
+        if not isinstance(raw, dict):
+            return raw                        # pydantic reports the type error
+        out: Dict[str, Any] = {}
+        given: Dict[str, "tuple[Any, Any]"] = {}   # metric -> (key as written, parsed value)
+        for key, value in raw.items():
+            try:
+                metric = _targets.canonical_metric(str(key), _WHERE)
+                parsed = _targets.parse_value(metric, value, _WHERE)
+            except UsageError as e:
+                reason = str(e)[len(_WHERE) + 2:] if str(e).startswith(_WHERE + ": ") else str(e)
+                if reason.startswith(f"{key}: "):     # "latency_p50_ms: expected ..." under the same key
+                    reason = reason[len(str(key)) + 2:]
+                raise PydanticCustomError("target", "{reason}", {"reason": reason, "target": str(key)}) from None
+            if metric in given and given[metric][1] != parsed:
+                twice = f"given twice with different values (as {given[metric][0]} and {key})"
+                raise PydanticCustomError("target", "{reason}", {
+                    "reason": twice if str(key) == metric else f"{metric}: {twice}", "target": str(key)})
+            given[metric] = (key, parsed)
+            out[metric] = value
+        return out
 
     @model_validator(mode="after")
     def _transport_needs_its_settings(self) -> "DeviceConfig":
@@ -171,17 +218,27 @@ def device_from_mapping(data: Any, source: Path, node: Optional[yaml.Node] = Non
     cls = data.get("class")
     if cls is not None:
         try:
-            merged = _merge(load_class(str(cls), classes_dir), data)
+            template = load_class(str(cls), classes_dir)
         except KeyError:
             line = _line_of(node, ("class",))
             raise ConfigError(f"{source}{f':{line}' if line else ''}: class: unknown device class {cls!r}; known: "
                               f"{', '.join(class_names(classes_dir))}") from None
+        ct, dt = template.get("targets"), data.get("targets")
+        if isinstance(ct, dict) and isinstance(dt, dict):   # per metric, whichever alias each side spells it with
+            mine = {_target_metric(k) for k in dt}
+            template = dict(template, targets={k: v for k, v in ct.items() if _target_metric(k) not in mine})
+        merged = _merge(template, data)
     try:
         dev = DeviceConfig.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
         in_device = bool(loc) and loc[0] in data
+        target = (err.get("ctx") or {}).get("target") if err.get("type") == "target" else None
+        if target is not None:                # a bad targets entry: point at its key
+            in_device = in_device and isinstance(data.get("targets"), dict) and \
+                target in {str(k) for k in data["targets"]}
+            loc = loc + (target,)
         line = _line_of(node, loc if in_device else ())   # a missing field: the mapping's own line
         origin = f" (from class {cls!r})" if cls is not None and loc and not in_device and loc[0] in merged else ""
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""

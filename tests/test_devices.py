@@ -125,3 +125,73 @@ def test_fleet_folder(tmp_path):
     (tmp_path / "a.yaml").write_text("id: a\n")
     (tmp_path / "b.yaml").write_text("id: b\nclass: rpi4\n" + SSH)
     assert [d.id for d in devices.load_fleet(tmp_path)] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------ search targets
+
+def test_device_targets_load_canonical_and_feed_the_search(tmp_path):
+    from host import targets as tg
+
+    p = tmp_path / "pi.yaml"
+    p.write_text("id: pi\npower: {idle_w: 2.0, max_w: 6.0}\ntargets:\n  latency_ms: 0.5x\n  energy_mj: 8\n"
+                 "  accuracy_drop_pp: 1.5\n")
+    dev = devices.load_device(p)
+    assert dev.targets == {"latency_p50_ms": "0.5x", "energy_mj": 8.0, "accuracy_drop_pp": 1.5}
+    assert devices.local_device().targets == {}
+    # as search.json stores and --resume reads a device
+    assert devices.DeviceConfig.model_validate(dev.model_dump(by_alias=True, mode="json")) == \
+        dev.model_copy(update={"source": None})
+    ts = tg.device_targets([dev], tg.parse_cli([], None))["pi"]     # the lowest layer: nothing else needed
+    assert ts.targets["latency_p50_ms"].relative and ts.targets["latency_p50_ms"].value == 0.5
+    assert ts.targets["energy_mj"].value == 8.0 and ts.max_accuracy_drop_pp == 1.5
+    assert ts.targets["latency_p50_ms"].source == f"{p}: targets.latency_p50_ms"
+    ts = tg.device_targets([dev], tg.parse_cli(["latency_p50_ms=0.7x"], None))["pi"]   # the command line wins
+    assert ts.targets["latency_p50_ms"].value == 0.7 and ts.targets["energy_mj"].value == 8.0
+
+
+@pytest.mark.parametrize("text,match", [
+    ("id: a\ntargets:\n  latency_p50_ms: 0.5x\n  speed: 3\n",
+     r"dev.yaml:4: targets.speed: unknown metric 'speed'; known: latency_p50_ms, latency_p90_ms"),
+    ("id: a\ntargets:\n  latency_p50_ms: fast\n",
+     r"dev.yaml:3: targets.latency_p50_ms: expected a number or a multiple of dense like 0.5x, got 'fast'"),
+    ("id: a\ntargets: {latency_ms: 2xx}\n",
+     r"dev.yaml:2: targets.latency_ms: latency_p50_ms: expected a number or a multiple of dense like 0.5x"),
+    ("id: a\ntargets:\n  energy_mj: 8\n  memory_mb: -3\n", r"dev.yaml:4: targets.memory_mb: must be > 0, got -3"),
+    ("id: a\ntargets:\n  memory_mb:\n", r"dev.yaml:3: targets.memory_mb: expected a number .* got None"),
+    ("id: a\ntargets:\n  accuracy_drop_pp: 0.5x\n",
+     r"dev.yaml:3: targets.accuracy_drop_pp: is a drop in percentage points against dense"),
+    ("id: a\ntargets:\n  accuracy_drop_pp: 120\n", r"dev.yaml:3: targets.accuracy_drop_pp: must be in \[0, 100\)"),
+    ("id: a\ntargets:\n  latency_ms: 1\n  latency_p50_ms: 2\n",
+     r"dev.yaml:4: targets.latency_p50_ms: given twice with different values \(as latency_ms and latency_p50_ms\)"),
+    ("id: a\ntargets: [latency_p50_ms]\n", r"dev.yaml:2: targets: Input should be a valid dictionary"),
+])
+def test_bad_targets_name_file_line_and_field(tmp_path, text, match):
+    p = tmp_path / "dev.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        devices.load_device(p)
+
+
+def test_class_targets_merge_per_metric_under_the_device(tmp_path):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "board.yaml").write_text("targets: {latency_ms: 0.5x, memory_mb: 100, accuracy_drop_pp: 1}\n"
+                                        "round_to: 8\n")
+    (classes / "broken.yaml").write_text("targets: {latency_p50_ms: soon}\n")
+
+    def load(text, name="d.yaml"):
+        p = tmp_path / name
+        p.write_text(text)
+        data, node = devices._parse_yaml(p)
+        return devices.device_from_mapping(data, p, node, classes_dir=classes)
+
+    dev = load("id: b\nclass: board\ntargets:\n  latency_p50_ms: 0.6x\n  energy_mj: 3\n")
+    # the device's p50 replaces the class's (written with an alias); the class fills in the rest
+    assert dev.targets == {"latency_p50_ms": "0.6x", "memory_mb": 100.0, "accuracy_drop_pp": 1.0, "energy_mj": 3.0}
+    assert dev.round_to == 8
+    assert load("id: b\nclass: board\n").targets == {"latency_p50_ms": "0.5x", "memory_mb": 100.0,
+                                                     "accuracy_drop_pp": 1.0}
+    with pytest.raises(ConfigError, match=r"d.yaml:1: targets.latency_p50_ms: expected a number .* \(from class "
+                                          r"'broken'\)"):
+        load("id: b\nclass: broken\n")
+    assert load("id: b\nclass: broken\ntargets: {latency_ms: 2}\n").targets == {"latency_p50_ms": 2.0}
