@@ -416,7 +416,10 @@ def ratio_for_macs(macs_at: Callable[[float], int], target: float, r_max: float)
             hi = mid
         else:
             lo = mid
-    return hi
+    # on a 1e-6 grid, rounded up (still at most ``target``): bisection leaves 0.49999999994 for 0.5, which the
+    # channel rounding of kept_channels would turn into a different candidate than the ratio it prints as
+    up = math.ceil(hi * 1e6) / 1e6
+    return up if up <= r_max and macs_at(up) <= target else hi
 
 
 @dataclass
@@ -508,10 +511,14 @@ class Bisect(SearchAlgorithm):
             elif lo >= r_max - 1e-9:
                 return f"resource targets not met even at the maximum ratio {r_max:g}"
             r = self._next_ratio(ctx, pts, bounds, lo, hi, best is not None)
-            if best is not None and best.ratio - r < o.ratio_tol:
+            cand = ctx.candidate(r, o.probe_recovery)
+            # a small step is not worth a device evaluation when the best candidate is already acceptable, or when
+            # it names channels already measured; when the best fails the accuracy bound and the step is a new
+            # channel configuration (alignment makes a small ratio step a whole block of channels), it is
+            if best is not None and best.ratio - r < o.ratio_tol and (
+                    cand in seen or bounds.assess(best.metrics).meets_accuracy):
                 return (f"the next step (ratio {r:.3f}) would lower the ratio of the best candidate ({best.ratio:.3f}) "
                         f"by less than {o.ratio_tol}")
-            cand = ctx.candidate(r, o.probe_recovery)
             if cand in seen:
                 cand = self._untested(ctx, seen, lo, hi, r, bracketed=best is not None)
                 if cand is None and best is None:

@@ -355,10 +355,10 @@ def check_device_targets(dev: Any, ts: TargetSet) -> None:
     """UsageError for targets this device cannot be searched for."""
     if ts.max_accuracy_drop_pp is None:
         raise UsageError(f"--max-accuracy-drop: no maximum accuracy drop for device {dev.id} (give "
-                         f"--max-accuracy-drop PP, or {ACCURACY} in a targets file)")
+                         f"--max-accuracy-drop PP, or {ACCURACY} in a targets file or the device config's targets:)")
     if not ts.targets:
         raise UsageError(f"--target: no latency, throughput, power, energy or memory target for device {dev.id}; "
-                         "give at least one (e.g. --target latency_p50_ms=0.5x)")
+                         "give at least one (e.g. --target latency_p50_ms=0.5x, or targets: in the device config)")
     power = getattr(dev, "power", None)
     for m in POWER_METRICS:
         if m in ts.targets and power is None:
