@@ -11,6 +11,7 @@ the pruning plan.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -195,11 +196,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> Dict[str, object]:
-    """Load an akamaster-format checkpoint (``{'state_dict', 'best_prec1'}``, ``module.`` prefixes) strictly.
-
-    Returns the checkpoint's metadata (``best_prec1`` and the file's sha256).
-    """
+def read_checkpoint(path: Path) -> "tuple[Dict[str, torch.Tensor], Dict[str, object]]":
+    """The state dict (``module.`` prefixes removed) and metadata (``best_prec1`` when present, the file's sha256)
+    of an akamaster-format checkpoint (``{'state_dict', 'best_prec1'}``) or a bare state dict."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
@@ -211,14 +210,46 @@ def load_checkpoint(model: nn.Module, path: Path) -> Dict[str, object]:
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a dict with 'state_dict'")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    meta: Dict[str, object] = {"sha256": sha256_file(path)}
+    if isinstance(ck, dict) and "best_prec1" in ck:
+        meta["best_prec1"] = float(ck["best_prec1"])
+    return state, meta
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise DataError(f"{path}: weights do not fit {type(model).__name__}: {e}") from None
-    meta: Dict[str, object] = {"sha256": sha256_file(path)}
-    if isinstance(ck, dict) and "best_prec1" in ck:
-        meta["best_prec1"] = float(ck["best_prec1"])
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> Dict[str, object]:
+    """Load an akamaster-format checkpoint (``{'state_dict', 'best_prec1'}``, ``module.`` prefixes) strictly.
+
+    Returns the checkpoint's metadata (``best_prec1`` and the file's sha256).
+    """
+    state, meta = read_checkpoint(path)
+    _load_state(model, state, Path(path))
     return meta
+
+
+_BLOCK_KEY = re.compile(r"^layer1\.(\d+)\.conv1\.weight$")
+
+
+def model_from_checkpoint(path: Path) -> "tuple[str, nn.Module, Dict[str, object]]":
+    """A reference CIFAR ResNet built and loaded from a checkpoint file, its architecture recognised from the
+    keys (blocks per stage → depth 6n+2). Returns the model name, the model in eval mode and the metadata."""
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    blocks = {int(m.group(1)) for k in state for m in [_BLOCK_KEY.match(str(k))] if m}
+    name = f"resnet{6 * len(blocks) + 2}" if blocks else ""
+    if name not in MODELS:
+        raise DataError(f"{path}: not a checkpoint of a known CIFAR ResNet ({', '.join(sorted(MODELS))}): "
+                        "no layer1.N.conv1 weights found")
+    model = build_model(name)
+    _load_state(model, state, path)
+    meta["path"] = str(path)
+    return name, model.eval(), meta
 
 
 def protected_layers(model: nn.Module, prune_residual: bool = False) -> List[nn.Module]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from edgeprune import data, export, finetune, models, prune
-from edgeprune.errors import DataError, UsageError
+from edgeprune.errors import UsageError
 from host.transport import write_text_atomic
 
 Events = Callable[[str, str, Optional[int], Optional[int]], None]
@@ -120,38 +119,18 @@ class PruneOutcome:
         return self.macs_before / max(1, self.macs_after)
 
 
-_BLOCK_KEY = re.compile(r"^(?:module\.)?layer1\.(\d+)\.conv1\.weight$")
-
-
 def load_model(spec: str) -> Tuple[str, nn.Module, Dict[str, Any]]:
-    """``spec`` is a reference model name (``resnet20`` …) or a checkpoint file of one of them.
-
-    A checkpoint's architecture is recognised from its keys (blocks per stage → depth 6n+2). Returns the model
-    name, the model in eval mode and the checkpoint metadata (its sha256 among it).
-    """
+    """``spec`` is a reference model name (``resnet20`` …) or a checkpoint file of one of them
+    (:func:`edgeprune.models.model_from_checkpoint`). Returns the model name, the model in eval mode and the
+    checkpoint metadata (its sha256 among it)."""
     if spec in models.MODELS:
         model, meta = models.pretrained(spec)
         return spec, model, dict(meta)
-    path = Path(spec)
-    if not path.exists():
+    if not Path(spec).exists():
         raise UsageError(f"--model: {spec!r} is neither a known model ({', '.join(sorted(models.MODELS))}) "
                          "nor an existing checkpoint file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise DataError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    state = ck.get("state_dict", ck) if isinstance(ck, dict) else None
-    if not isinstance(state, dict):
-        raise DataError(f"{path}: expected a state dict, or a dict with 'state_dict'")
-    blocks = {int(m.group(1)) for k in state for m in [_BLOCK_KEY.match(str(k))] if m}
-    name = f"resnet{6 * len(blocks) + 2}" if blocks else ""
-    if name not in models.MODELS:
-        raise DataError(f"{path}: not a checkpoint of a known CIFAR ResNet ({', '.join(sorted(models.MODELS))}): "
-                        "no layer1.N.conv1 weights found")
-    model = models.build_model(name)
-    meta = models.load_checkpoint(model, path)
-    meta["path"] = str(path)
-    return name, model.eval(), dict(meta)
+    name, model, meta = models.model_from_checkpoint(Path(spec))
+    return name, model, dict(meta)
 
 
 def _tag(name: str, opts: PruneOptions) -> str:
