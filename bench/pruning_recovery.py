@@ -47,10 +47,8 @@ DEPGRAPH = {"source": "Fang et al., DepGraph, CVPR 2023, Table 1 (ResNet-56, CIF
             "base_top1": 93.53, "pruned_top1": 93.46, "macs_reduction": 2.11}
 
 
-def recover(model, teacher, args, work: Path, tag: str, masks=None):
-    cal = data.calib_split()
+def recover(model, teacher, args, work: Path, tag: str, cal, ft, masks=None):
     finetune.recalibrate_bn(model, cal)
-    ft = data.finetune_split(args.per_class)
     t0 = time.time()
     last = [0.0]
 
@@ -139,6 +137,7 @@ def main(argv=None) -> int:
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=plan_sha)
         return {"tag": tag, "path": work / f"{tag}.onnx", "sha256": man.sha256}
 
+    cal, ft = data.calib_split(), data.finetune_split(args.per_class)  # read once, shared by the variants
     dense_top1 = finetune.evaluate(base, test)
     macs0, params0 = prune.count(base, example)
     rows = [{"variant": "dense", "top1": dense_top1, "macs": macs0, "params": params0, "recovery": None}]
@@ -159,8 +158,8 @@ def main(argv=None) -> int:
             tag, plan_sha, masks, extra = "2to4", "0" * 64, sres.masks, {"sparsity": sres.to_dict()}
         before = finetune.evaluate(model, test)
         print(f"{tag}: top-1 before recovery {before:.2%}; recovering on {device} for at most "
-              f"{args.minutes:g} min / {args.epochs} epochs of {len(data.finetune_split(args.per_class))} images", file=sys.stderr, flush=True)
-        rec = recover(model, base, args, work, tag, masks=masks)
+              f"{args.minutes:g} min / {args.epochs} epochs", file=sys.stderr, flush=True)
+        rec = recover(model, base, args, work, tag, cal, ft, masks=masks)
         top1 = finetune.evaluate(model, test)
         macs, params = prune.count(model, example)
         art = ship(model, tag, plan_sha)

@@ -158,9 +158,16 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
                  f"eval split {ev.name}, {len(ev)} images", None, None)
     top1_dense = finetune.evaluate(base, ev)
     model = copy.deepcopy(base)
+    calib_cache: List[data.Split] = []
+
+    def calib_split() -> data.Split:  # read once (from the full training set when present), only if needed
+        if not calib_cache:
+            calib_cache.append(data.calib_split())
+        return calib_cache[0]
+
     calib = None
     if opts.importance == "taylor" and opts.ratio > 0:
-        cal = data.calib_split()
+        cal = calib_split()
         calib = (data.to_tensor_batch(cal.images[:256]), torch.from_numpy(cal.labels[:256]).long())
     emit("stage", f"{tag}: pruning {opts.ratio:.0%} of channels ({opts.importance}, "
                   f"{'global' if opts.global_ranking else 'uniform'} ranking, align {opts.align})", None, None)
@@ -181,7 +188,7 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
 
     recovery: Dict[str, Any] = {"kind": "none"}
     if opts.changes_model and (opts.recalibrate or opts.finetunes):
-        cal = data.calib_split()
+        cal = calib_split()
         if opts.recalibrate:
             emit("stage", f"{tag}: BatchNorm recalibration on {cal.name} ({len(cal)} images)", None, None)
             finetune.recalibrate_bn(model, cal)
@@ -202,8 +209,8 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
 
     check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
     calib_inputs = None
-    if any("int8" in f or f == "edgetpu" for f in opts.formats):
-        calib_inputs = data.to_tensor_batch(data.calib_split().images[:200])
+    if any(export.get_format(f).calibration for f in opts.formats):
+        calib_inputs = data.to_tensor_batch(calib_split().images[:200])
     artifacts: List[Dict[str, Any]] = []
     for fmt in opts.formats:
         emit("stage", f"{tag}: export {fmt} (verified against torch)", None, None)

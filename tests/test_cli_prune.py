@@ -5,19 +5,13 @@ import copy
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
-from edgeprune import data, models, prune
+from edgeprune import data, export, models, prune
 from host.pruning import PruneOptions, load_model, run_prune
 
 from .test_demo import edgeprune
-
-
-def _onnx_logits(path, x: torch.Tensor) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x.numpy()})[0]
 
 
 def test_prune_cli_half_aligned_writes_verified_artifact_and_replayable_plan(tmp_path, resnet20):
@@ -48,7 +42,7 @@ def test_prune_ratio_zero_exports_dense_model_unchanged(tmp_path, resnet20):
     x = data.to_tensor_batch(data.eval_split(2).images)
     with torch.no_grad():
         ref = resnet20[0](x).numpy()
-    assert np.abs(_onnx_logits(out / res.artifacts[0]["file"], x) - ref).max() < 1e-4
+    assert np.abs(export.run_artifact(out / res.artifacts[0]["manifest"], x) - ref).max() < 1e-4
 
 
 def test_prune_from_checkpoint_file_with_short_finetune(tmp_path, resnet20):
