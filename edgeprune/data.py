@@ -54,6 +54,14 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def tensors(self, n: Optional[int] = None):  # -> (torch.Tensor, torch.Tensor); torch imported lazily
+        """The first ``n`` images (all when None) as a preprocessed NCHW float batch, and their labels (int64):
+        e.g. the labelled calibration batch that Taylor importance needs."""
+        import torch
+
+        sl = slice(None) if n is None else slice(0, n)
+        return to_tensor_batch(self.images[sl]), torch.from_numpy(self.labels[sl]).long()
+
     def save(self, path: Path) -> Path:
         """Write the split as an npz eval shard (``images``, ``labels``) that the agent can read."""
         path = Path(path)

@@ -166,9 +166,8 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
         return calib_cache[0]
 
     calib = None
-    if opts.importance == "taylor" and opts.ratio > 0:
-        cal = calib_split()
-        calib = (data.to_tensor_batch(cal.images[:256]), torch.from_numpy(cal.labels[:256]).long())
+    if opts.importance in prune.NEEDS_CALIB and opts.ratio > 0:
+        calib = calib_split().tensors(256)
     emit("stage", f"{tag}: pruning {opts.ratio:.0%} of channels ({opts.importance}, "
                   f"{'global' if opts.global_ranking else 'uniform'} ranking, align {opts.align})", None, None)
     pr = prune.prune(model, opts.ratio, example, importance=opts.importance, round_to=opts.align,

@@ -866,10 +866,7 @@ class FleetEvaluator:
             return model, info
         calib = None
         if self.opts.importance in prune.NEEDS_CALIB:
-            cal = self.calib
-            import torch
-
-            calib = (data.to_tensor_batch(cal.images[:256]), torch.from_numpy(cal.labels[:256]).long())
+            calib = self.calib.tensors(256)
         self.emit("stage", "", f"{tag}: pruning ({len(cand.kept)} groups, align {profile.round_to})")
         pr = prune.prune(model, 0.0, self.example, importance=self.opts.importance, round_to=profile.round_to,
                          min_channels=self.opts.min_channels, prune_residual=self.opts.prune_residual,

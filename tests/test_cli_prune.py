@@ -58,6 +58,15 @@ def test_prune_from_checkpoint_file_with_short_finetune(tmp_path, resnet20):
     assert res.eval_n == 50 and 0.0 <= res.top1_pruned <= 1.0
 
 
+def test_prune_taylor_uses_a_labelled_calib_batch(tmp_path):
+    res = run_prune(PruneOptions(model="resnet20", out=tmp_path / "t", ratio=0.5, importance="taylor",
+                                 eval_per_class=5))
+    plan = prune.PruningPlan.from_json((tmp_path / "t" / "plan.json").read_text())
+    assert plan.importance == "taylor" and len(plan.layers) == 9 and res.macs_reduction > 1.8
+    x, y = data.calib_split().tensors(4)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--ratio", "1.5"], "--ratio"),
     (["--ratio", "0.5", "--formats", "onnx,bogus"], "format"),
