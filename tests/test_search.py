@@ -509,9 +509,13 @@ def test_model_space_of_resnet20_matches_torch_pruning(resnet20):
 
 @pytest.mark.slow
 def test_bisect_end_to_end_on_the_local_device(tmp_path):
-    """ResNet-20 on the local agent: quick timing, tiny fine-tune, 0.7x p50 latency."""
+    """ResNet-20 on the local agent: quick timing, tiny fine-tune, 0.8x p50 latency.
+
+    0.7x was flaky (1 run in 5 on the loaded VM): with 8-aligned widths only 8/8/16 reached it when the dense run
+    happened to be timed fast, and 8/8/16 loses ~73 pp with this tiny recovery. Dense cannot meet 0.8x, so the
+    search must still prune to pass."""
     dev = local_device().model_copy(update={"round_to": 8, "cache_dir": str(tmp_path / "dev-cache")})
-    tset = targets_for([dev], "latency_p50_ms=0.7x", drop=60.0)
+    tset = targets_for([dev], "latency_p50_ms=0.8x", drop=60.0)
     opts = hs.SearchOptions(model="resnet20", max_evals=6, quick=True, eval_per_class=20,
                             cache_dir=str(tmp_path / "cache"),
                             recovery=hs.RecoveryOptions(finetune_per_class=10, batch_size=50),
