@@ -40,15 +40,31 @@ class Baseline:
     macs: int
 
 
+def _module_names(model: nn.Module, layers: Optional[Sequence[nn.Module]]) -> Optional[List[str]]:
+    if layers is None:
+        return None
+    where = {id(m): n for n, m in model.named_modules()}
+    bad = [type(m).__name__ for m in layers if id(m) not in where]
+    if bad:
+        raise UsageError(f"ignored_layers: {', '.join(bad)} not module(s) of this model")
+    return [where[id(m)] for m in layers]
+
+
+def _modules(model: nn.Module, names: Optional[Sequence[str]]) -> Optional[List[nn.Module]]:
+    return None if names is None else [model.get_submodule(n) for n in names]
+
+
 def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
             ratios: Sequence[float] = (0.25, 0.5, 0.75), importance: str = "l1", round_to: int = 1,
             min_channels: int = 1, recalibrate: bool = False, groups: Optional[Sequence[str]] = None,
-            ignored_layers: Optional[Sequence[nn.Module]] = None, batch_size: int = 500,
-            progress: Optional[Progress] = None) -> "pd.DataFrame":
+            ignored_layers: Optional[Sequence[nn.Module]] = None, prune_residual: bool = False,
+            batch_size: int = 500, progress: Optional[Progress] = None) -> "pd.DataFrame":
     """Accuracy drop per prunable group and ratio on ``split``. ``model`` itself is left untouched.
 
     ``groups`` restricts the analysis to the named group root layers (as listed by
-    :func:`edgeprune.prune.prunable_groups`). ``drop_pp`` is the dense top-1 minus the pruned top-1, in
+    :func:`edgeprune.prune.prunable_groups`). ``ignored_layers`` are modules of ``model`` (they are mapped onto
+    the copies analysed); ``prune_residual`` is :func:`edgeprune.prune.prune`'s option-A residual coupling
+    (with the default protected layers). ``drop_pp`` is the dense top-1 minus the pruned top-1, in
     percentage points (positive = worse). Rows are in group order, then ratio order.
     """
     import pandas as pd
@@ -59,7 +75,9 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
     if bad:
         raise UsageError(f"ratios: each must be in (0, 1), got {bad}")
     base_model = copy.deepcopy(model).eval()
-    all_groups = prune.prunable_groups(base_model, example_inputs, ignored_layers=ignored_layers)
+    names = _module_names(model, ignored_layers)
+    all_groups = prune.prunable_groups(base_model, example_inputs, ignored_layers=_modules(base_model, names),
+                                       prune_residual=prune_residual)
     if groups is not None:
         known = {g.name for g in all_groups}
         unknown = [g for g in groups if g not in known]
@@ -78,7 +96,8 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
         for r in ratios:
             candidate = copy.deepcopy(base_model)
             res = prune.prune(candidate, 0.0, example_inputs, importance=importance, round_to=round_to,
-                              min_channels=min_channels, ignored_layers=ignored_layers, layer_ratios={g.name: r})
+                              min_channels=min_channels, ignored_layers=_modules(candidate, names),
+                              prune_residual=prune_residual, layer_ratios={g.name: r})
             kept = next((l for l in res.plan.layers if l.name == g.name), None)
             kept_n = len(kept.keep) if kept is not None else g.channels
             if recalibrate and kept_n < g.channels:

@@ -787,7 +787,7 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
     recalibrated, on the calib split (:func:`edgeprune.sensitivity.analyse`); cached per model and settings."""
     import torch
 
-    from edgeprune import data, models, sensitivity
+    from edgeprune import data, sensitivity
 
     doc = {"model": name, "checkpoint": str(meta.get("sha256", "")), "importance": opts.importance,
            "ratio": opts.sensitivity_ratio, "per_class": opts.sensitivity_per_class,
@@ -801,11 +801,10 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     cal = data.calib_split(opts.sensitivity_per_class)
-    ignored = models.protected_layers(model, prune_residual=True) if opts.prune_residual else None
     emit("stage", "", f"sensitivity of {name}'s groups on {cal.name} ({len(cal)} images), once per model")
     df = sensitivity.analyse(model, cal, torch.zeros(1, 3, 32, 32), ratios=(opts.sensitivity_ratio,),
                              importance=opts.importance, min_channels=opts.min_channels, recalibrate=True,
-                             ignored_layers=ignored,
+                             prune_residual=opts.prune_residual,
                              progress=lambda d, t, what: emit("progress", "", f"sensitivity {d}/{t}: {what}"))
     table = {str(r.group): float(r.drop_pp) for r in df.itertuples()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,3 +69,23 @@ def test_sensitivity_command(tmp_path):
     assert lines[0] == ",".join(sensitivity.COLUMNS) and len(lines) == 1 + 9  # nine block-internal groups
     assert (out / "sensitivity.png").stat().st_size > 5000
     assert "most sensitive" in r.stdout
+
+
+def test_residual_stream_groups_and_ignored_layers_of_the_callers_model(resnet20, calib):
+    model = resnet20[0]
+    plain = {g.name for g in prune.prunable_groups(model, X)}
+    coupled = [g for g in prune.prunable_groups(model, X, prune_residual=True) if g.name not in plain]
+    assert coupled, "option-A residual coupling adds the stage streams as groups"
+    t = sensitivity.analyse(model, calib, X, ratios=(0.5,), groups=[coupled[0].name], prune_residual=True)
+    assert len(t) == 1 and t["kept"].iloc[0] < t["channels"].iloc[0] and t["macs_ratio"].iloc[0] > 1
+    with pytest.raises(UsageError, match=coupled[0].name):   # not a group without the coupling
+        sensitivity.analyse(model, calib, X, ratios=(0.5,), groups=[coupled[0].name])
+    # ignored layers are the caller's modules (analyse works on copies): that group is then not prunable
+    with pytest.raises(UsageError, match="layer1.0.conv1"):
+        sensitivity.analyse(model, calib, X, ratios=(0.5,), groups=["layer1.0.conv1"],
+                            ignored_layers=[model.conv1, model.linear, model.layer1[0].conv1])
+    t = sensitivity.analyse(model, calib, X, ratios=(0.5,), groups=["layer3.2.conv1"],
+                            ignored_layers=[model.conv1, model.linear, model.layer1[0].conv1])
+    assert list(t["group"]) == ["layer3.2.conv1"]
+    with pytest.raises(UsageError, match="ignored_layers"):
+        sensitivity.analyse(model, calib, X, ignored_layers=[torch.nn.Conv2d(3, 3, 1)])
