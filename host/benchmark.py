@@ -10,7 +10,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,6 +22,9 @@ from host.devices import DeviceConfig
 from host.fleet import DeviceOutcome, Events, run_on_devices
 from host.jobs import build_job
 from host.transport import write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from host.store import RunRecorder
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
@@ -94,7 +97,10 @@ class BenchResult:
 def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[Path] = None,
               run_id: Optional[str] = None, threads: Optional[int] = None, quick: bool = False,
               eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS, state_path: Path = state.DEFAULT_PATH,
-              events: Optional[Events] = None, **fleet_kw: object) -> BenchResult:
+              events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
+              **fleet_kw: object) -> BenchResult:
+    """Measure the artifact on every device in parallel. With ``recorder`` (the results store), each device's
+    result is recorded in its own transaction as it arrives."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if threads is not None and threads < 1:
         raise UsageError("--threads: must be >= 1")
@@ -105,10 +111,25 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
     ev = data.eval_split(eval_per_class)
     shard = ev.save(out / f"{ev.name}-{len(ev)}.npz")
     shard_sha = models.sha256_file(shard)
+    if recorder is not None:
+        for dev in devices:
+            recorder.device(dev)
+
+    def record(dev: DeviceConfig, job: Optional[schema.JobSpec], o: DeviceOutcome) -> None:
+        if recorder is None:
+            return
+        report = o.report or schema.Report(job_id=job.job_id if job else f"{run_id}-{dev.id}", status="error",
+                                           error=schema.ErrorInfo(o.error_type or "DeviceError", o.error or "no report"))
+        recorder.measurement(dev.id, device_id=dev.id, report=schema.to_dict(report),
+                             job=schema.to_dict(job) if job is not None else None, label=man.export_format or man.format,
+                             model=man.model, manifest=asdict(man),
+                             extra={"attempts": o.attempts, "seconds": round(o.seconds, 3),
+                                    "eval_sha256": shard_sha, "eval_split": ev.name})
+
     outcomes = run_on_devices(
         devices, lambda d: build_job(d, f"{run_id}-{d.id}", art, man, shard, shard_sha, ev.name, quick=quick,
                                      threads=threads),
-        out / "jobs", events=events, **fleet_kw)  # type: ignore[arg-type]
+        out / "jobs", events=events, on_outcome=record, **fleet_kw)  # type: ignore[arg-type]
     rows = []
     for dev, o in zip(devices, outcomes):
         report_path = out / "reports" / f"{dev.id}.json"

@@ -39,6 +39,23 @@ def _per_class(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected an integer or 'full', got {text!r}") from None
 
 
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="results store: sqlite:///FILE, a file path or postgresql://USER@HOST/DB "
+                        "(default: $EDGEPRUNE_DB, else results/edgeprune.db)")
+
+
+def _recorder(args: argparse.Namespace, run_id: str, kind: str, *, resume: bool = False,
+              seeds: Optional[Dict[str, object]] = None) -> "object":
+    """The results store's recorder for this command's run (opened before any work: a bad --db fails first)."""
+    from host.provenance import host_provenance
+    from host.store import RunRecorder, Store
+
+    store = Store(args.db)
+    return RunRecorder(store, run_id, kind, command=list(sys.argv), resume=resume,
+                       provenance=host_provenance(seeds=seeds))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeprune", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edgeprune {VERSION}")
@@ -63,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of N channels per pruned layer (overrides the device's round_to; "
                         "8 suits AVX2 CPUs, see bench/RESULTS.md)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
+    _db_arg(d)
     b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
     b.add_argument("--model", required=True, help="reference model name (exported dense), a manifest or artifact "
                    "file, or a folder holding exactly one manifest (as `edgeprune prune --out` writes)")
@@ -73,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None, help="output folder (default results/runs/<run id>)")
     b.add_argument("--quick", action="store_true", help="short timing windows")
     b.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
+    _db_arg(b)
 
     pr = sub.add_parser("prune", help="prune one model (channels and/or 2:4), recover it, export verified artifacts")
     pr.add_argument("--model", required=True, help="reference model name (resnet20 … resnet56) or a checkpoint file")
@@ -131,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
     sr.add_argument("--resume", default=None, metavar="RUN_ID",
                     help="continue this run with its stored options (give --out too if it was given)")
+    _db_arg(sr)
     sr.add_argument("--quick", action="store_true", default=None, help="short timing windows on the devices")
     sr.add_argument("--allocation", default=None, help="global ratio -> per-group ratios: sensitivity (default) or "
                                                        "uniform")
@@ -157,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--lease-wait", type=float, default=None, help="seconds to wait for a busy device's lease")
     sr.add_argument("--seed", type=int, default=None)
 
+    from host import results
+    results.register(sub)
     dv = sub.add_parser("devices", help="the fleet: list it, or check each device's health")
     dv.add_argument("action", choices=["list", "check"])
     dv.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
@@ -184,9 +207,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
     devices = _select(args.fleet, args.devices)
     run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
-    console.print(f"run id: [bold]{run_id}[/]")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+    recorder = _recorder(args, run_id, "bench")
+    console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
+    with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                            transient=True) as progress:
         tasks = {d.id: progress.add_task(f"{d.id}: waiting") for d in devices}
 
         def events(dev_id: str, kind: str, msg: str) -> None:
@@ -195,7 +219,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                 progress.console.print(f"{dev_id}: {msg}", highlight=False)
 
         result = run_bench(args.model, devices, out=args.out, run_id=run_id, threads=args.threads, quick=args.quick,
-                           events=events, lease_wait_s=args.lease_wait)
+                           events=events, lease_wait_s=args.lease_wait, recorder=recorder)
+        recorder.summary = {"rows": result.rows}
     table = Table(title=f"edgeprune bench {args.model} — run {result.run_id}")
     for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "power W", "mJ/inf", "status"):
         table.add_column(col, justify="left" if col in ("device", "runtime", "status") else "right")
@@ -291,8 +316,14 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if hasattr(args, name):
             kw[name] = getattr(args, name)
     opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
+    opts.validate()
+    from host.benchmark import check_run_id, new_run_id
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    recorder = _recorder(args, run_id, "demo", seeds={"seed": opts.seed})
+    console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
+
+    with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         overall = progress.add_task("candidates built", total=len(opts.ratios))
         step = progress.add_task("", total=None, visible=False)
@@ -311,7 +342,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 progress.update(overall, description="candidates measured", completed=done)
                 progress.console.print(("[green]" if msg.endswith(": ok") else "[red]") + f"done[/] {msg}")
 
-        result = run_demo(opts, events)
+        result = run_demo(opts, events, recorder=recorder)
+        recorder.summary = {"rows": result.rows, "failures": result.failures}
 
     console.print(_demo_table(result.rows, f"edgeprune demo — {opts.model} on device '{device.id}' "
                                            f"(onnxruntime, {device.runtime.threads} thread(s))"))
@@ -324,6 +356,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if r.get("warnings"):
             console.print(f"[yellow]warning[/] r={r['ratio']}: {r['warnings']}")
     console.print(f"wrote {result.summary_csv} and {len(result.rows)} reports in {result.out / 'reports'}")
+    console.print(f"run {run_id} recorded in {recorder.store.name}: edgeprune report {run_id}")
     return 1 if result.failures else 0
 
 
@@ -495,9 +528,14 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         targets = device_targets(devices, parse_cli(args.target, args.max_accuracy_drop, args.targets))
         run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
     folder = search.run_dir(run_id, args.out)
+    if args.resume is not None:
+        search.read_run(folder)   # a run folder that is not there fails before the store records anything
     resume_hint = f"edgeprune search --resume {run_id}" + (f" --out {args.out}" if args.out is not None else "")
+    recorder = _recorder(args, run_id, "search", resume=args.resume is not None,
+                         seeds={"seed": opts.seed} if args.resume is None else None)
     console.print(f"search run id: [bold]{run_id}[/] (continue an interrupted run with: {resume_hint})")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+    console.print(f"[dim]results store: {recorder.store.name}[/]", highlight=False)
+    with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
         host_task = progress.add_task("host: loading the model", total=None)
         tasks: Dict[str, object] = {}
@@ -521,10 +559,10 @@ def _search(args: argparse.Namespace, console: Console) -> int:
 
         try:
             if args.resume is not None:
-                result = search.resume(run_id, out=args.out, events=events)
+                result = search.resume(run_id, out=args.out, events=events, recorder=recorder)
             else:
                 result = search.start(opts, devices, targets, out=args.out, run_id=run_id,  # type: ignore[arg-type]
-                                      events=events)
+                                      events=events, recorder=recorder)
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"search interrupted; completed evaluations are in {folder / search.EVALUATIONS}; "
@@ -548,7 +586,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # piped output (CI logs, files) gets a fixed, wide layout instead of rich's 80-column fallback
     console = Console(width=None if sys.stdout.isatty() else 140)
-    err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 140, soft_wrap=True)  # one error, one line
     try:
         if args.command == "demo":
             return _demo(args, console)
@@ -562,6 +600,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _sensitivity(args, console)
         if args.command == "search":
             return _search(args, console)
+        if hasattr(args, "handler"):
+            return args.handler(args, console)
         parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse enforces choices
     except UsageError as e:
         err.print(f"[red]edgeprune: error:[/] {e}", highlight=False)

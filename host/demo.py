@@ -14,9 +14,9 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ from edgeprune.errors import DeviceError, UsageError
 from host.devices import DeviceConfig, local_device
 from host.jobs import build_job
 from host.transport import LocalTransport, write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from host.store import RunRecorder
 
 SUMMARY_COLUMNS = [
     "model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_cv",
@@ -119,9 +122,10 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
     return row
 
 
-def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
+def run_demo(opts: DemoOptions, events: Optional[Events] = None,
+             recorder: Optional["RunRecorder"] = None) -> DemoResult:
     """Run the demo loop: build every candidate, then measure them back to back; each measured candidate is in
-    ``summary.csv`` before the next one is measured."""
+    ``summary.csv`` (and, with ``recorder``, in the results store) before the next one is measured."""
     opts.validate()
     emit = events or (lambda *a: None)
     out = Path(opts.out)
@@ -167,13 +171,15 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
                                  source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
         man.write(out / "artifacts" / f"{tag}.manifest.json")
         job = build_job(dev, tag, onnx_path, man, eval_path, eval_sha, ev.name, quick=opts.quick, seed=opts.seed)
-        built.append((tag, ratio, pr, recovery, job))
+        built.append((tag, ratio, pr, recovery, job, man))
         emit("built", tag, len(built), len(opts.ratios))
 
     rows: List[Dict[str, object]] = []
     failures = 0
     summary = out / "summary.csv"
-    for tag, ratio, pr, recovery, job in built:
+    if recorder is not None:
+        recorder.device(dev)
+    for tag, ratio, pr, recovery, job, man in built:
         emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
         report_path = out / "reports" / f"{tag}.json"
         try:
@@ -181,6 +187,12 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None) -> DemoResult:
         except DeviceError as e:
             report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
         write_text_atomic(report_path, schema.dumps(report))
+        if recorder is not None:
+            recorder.measurement(tag, device_id=dev.id, report=schema.to_dict(report), job=schema.to_dict(job),
+                                 label=f"ratio {ratio:g}", model=opts.model, manifest=asdict(man),
+                                 extra={"ratio": ratio, "macs": pr.macs_after, "params": pr.params_after,
+                                        "recovery": recovery, "plan_sha256": pr.plan.sha256(),
+                                        "eval_sha256": eval_sha, "eval_split": ev.name, "seed": opts.seed})
         failures += report.status != "ok"
         rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
         _write_summary(summary, rows)

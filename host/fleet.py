@@ -164,8 +164,12 @@ def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retr
 
 
 def run_on_devices(devices: List[DeviceConfig], job_for: Callable[[DeviceConfig], schema.JobSpec], workdir: Path,
-                   *, max_workers: Optional[int] = None, **kw: Any) -> List[DeviceOutcome]:
-    """Run each device's job in parallel; outcomes in the order of ``devices``."""
+                   *, max_workers: Optional[int] = None,
+                   on_outcome: Optional[Callable[[DeviceConfig, Optional[schema.JobSpec], DeviceOutcome], None]] = None,
+                   **kw: Any) -> List[DeviceOutcome]:
+    """Run each device's job in parallel; outcomes in the order of ``devices``. ``on_outcome(device, job,
+    outcome)`` is called as each device finishes (from its worker thread; the job is None when it could not be
+    built), so a caller can record each result as it arrives rather than when the slowest device is done."""
     jobs = []
     outcomes: Dict[str, DeviceOutcome] = {}
     for dev in devices:
@@ -173,8 +177,17 @@ def run_on_devices(devices: List[DeviceConfig], job_for: Callable[[DeviceConfig]
             jobs.append((dev, job_for(dev)))
         except DeviceError as e:
             outcomes[dev.id] = DeviceOutcome(dev.id, error=str(e), error_type=type(e).__name__)
+            if on_outcome is not None:
+                on_outcome(dev, None, outcomes[dev.id])
+
+    def one(dev: DeviceConfig, job: schema.JobSpec) -> DeviceOutcome:
+        outcome = run_on_device(dev, job, workdir, **kw)
+        if on_outcome is not None:
+            on_outcome(dev, job, outcome)
+        return outcome
+
     with ThreadPoolExecutor(max_workers=max_workers or max(1, min(32, len(jobs)))) as pool:
-        futures = {dev.id: pool.submit(run_on_device, dev, job, workdir, **kw) for dev, job in jobs}
+        futures = {dev.id: pool.submit(one, dev, job) for dev, job in jobs}
         for dev_id, fut in futures.items():
             outcomes[dev_id] = fut.result()
     return [outcomes[d.id] for d in devices]

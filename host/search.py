@@ -48,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from agent import schema
 from edgeprune.errors import DeviceError, EdgepruneError, ExportError, PruneError, UsageError
@@ -57,6 +57,9 @@ from host.search_algos import (AlgoOptions, Candidate, DeviceContext, DeviceEval
                                LayerConfig, LayerLatency, Measurement, ModelSpace, get_algorithm)
 from host.targets import ACCURACY, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
 from host.transport import write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from host.store import RunRecorder
 
 Events = Callable[[str, str, str], None]    # (kind, device id or "", message)
 
@@ -367,16 +370,49 @@ class Search:
 
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
                  targets: Mapping[str, TargetSet], space: ModelSpace, evaluator: Evaluator,
-                 events: Optional[Events] = None) -> None:
+                 events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None) -> None:
         self.out, self.run_id, self.opts = Path(out), run_id, opts
+        self.recorder = recorder
         self.devices, self.targets, self.space, self.evaluator = devices, dict(targets), space, evaluator
         self.emit = events or (lambda *a: None)
         self.store = Store(self.out / EVALUATIONS)
         self._lut_lock = threading.Lock()
 
+    # -- the results store (the run folder's evaluations.jsonl stays the search's own record for --resume)
+    def _record(self, rec: Mapping[str, Any]) -> None:
+        if self.recorder is None or rec.get("kind") != "device":
+            return
+        cand = rec.get("candidate") or {}
+        manifest = None
+        if rec.get("artifact_dir") and rec.get("manifest"):
+            try:
+                manifest = json.loads((self.out / rec["artifact_dir"] / rec["manifest"]).read_text())
+            except (OSError, ValueError):
+                manifest = None
+        label = "dense" if not cand.get("kept") else f"ratio {float(cand.get('ratio') or 0):.3f}"
+        if cand.get("kept") and cand.get("recovery"):
+            label += f" ({cand['recovery']} recovery)"
+        mid = None
+        if rec.get("report") is not None:
+            mid = self.recorder.measurement(
+                f"{rec['device']}/{rec['key']}", device_id=rec["device"], report=rec["report"], job=rec.get("job"),
+                label=label, model=self.space.model, manifest=manifest,
+                extra={"ratio": cand.get("ratio"), "recovery": cand.get("recovery"), "note": cand.get("note"),
+                       "macs": rec.get("macs"), "params": rec.get("params"), "plan_sha256": rec.get("plan_sha256"),
+                       "candidate_key": rec["key"]})
+        slim = {k: v for k, v in rec.items() if k not in ("report", "job", "plan")}
+        self.recorder.evaluation(rec["device"], rec["key"], slim, algo=self.opts.algo, ratio=cand.get("ratio"),
+                                 recovery=cand.get("recovery"), ok=True, artifact_sha256=rec.get("artifact_sha256"),
+                                 measurement_id=mid)
+
     # -- driving
     def run(self) -> SearchResult:
         t0 = time.monotonic()
+        if self.recorder is not None:
+            for dev in self.devices:
+                self.recorder.device(dev)
+            for rec in self.store.records:   # a resumed run: what the killed process may not have recorded
+                self._record(rec)
         algo = get_algorithm(self.opts.algo)
         devs: List[_Dev] = []
         for dev in self.devices:
@@ -533,6 +569,7 @@ class Search:
                        "plan_sha256": m.plan_sha256, "artifact_sha256": m.artifact_sha256, "metrics": m.metrics,
                        **_jsonable(extra)}
                 self.store.put(rec)
+                self._record(rec)
                 with lock:
                     d.records.append(rec)
             with lock:
@@ -614,6 +651,11 @@ class Search:
             write_text_atomic(ddir / "pareto.csv", _csv(r.rows, PARETO_COLUMNS))
             write_text_atomic(ddir / "result.json", json.dumps(_result_dict(r), indent=1, sort_keys=True))
         rows = [_summary_row(r) for r in res.devices]
+        if self.recorder is not None:
+            for r in res.devices:
+                self.recorder.store.set_verdicts(self.run_id, r.device_id, {
+                    f"{x['key']}": x.get("meets") for x in r.rows if x.get("key")})
+            self.recorder.summary = {"algo": res.algo, "devices": [_result_dict(r) for r in res.devices]}
         write_text_atomic(self.out / "summary.csv", _csv(rows, SUMMARY_COLUMNS))
         write_text_atomic(self.out / "summary.json", json.dumps({
             "run_id": res.run_id, "algo": res.algo, "finished_at": _now(), "seconds_this_process": res.seconds,
@@ -969,6 +1011,7 @@ class FleetEvaluator:
             plan = self.out / info["artifact_dir"] / "plan.json"
             extra["plan"] = json.loads(plan.read_text()) if plan.is_file() else None
             extra["report"] = schema.to_dict(o.report)
+            extra["job"] = schema.to_dict(job)
             extra["attempts"] = o.attempts
             done(req, m, extra)
 
@@ -1125,7 +1168,8 @@ def read_run(out: Path) -> Tuple[str, SearchOptions, List[DeviceConfig], Dict[st
 
 def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping[str, TargetSet], *,
           out: Optional[Path] = None, run_id: Optional[str] = None, events: Optional[Events] = None,
-          space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None) -> SearchResult:
+          space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
+          recorder: Optional["RunRecorder"] = None) -> SearchResult:
     """A new search. ``space``/``evaluator`` replace the real ones (tests); UsageError before anything runs for
     bad options, devices or a run folder that already holds a search."""
     from host.benchmark import check_run_id, new_run_id
@@ -1142,11 +1186,12 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
         raise UsageError(f"--out: {folder} already holds search run {prev}; continue it with --resume {prev}"
                          f"{f' --out {folder}' if out is not None else ''}, or choose another folder")
     _write_run(folder, run_id, opts, devices, targets)
-    return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator)
+    return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder)
 
 
 def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] = None,
-           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None) -> SearchResult:
+           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
+           recorder: Optional["RunRecorder"] = None) -> SearchResult:
     """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated."""
     from host.benchmark import check_run_id
 
@@ -1156,12 +1201,12 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     if stored_id != run_id:
         raise UsageError(f"--resume: {folder} holds run {stored_id}, not {run_id}")
     opts.validate()
-    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator)
+    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder)
 
 
 def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
              targets: Dict[str, TargetSet], events: Optional[Events], space: Optional[ModelSpace],
-             evaluator: Optional[Evaluator]) -> SearchResult:
+             evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None) -> SearchResult:
     emit = events or (lambda *a: None)
     if space is None or evaluator is None:
         import torch
@@ -1182,7 +1227,7 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
             evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
-    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit).run()
+    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder).run()
 
 
 def iter_records(out: Path) -> Iterator[Dict[str, Any]]:

@@ -37,7 +37,7 @@ DEFAULT_PATH = Path("results") / "edgeprune.db"
 ENV = "EDGEPRUNE_DB"
 SCHEMA_VERSION = 1
 RUN_KINDS = ("demo", "bench", "search")
-RUN_STATUSES = ("running", "complete", "failed")
+RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 
 T = TypeVar("T")
 
@@ -130,6 +130,7 @@ evaluations = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
     sa.Column("device_id", sa.String(128), nullable=False),
+    sa.Column("key", sa.String(255), nullable=False),        # the candidate's key in the search
     sa.Column("seq", sa.Integer, nullable=False),            # the device's evaluation number in the search
     sa.Column("algo", sa.String(32)),
     sa.Column("ratio", sa.Float),
@@ -140,7 +141,7 @@ evaluations = sa.Table(
     sa.Column("measurement_id", sa.Integer, sa.ForeignKey("measurements.id")),
     sa.Column("record", sa.JSON, nullable=False),            # the search's own record (plan, metrics, verdict)
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
-    sa.UniqueConstraint("run_id", "device_id", "seq", name="uq_evaluation_seq"),
+    sa.UniqueConstraint("run_id", "device_id", "key", name="uq_evaluation_key"),
 )
 
 MEASUREMENT_COLUMNS = [c.name for c in measurements.columns]
@@ -174,7 +175,7 @@ def resolve_url(db: Optional[str] = None, *, where: str = "--db") -> URL:
                              "database would lose every result when the command exits")
         return url
     if backend in ("postgresql", "postgres"):
-        if url.get_driver_name() not in ("psycopg",):
+        if "+" not in url.drivername:      # psycopg 3 (the postgres extra), whatever SQLAlchemy's default is
             url = url.set(drivername="postgresql+psycopg")
         return url
     raise UsageError(f"{where}: {_safe(db)}: unsupported database {backend!r}; use sqlite:///FILE, a file path or "
@@ -336,21 +337,31 @@ class Store:
             return int(conn.execute(measurements.insert().values(**row)).inserted_primary_key[0])
         return self._tx(go)
 
-    def record_evaluation(self, run_id: str, device_id: str, seq: int, record: Mapping[str, Any], *,
-                          algo: Optional[str] = None, ratio: Optional[float] = None,
+    def record_evaluation(self, run_id: str, device_id: str, key: str, record: Mapping[str, Any], *,
+                          seq: Optional[int] = None, algo: Optional[str] = None, ratio: Optional[float] = None,
                           recovery: Optional[str] = None, ok: bool, meets: Optional[bool] = None,
                           artifact_sha256: Optional[str] = None, measurement_id: Optional[int] = None) -> None:
-        """Record one search evaluation (idempotent on (run, device, seq))."""
+        """Record one search evaluation (idempotent on (run, device, key)); ``seq`` defaults to the device's
+        next number."""
         def go(conn: sa.Connection) -> None:
-            found = conn.execute(sa.select(evaluations.c.id).where(
-                (evaluations.c.run_id == run_id) & (evaluations.c.device_id == device_id)
-                & (evaluations.c.seq == seq))).first()
-            if found is not None:
+            where = (evaluations.c.run_id == run_id) & (evaluations.c.device_id == device_id)
+            if conn.execute(sa.select(evaluations.c.id).where(where & (evaluations.c.key == key))).first():
                 return
+            n = seq if seq is not None else 1 + int(conn.execute(
+                sa.select(sa.func.count()).select_from(evaluations).where(where)).scalar_one())
             conn.execute(evaluations.insert().values(
-                run_id=run_id, device_id=device_id, seq=int(seq), algo=algo, ratio=ratio, recovery=recovery,
+                run_id=run_id, device_id=device_id, key=key, seq=int(n), algo=algo, ratio=ratio, recovery=recovery,
                 ok=bool(ok), meets=meets, artifact_sha256=artifact_sha256, measurement_id=measurement_id,
                 record=_jsonable(record), recorded_at=now()))
+        self._tx(go)
+
+    def set_verdicts(self, run_id: str, device_id: str, meets: Mapping[str, Optional[bool]]) -> None:
+        """Set ``meets`` of a device's evaluations by key (known once the dense result resolves the targets)."""
+        def go(conn: sa.Connection) -> None:
+            for key, ok in meets.items():
+                conn.execute(evaluations.update().where(
+                    (evaluations.c.run_id == run_id) & (evaluations.c.device_id == device_id)
+                    & (evaluations.c.key == key)).values(meets=ok))
         self._tx(go)
 
     # -------------------------------------------------------------------------------- reading
@@ -415,6 +426,78 @@ class Store:
         import pandas as pd
         cols = [c.name for c in evaluations.columns]
         return pd.DataFrame(self.evaluations(run_id), columns=cols)
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+class RunRecorder:
+    """Records one command's run: ``with RunRecorder(store, run_id, "bench", ...) as rec:`` starts it, each
+    ``rec.measurement(...)``/``rec.evaluation(...)`` is one transaction, and leaving the block finishes it
+    (``complete``; ``interrupted`` on Ctrl-C; ``failed`` with the error otherwise). A process killed inside
+    the block leaves the run ``running`` (listed as ``interrupted``) with what it recorded."""
+
+    def __init__(self, store: Store, run_id: str, kind: str, *, command: Any = None,
+                 provenance: Optional[Mapping[str, Any]] = None, resume: bool = False) -> None:
+        from host.provenance import host_provenance
+
+        self.store, self.run_id, self.kind, self.resume = store, run_id, kind, resume
+        self.command = command if command is not None else list(__import__("sys").argv)
+        self.provenance = dict(provenance) if provenance is not None else host_provenance()
+        self.summary: Any = None
+        self.started = False
+
+    def __enter__(self) -> "RunRecorder":
+        self.store.start_run(self.run_id, self.kind, command=self.command, provenance=self.provenance,
+                             resume=self.resume)
+        self.started = True
+        return self
+
+    def __exit__(self, tp: Any, exc: Any, _tb: Any) -> None:
+        if tp is None:
+            self.store.finish_run(self.run_id, "complete", summary=self.summary)
+        elif issubclass(tp, KeyboardInterrupt):
+            self.store.finish_run(self.run_id, "interrupted", summary=self.summary, error="interrupted (Ctrl-C)")
+        else:
+            self.store.finish_run(self.run_id, "failed", summary=self.summary, error=f"{tp.__name__}: {exc}")
+
+    def device(self, dev: Any) -> None:
+        """Record a device of the run with its config (a :class:`host.devices.DeviceConfig` or a dict)."""
+        config = dev.model_dump(mode="json", by_alias=True) if hasattr(dev, "model_dump") else dict(dev)
+        self.store.add_device(self.run_id, str(config.get("id")), device_class=config.get("class")
+                              or config.get("device_class"), config=_scrub(config))
+
+    def measurement(self, key: str, *, device_id: str, report: Any, job: Any = None, label: Optional[str] = None,
+                    model: Optional[str] = None, manifest: Any = None,
+                    extra: Optional[Mapping[str, Any]] = None) -> int:
+        return self.store.record_measurement(
+            self.run_id, key, device_id=device_id, report=_as_dict(report), job=_as_dict(job), label=label,
+            model=model, manifest=_as_dict(manifest), extra=extra)
+
+    def evaluation(self, device_id: str, key: str, record: Mapping[str, Any], **kw: Any) -> None:
+        self.store.record_evaluation(self.run_id, device_id, key, record, **kw)
+
+
+def _as_dict(obj: Any) -> Any:
+    if obj is None or isinstance(obj, Mapping):
+        return obj
+    from dataclasses import asdict, is_dataclass
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    raise TypeError(f"cannot record a {type(obj).__name__}")
+
+
+SECRET_FIELDS = ("password", "passphrase", "secret", "token")
+
+
+def _scrub(obj: Any) -> Any:
+    """A config without secrets (any key naming one)."""
+    if isinstance(obj, Mapping):
+        return {k: ("<redacted>" if any(s in str(k).lower() for s in SECRET_FIELDS) and v else _scrub(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -499,7 +582,7 @@ def measurement_row(run_id: str, key: str, *, device_id: str, report: Mapping[st
     extra = dict(extra or {})
     return dict(
         run_id=run_id, key=key, device_id=device_id, label=label or key,
-        model=model or (manifest or {}).get("model_name"), artifact_sha256=sha or None, format=fmt,
+        model=model or (manifest or {}).get("model"), artifact_sha256=sha or None, format=fmt,
         runtime=_get(report, "identity", "runtime") or _get(job, "runtime", "name"),
         runtime_version=_get(report, "identity", "runtime_version"),
         threads=_get(job, "runtime", "threads"),
