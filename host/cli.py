@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--lease-wait", type=float, default=None, help="seconds to wait for a busy device's lease")
     sr.add_argument("--seed", type=int, default=None)
 
-    from host import results
+    from host import regress, results
     results.register(sub)
+    regress.register(sub)
     dv = sub.add_parser("devices", help="the fleet: list it, or check each device's health")
     dv.add_argument("action", choices=["list", "check"])
     dv.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
