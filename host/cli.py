@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--lease-wait", type=float, default=None, help="seconds to wait for a busy device's lease")
     sr.add_argument("--seed", type=int, default=None)
 
-    from host import regress, results
+    from host import regress, report, results
     results.register(sub)
+    report.register(sub)
     regress.register(sub)
     dv = sub.add_parser("devices", help="the fleet: list it, or check each device's health")
     dv.add_argument("action", choices=["list", "check"])

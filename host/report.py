@@ -372,7 +372,14 @@ def _duration(a: Any, b: Any) -> str:
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, default=str)
+    """JSON text: on one line when short, indented otherwise."""
+    one = json.dumps(obj, sort_keys=True, default=str)
+    return one if len(one) <= 110 else json.dumps(obj, indent=1, sort_keys=True, default=str)
+
+
+def _val(v: Any) -> str:
+    """A value for a table cell: strings as they are, anything else as JSON."""
+    return v if isinstance(v, str) else _json(v)
 
 
 def _table(head: Sequence[str], body: Sequence[Sequence[str]], cls: str = "",
@@ -390,9 +397,11 @@ def _table(head: Sequence[str], body: Sequence[Sequence[str]], cls: str = "",
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{"".join(trs)}</tbody></table>'
 
 
-def _kv(pairs: Sequence[Tuple[str, str]]) -> str:
-    """A two-column key/value table; keys escaped, values HTML."""
-    return '<table class="kv"><tbody>' + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in pairs) + \
+def _kv(pairs: Sequence[Tuple[str, str]], per_row: int = 1) -> str:
+    """A key/value table, ``per_row`` pairs a row; keys escaped, values HTML."""
+    rows = [pairs[i:i + per_row] for i in range(0, len(pairs), per_row)]
+    return '<table class="kv"><tbody>' + "".join(
+        "<tr>" + "".join(f"<th>{_e(k)}</th><td>{v}</td>" for k, v in row) + "</tr>" for row in rows) + \
         "</tbody></table>"
 
 
@@ -401,7 +410,8 @@ def _nodata(text: str) -> str:
 
 
 def _dev_chip(ctx: _Ctx, d: str) -> str:
-    return f'<span class="chip" style="background:{ctx.colour.get(d, "#777")}"></span><code>{_e(d)}</code>'
+    return (f'<span class="dev"><span class="chip" style="background:{ctx.colour.get(d, "#777")}"></span>'
+            f"<code>{_e(d)}</code></span>")
 
 
 def _power_cell(r: _Row) -> str:
@@ -484,7 +494,7 @@ def _tradeoff_fig(ctx: _Ctx, panels: List[Tuple[str, str, str]]) -> Any:
             for r in pts:
                 xy = (getattr(r, metric), r.top1)
                 star = r.chosen or r.closest
-                ax.annotate(_t(r.short), xy, xytext=(9, 5) if star else (5, 4), textcoords="offset points",
+                ax.annotate(_t(r.short), xy, xytext=(11, 6) if star else (5, 4), textcoords="offset points",
                             fontsize=8, color="#333333")
                 if star:
                     ax.scatter([xy[0]], [xy[1]], s=340, marker="*", color=c if r.chosen else "white",
@@ -534,13 +544,36 @@ def _latency_fig(ctx: _Ctx, devs: List[str]) -> Any:
         ax.set_title(_t(f"{d}"), fontsize=10, loc="left", color=ctx.colour[d], fontweight="bold")
         ax.grid(True, axis="x", alpha=0.3)
         ax.set_xlabel("latency per inference (ms)", fontsize=9)
+        # a few far outliers (a preempted iteration) would squash every box: the axis spans the 0.5th to the
+        # 99.5th percentile, and what lies beyond is counted at the edge
+        import numpy as np
+        lo = min(float(np.percentile(r.samples, 0.5)) for r in rows)
+        hi = max(float(np.percentile(r.samples, 99.5)) for r in rows)
+        span = max(hi - lo, 1e-9)
+        med = min(float(np.median(r.samples)) for r in rows)
+        if lo > 0 and hi / max(med, 1e-12) > 3.0:
+            # a heavy tail (or measurements an order of magnitude apart): a log axis keeps every box readable
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+            lo, hi = lo / 1.08, hi * 1.08
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("latency per inference (ms, log scale)", fontsize=9)
+        else:
+            lo, hi = max(0.0, lo - 0.06 * span), hi + 0.06 * span
+        ax.set_xlim(lo, hi)
+        for y, r in enumerate(rows, 1):
+            out = sum(1 for v in r.samples if v > hi)
+            if out:
+                ax.annotate(f"+{out} beyond (max {max(r.samples):.3g} ms) \u2192", (1.0, y),
+                            xycoords=("axes fraction", "data"), xytext=(-4, -9), textcoords="offset points",
+                            ha="right", fontsize=7.5, color="#555555")
     fig.tight_layout()
     return fig
 
 
 def _bars_fig(ctx: _Ctx, panels: List[Tuple[str, str]], pct: bool = False) -> Any:
-    from matplotlib.patches import Patch
-
     Figure = _mpl()
     fig = None
     n_rows = 0
@@ -572,8 +605,7 @@ def _bars_fig(ctx: _Ctx, panels: List[Tuple[str, str]], pct: bool = False) -> An
             _pct_axis(ax, "x")
             ax.set_xlim(0, 1.08)
         if metric in ("power", "energy") and any(r.modelled for r in rows):
-            ax.legend(handles=[Patch(facecolor="#cccccc", hatch="///", edgecolor="#333333",
-                                     label=f"* {MODELLED_NOTE}")], fontsize=8, loc="lower right")
+            ax.set_title(f"{title}\nhatched, *: {MODELLED_NOTE}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -609,6 +641,7 @@ background:#777}
 .nodata{color:#8a4b00;background:#fff7e6;border:1px solid #f3d9a4;border-radius:5px;padding:6px 10px}
 .err{color:#c62828}.hi{background:#fff3e0}.chosen td{background:#fffde7;font-weight:600}
 tr.failed td{color:#a01818;background:#fdf0f0}
+.dev,.kind{white-space:nowrap}code.sha{display:inline-block;max-width:33ch;word-break:break-all}
 .kind{display:inline-block;font-size:11.5px;font-weight:700;padding:0 6px;border-radius:4px;background:#eceff1}
 .k-throttling,.k-failed,.k-run{background:#ffcdd2}.k-unstable,.k-drift{background:#ffe0b2}
 .k-modelled-power{background:#e1bee7}
@@ -747,7 +780,8 @@ def _latency(ctx: _Ctx) -> str:
     out.append(_figure(lambda: _latency_fig(ctx, devs), "latency samples per measurement, per device"))
     missing = [r for r in ctx.rows if r.ok and not r.samples]
     note = ("Box: the middle half of the timed samples, black line: median, whiskers: 1st and 99th percentile, "
-            "dots: beyond them. Each measurement on its own row; one panel per device.")
+            "dots: beyond them. Each measurement on its own row; one panel per device. The axis spans the 0.5th to "
+            "99.5th percentile; samples beyond it are counted at the right edge.")
     if missing:
         note += f" {len(missing)} successful measurement(s) kept no samples and are not drawn."
     return "".join(out) + f'<p class="note">{note}</p></section>'
@@ -818,7 +852,8 @@ def _warnings(ctx: _Ctx) -> List[Tuple[str, str, str, str]]:
     out: List[Tuple[str, str, str, str]] = []
     run = ctx.run
     if run.get("status") in ("failed", "interrupted"):
-        out.append(("", "run", "run", f"the run is {run.get('status')}"
+        out.append(("", "run", "run", ("the run failed" if run.get("status") == "failed" else
+                                        "the run was interrupted (its process ended before it finished)")
                     + (f": {run.get('error')}" if run.get("error") else "")))
     for r in ctx.rows:
         if not r.ok:
@@ -857,7 +892,7 @@ def _provenance(ctx: _Ctx) -> str:
     git = prov.get("git") if isinstance(prov.get("git"), dict) else {}
     git_s = (f"<code>{_e(git.get('sha'))}</code>" + (' <span class="badge b-warn">dirty</span>' if git.get("dirty")
                                                       else " clean" if git.get("dirty") is False else "")
-             if git.get("sha") else "not a git checkout (or git unavailable)")
+             if git.get("sha") else "not a git checkout (or git unavailable)" if "git" in prov else NA)
     host = prov.get("host") if isinstance(prov.get("host"), dict) else {}
     pkgs = prov.get("packages") if isinstance(prov.get("packages"), dict) else {}
     argv = prov.get("argv")
@@ -900,15 +935,18 @@ def _provenance(ctx: _Ctx) -> str:
         for sha, art in ctx.artifacts.items():
             man = (art or {}).get("manifest") if isinstance((art or {}).get("manifest"), dict) else {}
             ver = man.get("verification") if isinstance(man.get("verification"), dict) else {}
-            check = (f"{'passed' if ver.get('passed') else 'FAILED'}: max |err| {_f(ver.get('max_abs_err'), '.2e')}, "
-                     f"cosine {_f(ver.get('cosine'), '.6f')}, top-1 agreement {_pct(ver.get('top1_agreement'))} "
-                     f"on {ver.get('n')} with {ver.get('checked_with') or '?'}") if ver else NA
+            check = (f"{'passed' if ver.get('passed') else 'FAILED'}: max |err| {_f(ver.get('max_abs_err'), '.1e')}, "
+                     f"cosine {_f(ver.get('cosine'), '.6f')}, top-1 agreement {_f(ver.get('top1_agreement'), '.0%')} "
+                     f"({ver.get('n')} images, {ver.get('checked_with') or '?'})") if ver else NA
+            shape = man.get("input_shape")
+            shape_s = "\u00d7".join(map(str, shape)) if isinstance(shape, list) else (shape or NA)
             used = sorted({f"{r.device} {r.label}" for r in ctx.rows if r.sha == sha})
-            body.append([f"<code>{_e(sha)}</code>",
+            body.append([f'<code class="sha">{_e(sha)}</code>',
                          _e((art or {}).get("model") or man.get("model") or NA),
-                         _e(" / ".join(str(x) for x in ((art or {}).get("format") or man.get("format"),
-                                                        man.get("export_format"), man.get("precision")) if x) or NA),
-                         _e(man.get("input_shape") or NA), _e(_clip(man.get("pruning_plan_sha256"), 17) or NA),
+                         _e(" / ".join(dict.fromkeys(str(x) for x in (
+                             (art or {}).get("format") or man.get("format"), man.get("export_format"),
+                             man.get("precision")) if x)) or NA),
+                         _e(shape_s), _e(_clip(man.get("pruning_plan_sha256"), 17) or NA),
                          _e(_clip(man.get("source_checkpoint_sha256"), 17) or NA), _e(check),
                          _e(", ".join(used))])
         out.append(_table(["sha256", "model", "format", "input", "pruning plan", "checkpoint", "export check",
@@ -943,13 +981,13 @@ def _protocol(ctx: _Ctx) -> str:
     same = [k for k in keys if k not in _PER_RUN_PROTOCOL_KEYS and
             all(k in p and _json(p[k]) == _json(protos[0][k]) for p in protos)]
     varying = [k for k in keys if k not in same]
-    out = [_kv([(k, _e(_json(protos[0][k]))) for k in same])] if same else []
+    out = [_kv([(k, _e(_val(protos[0][k]))) for k in same], per_row=3)] if same else []
     body = []
     for r, p in zip(timed, protos):
         t = r.report["timing"]
         body.append([_dev_chip(ctx, r.device), _e(r.label), _e(t.get("iterations")), _f(t.get("duration_s"), ".2f"),
                      _e(t.get("warmup_iters_done")), _f(t.get("load_time_ms"), ".1f"),
-                     _f(t.get("first_inference_ms"), ".2f")] + [_e(_json(p.get(k)) if k in p else NA)
+                     _f(t.get("first_inference_ms"), ".2f")] + [_e(_val(p.get(k)) if k in p else NA)
                                                                  for k in varying])
     out.append(_table(["device", "measurement", "#iterations", "#duration s", "#warm-up iters", "#load ms",
                        "#first inference ms"] + varying, body))
