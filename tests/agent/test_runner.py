@@ -181,7 +181,7 @@ def test_batched_timing_on_a_dynamic_model(job_dir: MakeJob) -> None:
 
 
 def test_timeout_keeps_what_was_measured(job_dir: MakeJob) -> None:
-    r = run(job_dir(lambda d: (d["timing"].update(min_duration_s=30.0, max_duration_s=60.0),
+    r = run(job_dir(lambda d: (d["timing"].update(min_duration_s=30.0, max_duration_s=60.0, max_iters=10**9),
                                d.update(timeout_s=1.0))))
     assert r.status == "error" and r.error is not None and r.error.type == "JobTimeout"
     assert "before accuracy" in r.error.message
