@@ -55,3 +55,26 @@ def job_inputs(tmp_path_factory, resnet20):
                              pruning_plan_sha256="0" * 64)
     shard = ev.save(d / "eval.npz")
     return d / "r20.onnx", man, shard
+
+
+# ------------------------------------------------------------------------------------------ reliability table
+# Tests marked ``@pytest.mark.reliability(kind=..., what=..., expected=...)`` are the rows of the README's
+# Reliability table. With EDGEPRUNE_RELIABILITY_OUT=FILE each one's outcome is appended to FILE as a JSON line;
+# ``python scripts/reliability_table.py`` runs them and rewrites the table from that file.
+RELIABILITY_OUT = os.environ.get("EDGEPRUNE_RELIABILITY_OUT")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    mark = item.get_closest_marker("reliability")
+    if mark is None or not RELIABILITY_OUT:
+        return
+    if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
+        import json
+
+        row = {"test": item.nodeid, "outcome": "skipped" if rep.skipped else rep.outcome,
+               "seconds": round(rep.duration, 2), **{k: str(v) for k, v in mark.kwargs.items()}}
+        with open(RELIABILITY_OUT, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -679,3 +679,30 @@ def test_devices_on_one_machine_are_measured_one_after_the_other():
     assert hs.machine_of(device("a")) == hs.machine_of(device("b")) == hs.machine_of(ssh("127.0.0.1")) == "local"
     assert hs.machine_of(ssh("pi.lan")) != hs.machine_of(ssh("jetson.lan"))
     assert hs.machine_of(ssh("127.0.0.1", proxy_jump="bastion")) != "local"
+
+
+def test_results_store_gets_every_evaluation_once_across_a_crash_and_resume(tmp_path):
+    from host.store import RunRecorder, Store
+
+    space = resnet_like_space()
+    devs = [device("d1"), device("d2", round_to=8)]
+    tset = targets_for(devs, "d1:latency_p50_ms=0.5x", "d2:latency_p50_ms=0.6x", drop=5.0)
+    store = Store(str(tmp_path / "r.db"))
+    with pytest.raises(KeyboardInterrupt):
+        with RunRecorder(store, "r1", "search", command=[], provenance={}) as rec:
+            hs.start(options(tmp_path), devs, tset, out=tmp_path / "r1", run_id="r1", space=space,
+                     evaluator=FakeEvaluator(space, crash_after=3), recorder=rec)
+    assert store.run("r1")["status"] == "interrupted" and len(store.evaluations("r1")) == 3
+    with RunRecorder(store, "r1", "search", command=[], provenance={}, resume=True) as rec:
+        res = hs.resume("r1", out=tmp_path / "r1", space=space, evaluator=FakeEvaluator(space), recorder=rec)
+    lines = [json.loads(x) for x in (tmp_path / "r1" / hs.EVALUATIONS).read_text().splitlines()]
+    evals = store.evaluations("r1")
+    assert sorted((e["device_id"], e["key"]) for e in evals) == sorted((x["device"], x["key"]) for x in lines)
+    for d in res.devices:   # numbered 1..n per device, verdicts filled in at the end
+        mine = [e for e in evals if e["device_id"] == d.device_id]
+        assert sorted(e["seq"] for e in mine) == list(range(1, d.device_evals + 1))
+        chosen = next(e for e in mine if e["key"] == d.chosen["key"])
+        assert chosen["meets"] is True
+    assert len(store.measurements("r1")) == len(lines)
+    run = store.run("r1")
+    assert run["status"] == "complete" and [d["device_id"] for d in run["summary"]["devices"]] == ["d1", "d2"]

@@ -31,10 +31,10 @@ def fake(monkeypatch):
     made = []
     real = hs._execute
 
-    def execute(folder, run_id, opts, devices, targets, events, _space, _evaluator):
+    def execute(folder, run_id, opts, devices, targets, events, _space, _evaluator, recorder=None):
         ev = FakeEvaluator(space)
         made.append(ev)
-        return real(folder, run_id, opts, devices, targets, events, space, ev)
+        return real(folder, run_id, opts, devices, targets, events, space, ev, recorder)
 
     monkeypatch.setattr(hs, "_execute", execute)
     return made
@@ -117,14 +117,20 @@ def test_interrupt_prints_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     space = resnet_like_space()
     real = hs._execute
-    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v: real(f, r, o, d, t, e, space,
-                                                                             FakeEvaluator(space, crash_after=1)))
+    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v, rec: real(
+        f, r, o, d, t, e, space, FakeEvaluator(space, crash_after=1), rec))
     code, out, err = search("--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "5",
                             "--run-id", "ctrl-c", capsys=capsys)
     assert code == 130
     assert "search interrupted; completed evaluations are in results/search/ctrl-c/evaluations.jsonl; continue " \
            "with: edgeprune search --resume ctrl-c" in out
     assert len((tmp_path / "results" / "search" / "ctrl-c" / hs.EVALUATIONS).read_text().splitlines()) == 1
+    # the results store (default results/edgeprune.db) has that one evaluation, and the run says interrupted
+    from host.store import Store
+
+    with Store("results/edgeprune.db", create=False) as s:
+        assert s.run("ctrl-c")["status"] == "interrupted"
+        assert [e["seq"] for e in s.evaluations("ctrl-c")] == [1] and len(s.measurements("ctrl-c")) == 1
 
 
 @pytest.mark.slow

@@ -124,8 +124,9 @@ def test_lower_precisions_are_passed_and_what_the_device_did_is_recorded(tmp_pat
     path = random_model(tmp_path / "model.onnx")
     sess = load(path, {"precision": precision})
     assert sess.info["precision_hint"] == precision == sess.info["compile_config"]["INFERENCE_PRECISION_HINT"]
-    # a CPU without native bf16/f16 (this AMD EPYC: AVX2 only) runs f32 and says so when read back
-    assert sess.info["inference_precision"] in (precision, "f32")
+    # what the CPU really did, read back: a CPU without native bf16/f16 (AVX2 only) runs f32; one with AVX512-BF16
+    # and AMX but no native f16 (a Sapphire Rapids class Xeon) runs an f16 hint as bf16
+    assert sess.info["inference_precision"] in (precision, "f32", "bf16")
     x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert np.abs(sess.run(x) - load_ort(path).run(x)).max() <= 0.5
 
@@ -387,7 +388,9 @@ def test_myriad_gets_no_precision_thread_or_stream_settings(myriad: List[Tuple[s
     assert info["inference_num_threads"] is None and info["num_streams"] is None
     assert info["performance_hint"] == "LATENCY"
     x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    assert np.abs(sess.run(x) - load_ort(path).run(x)).max() <= 1e-4
+    # the stand-in MYRIAD compiles on this CPU with no precision hint: OpenVINO's CPU default, bf16 on a CPU with
+    # AVX512-BF16 (a real MYRIAD runs f16); either is far within 1e-2 of f32 on this small model
+    assert np.abs(sess.run(x) - load_ort(path).run(x)).max() <= 1e-2
     assert myriad[-1] == ("MYRIAD", {"PERFORMANCE_HINT": "LATENCY"})  # batch 2 compiled static on first use
 
 
