@@ -84,7 +84,9 @@ def check_input(actual_name: str, actual_shape: List[Optional[int]], spec: Artif
 # ------------------------------------------------------------------------------------------- onnxruntime
 _ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)",
                "int8": "tensor(int8)"}
-_ORT_OPTIONS = ("providers",)
+_ORT_OPTIONS = ("providers", "graph_optimization_level")
+_ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+               "disable": "ORT_DISABLE_ALL"}
 
 
 class OrtSession(Session):
@@ -108,6 +110,9 @@ class OnnxRuntime(Runtime):
     ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu. Each
     must be in ``get_available_providers()`` and must actually start: a provider onnxruntime drops at session
     creation (a missing CUDA library) is an error, not a silent fall-back to the CPU.
+    ``graph_optimization_level``: ``all`` (default), ``extended``, ``basic`` or ``disable`` — onnxruntime's graph
+    optimisation levels, for checking what the optimiser is worth on a device (on x86 CPUs ``all`` adds the NCHWc
+    layout transforms: ResNet-20 runs about 1.8x faster than with ``basic``).
     """
 
     def version(self) -> str:
@@ -131,7 +136,11 @@ class OnnxRuntime(Runtime):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = options.get("graph_optimization_level", "all")
+        if level not in _ORT_LEVELS:
+            raise RuntimeBackendError("runtime.options.graph_optimization_level: %r is not one of %s"
+                                      % (level, ", ".join(_ORT_LEVELS)))
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[level])
         sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         applied = list(sess.get_providers())
         dropped = [p for p in providers if p not in applied]

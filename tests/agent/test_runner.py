@@ -157,13 +157,21 @@ def test_linked_artifact_keeps_its_name_in_the_job_folder(job_dir: MakeJob, tmp_
     (lambda d: d["runtime"].update(options={"providers": ["NoSuchExecutionProvider"]}),
      "runtime.options.providers: NoSuchExecutionProvider not available in this onnxruntime (available: "),
     (lambda d: d["runtime"].update(options={"provider": ["CPUExecutionProvider"]}),
-     "runtime.options.provider: unknown option for onnxruntime (knows: providers)"),
+     "runtime.options.provider: unknown option for onnxruntime (knows: providers, graph_optimization_level)"),
+    (lambda d: d["runtime"].update(options={"graph_optimization_level": "max"}),
+     "runtime.options.graph_optimization_level: 'max' is not one of all, extended, basic, disable"),
 ])
 def test_model_and_runtime_mismatches_are_clear(job_dir: MakeJob, edit: Callable[[Dict[str, Any]], None],
                                                 message: str) -> None:
     r = run(job_dir(edit))
     assert r.status == "error" and r.error is not None
     assert r.error.type == "RuntimeBackendError" and message in r.error.message
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "extended", "all"])
+def test_onnxruntime_graph_optimization_levels_run(job_dir: MakeJob, level: str) -> None:
+    r = run(job_dir(lambda d: d["runtime"].update(options={"graph_optimization_level": level})))
+    assert r.status == "ok" and r.timing is not None and r.accuracy is not None
 
 
 def test_batch_size_against_a_fixed_batch_model(job_dir: MakeJob) -> None:
