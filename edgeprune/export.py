@@ -221,11 +221,18 @@ class Manifest:
             man = cls(**doc)
         except TypeError as e:
             raise UsageError(f"{source}: not an edgeprune manifest ({e})") from None
-        if not isinstance(man.files, dict) or any(not isinstance(n, str) or not n or Path(n).name != n
-                                                  for n in man.files):
+        if not isinstance(man.files, dict):
             raise UsageError(f"{source}: files: must map plain file names (no folders) to sha256")
-        if Path(man.file).name != man.file or man.files.get(man.file) != man.sha256:
-            raise UsageError(f"{source}: file: {man.file!r} must be a plain file name listed in files with its sha256")
+        for name in man.files:
+            problem = plain_name_problem(name)
+            if problem is not None:
+                raise UsageError(f"{source}: files: must map plain file names (no folders) to sha256: {name!r} "
+                                 f"{problem}")
+        problem = plain_name_problem(man.file)
+        if problem is not None:
+            raise UsageError(f"{source}: file: {man.file!r} {problem}")
+        if man.files.get(man.file) != man.sha256:
+            raise UsageError(f"{source}: file: {man.file!r} must be listed in files with its sha256")
         man.version = MANIFEST_VERSION
         return man
 
@@ -246,6 +253,96 @@ class Manifest:
                 raise ExportError(f"{p}: missing (listed in the manifest of {self.file})")
             if sha256_file(p) != digest:
                 raise ExportError(f"{p}: sha256 does not match its manifest (changed after export?)")
+
+
+def plain_name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` is not a plain file name that stays in its folder, or None: the rule of the agent's job schema
+    (``agent.schema.file_name_problem``), so that a manifest the host accepts names files the agent accepts.
+    Not empty, no '/' or '\\', no NUL, not starting with '.' (neither '.', '..' nor a hidden file), <= 255 chars."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty file name"
+    if "/" in name or "\\" in name:
+        return "must be a plain file name, without folders ('/' or '\\')"
+    if "\0" in name:
+        return "must not contain NUL"
+    if name.startswith("."):
+        return "must not start with '.' (no '.', '..' or hidden files)"
+    if len(name) > 255:
+        return "is longer than 255 characters"
+    return None
+
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}
+
+
+def check_artifact(path: Union[str, Path], manifest: "Manifest", source: str = "manifest") -> None:
+    """UsageError unless ``path`` is the kind of model ``manifest`` says (``source`` names the manifest): a file of
+    its ``format`` that the host can read (ONNX: parsed and checked, with an input ``input_name`` of the manifest's
+    ``input_shape`` and ``input_dtype``; OpenVINO IR: an XML ``<net>``; TFLite: a FlatBuffer with the ``TFL3``
+    identifier; TorchScript: a zip archive). Checks the sha256 cannot make: a file whose manifest was written for
+    it (or rewritten to match) but which is not a model, or not that model. Cheap: nothing is run."""
+    path = Path(path)
+    where = f"{path} (manifest {source})"
+    fmt = manifest.format
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read the artifact: {e.strerror}") from None
+    if fmt == "onnx":
+        _check_onnx(path, manifest, where)
+    elif fmt == "openvino-ir":
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.parse(path).getroot()
+        except (ET.ParseError, OSError) as e:
+            raise UsageError(f"{where}: format: not an OpenVINO IR (.xml does not parse: {e})") from None
+        if root.tag != "net":
+            raise UsageError(f"{where}: format: not an OpenVINO IR (root element <{root.tag}>, not <net>)")
+    elif fmt == "tflite":
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            raise UsageError(f"{where}: format: not a TFLite model (no TFL3 FlatBuffer identifier; truncated or "
+                             "another kind of file?)")
+    elif fmt == "torchscript":
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"{where}: format: not a TorchScript archive (not a zip file; truncated?)")
+
+
+def _check_onnx(path: Path, manifest: "Manifest", where: str) -> None:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))       # by path: external data (a model > 2 GB) is found beside it
+    except Exception as e:  # protobuf's DecodeError, onnx's ValidationError, ...: the file is not a usable ONNX
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UsageError(f"{where}: format: not a valid ONNX model (truncated or another kind of file?): "
+                         f"{reason}") from None
+    if not model.graph.node:
+        raise UsageError(f"{where}: format: not a valid ONNX model (its graph has no nodes; truncated or another "
+                         "kind of file?)")
+    inits = {i.name for i in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input if i.name not in inits}
+    if manifest.input_name not in inputs:
+        raise UsageError(f"{where}: input_name: the model has no input {manifest.input_name!r} (its inputs: "
+                         f"{', '.join(inputs) or 'none'})")
+    t = inputs[manifest.input_name].type.tensor_type
+    dims: List[Union[int, str]] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                   for d in t.shape.dim]
+    want = list(manifest.input_shape)
+    fits = len(dims) == len(want) and all(not isinstance(d, int) or d == w or (i == 0 and manifest.dynamic_batch)
+                                          for i, (d, w) in enumerate(zip(dims, want)))
+    if not fits:
+        raise UsageError(f"{where}: input_shape: the manifest says {want} but the model's input "
+                         f"{manifest.input_name!r} is {dims}")
+    dtype = _ONNX_DTYPES.get(t.elem_type)
+    if dtype is not None and manifest.format == "onnx" and manifest.precision != "int8" \
+            and dtype != manifest.input_dtype:
+        raise UsageError(f"{where}: input_dtype: the manifest says {manifest.input_dtype} but the model's input "
+                         f"{manifest.input_name!r} is {dtype}")
 
 
 def _legacy_export_format(fmt: str, precision: str) -> str:

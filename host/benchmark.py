@@ -83,7 +83,24 @@ def artifact_from(model: str, workdir: Path) -> Tuple[Path, export.Manifest]:
         man.check_files(manifest.parent)
     except ExportError as e:
         raise UsageError(f"{e} (manifest {manifest})") from None
+    export.check_artifact(manifest.parent / man.file, man, str(manifest))
     return manifest.parent / man.file, man
+
+
+@dataclass
+class BenchInputs:
+    """What ``--model`` names and the eval data, checked before a run starts (:func:`check_inputs`)."""
+
+    artifact: Optional[Tuple[Path, export.Manifest]]   # None: a reference model, exported when the run starts
+    eval: data.Split
+
+
+def check_inputs(model: str, eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS) -> BenchInputs:
+    """Every input of a bench run, checked before anything is recorded or built: the artifact (its files against the
+    manifest, and that the primary file is the model the manifest describes) and the eval split (the CIFAR-10
+    test file of ``EDGEPRUNE_DATA`` when there is one). UsageError naming the argument, file and field."""
+    artifact = None if model in models.MODELS else artifact_from(model, Path("."))
+    return BenchInputs(artifact, data.eval_split(eval_per_class))
 
 
 @dataclass
@@ -98,17 +115,20 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
               run_id: Optional[str] = None, threads: Optional[int] = None, quick: bool = False,
               eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS, state_path: Path = state.DEFAULT_PATH,
               events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
-              **fleet_kw: object) -> BenchResult:
+              inputs: Optional[BenchInputs] = None, **fleet_kw: object) -> BenchResult:
     """Measure the artifact on every device in parallel. With ``recorder`` (the results store), each device's
-    result is recorded in its own transaction as it arrives."""
+    result is recorded in its own transaction as it arrives. ``inputs``: :func:`check_inputs` of the same
+    ``model_or_dir`` and ``eval_per_class``, when the caller checked them already."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if threads is not None and threads < 1:
         raise UsageError("--threads: must be >= 1")
     out = Path(out) if out is not None else Path("results") / "runs" / run_id
     (out / "reports").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    art, man = artifact_from(model_or_dir, out)
-    ev = data.eval_split(eval_per_class)
+    if inputs is None:
+        inputs = check_inputs(model_or_dir, eval_per_class)
+    art, man = inputs.artifact if inputs.artifact is not None else artifact_from(model_or_dir, out)
+    ev = inputs.eval
     shard = ev.save(out / f"{ev.name}-{len(ev)}.npz")
     shard_sha = models.sha256_file(shard)
     if recorder is not None:

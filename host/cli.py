@@ -190,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _select(fleet: Optional[str], ids: Optional[str]) -> "List[DeviceConfig]":
-    from host.devices import load_fleet, local_device
+def _select(fleet: Optional[str], ids: Optional[str], *, connect: bool = True) -> "List[DeviceConfig]":
+    """The chosen devices. ``connect``: the command will reach them, so the local files their configs name (an
+    SSH key, known_hosts) are checked now, before anything is recorded or built."""
+    from host.devices import check_local_files, load_fleet, local_device
 
     devices = load_fleet(fleet) if fleet else [local_device()]
     if ids:
@@ -201,14 +203,22 @@ def _select(fleet: Optional[str], ids: Optional[str]) -> "List[DeviceConfig]":
         if missing:
             raise UsageError(f"--devices: {', '.join(missing)} not in the fleet (has: {', '.join(known)})")
         devices = [known[i] for i in wanted]
+    if connect:
+        for d in devices:
+            check_local_files(d)
     return devices
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
-    from host.benchmark import run_bench, new_run_id, check_run_id
+    from host.benchmark import check_inputs, run_bench, new_run_id, check_run_id
 
     devices = _select(args.fleet, args.devices)
-    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads: must be >= 1")
+    run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
+    # the artifact (every file against its manifest, and that it is the model the manifest describes) and the eval
+    # data, checked before the results store records a run: bad input leaves no trace there
+    inputs = check_inputs(args.model)
     recorder = _recorder(args, run_id, "bench")
     console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
     with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -221,7 +231,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                 progress.console.print(f"{dev_id}: {msg}", highlight=False)
 
         result = run_bench(args.model, devices, out=args.out, run_id=run_id, threads=args.threads, quick=args.quick,
-                           events=events, lease_wait_s=args.lease_wait, recorder=recorder)
+                           events=events, lease_wait_s=args.lease_wait, recorder=recorder, inputs=inputs)
         recorder.summary = {"rows": result.rows}
     table = Table(title=f"edgeprune bench {args.model} — run {result.run_id}")
     for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "power W", "mJ/inf", "status"):
@@ -245,7 +255,7 @@ def _devices(args: argparse.Namespace, console: Console) -> int:
     from host import state
     from host.health import check_devices
 
-    devices = _select(args.fleet, args.devices)
+    devices = _select(args.fleet, args.devices, connect=args.action == "check")
     if args.action == "check":
         results = check_devices(devices)
     else:
@@ -319,9 +329,11 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             kw[name] = getattr(args, name)
     opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
     opts.validate()
+    from edgeprune import data
     from host.benchmark import check_run_id, new_run_id
 
-    run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
+    data.eval_split(opts.eval_per_class)   # the eval data checked before the store records a run
     recorder = _recorder(args, run_id, "demo", seeds={"seed": opts.seed})
     console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
 
@@ -528,7 +540,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         opts = _search_options(args)
         devices = _select(args.fleet, args.devices)
         targets = device_targets(devices, parse_cli(args.target, args.max_accuracy_drop, args.targets))
-        run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+        run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     folder = search.run_dir(run_id, args.out)
     if args.resume is not None:
         search.read_run(folder)   # a run folder that is not there fails before the store records anything
@@ -582,6 +594,14 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     return 0 if result.all_met else 1
 
 
+def _one_line(e: BaseException) -> str:
+    """An error message as printed: one line (a YAML snippet, a database's or a library's multi-line text folded),
+    with rich markup escaped (a path or a value with ``[...]`` in it is printed as it is)."""
+    from rich.markup import escape
+
+    return escape(" ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -606,10 +626,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return args.handler(args, console)
         parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse enforces choices
     except UsageError as e:
-        err.print(f"[red]edgeprune: error:[/] {e}", highlight=False)
+        err.print(f"[red]edgeprune: error:[/] {_one_line(e)}", highlight=False)
         return 2
     except EdgepruneError as e:
-        err.print(f"[red]edgeprune: failed:[/] {e}", highlight=False)
+        err.print(f"[red]edgeprune: failed:[/] {_one_line(e)}", highlight=False)
         return 1
     except KeyboardInterrupt:
         err.print("edgeprune: interrupted; completed results are in the output folder")

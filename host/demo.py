@@ -77,6 +77,10 @@ class DemoOptions:
             raise UsageError("--finetune-seconds: must be > 0")
         if self.eval_per_class is not None and self.eval_per_class < 1:
             raise UsageError("--eval-per-class: must be >= 1")
+        if self.device.transport != "local":
+            raise UsageError(f"{self.device.source or 'device'}: transport: the demo runs on this machine and needs "
+                             f"transport: local, not {self.device.transport!r} (measure an SSH device with "
+                             "edgeprune bench --fleet or edgeprune search --fleet)")
         if self.device.runtime.name != "onnxruntime":
             raise UsageError(f"{self.device.source or 'device'}: runtime.name: the demo exports ONNX and needs "
                              f"onnxruntime, not {self.device.runtime.name!r}")

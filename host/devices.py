@@ -18,6 +18,7 @@ whichever alias either one uses); a targets file and the command line override b
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -33,10 +34,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _known(kind: str, name: str, known: List[str]) -> str:
+    """``name`` when the agent shipped from this host knows it; else a field error listing what it knows."""
+    if name not in known:
+        raise PydanticCustomError("unknown_name", "unknown {kind} {name}; known: {known}",
+                                  {"kind": kind, "name": repr(name), "known": ", ".join(known)})
+    return name
+
+
 class RuntimeConfig(_Strict):
     name: str = "onnxruntime"
     threads: int = Field(1, ge=0)
     options: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _agent_has_it(cls, name: str) -> str:
+        from agent.runtimes import runtime_names   # the registry only: no runtime is imported
+
+        return _known("runtime", name, runtime_names())
 
 
 class TimingConfig(_Strict):
@@ -59,6 +75,13 @@ class PowerConfig(_Strict):
     idle_w: Optional[float] = Field(None, ge=0)
     max_w: Optional[float] = Field(None, ge=0)
     options: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sensor")
+    @classmethod
+    def _agent_has_it(cls, name: str) -> str:
+        from agent.power import sensor_names
+
+        return _known("power sensor", name, sensor_names())
 
 
 class SSHConfig(_Strict):
@@ -290,6 +313,72 @@ def _child(node: Optional[yaml.Node], key: str) -> Optional[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return next((v for k, v in node.value if getattr(k, "value", None) == key), None)
     return None
+
+
+def local_path(dev: DeviceConfig, value: str) -> Path:
+    """A path of ``dev``'s config on this machine: ``~`` expanded; a relative path is relative to the folder of the
+    config file it was read from (else to the current folder). The SSH transport resolves ``ssh.key`` and
+    ``ssh.known_hosts`` the same way."""
+    p = Path(os.path.expanduser(value))
+    if not p.is_absolute() and dev.source:
+        p = Path(dev.source).resolve().parent / p
+    return p
+
+
+# a known_hosts entry: [@marker] hosts keytype base64-key [comment]
+_KH_KEYTYPE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[A-Za-z0-9@._-]+|[a-z0-9-]+-cert-v01@openssh\.com"
+                         r"|[A-Za-z0-9._-]+@[A-Za-z0-9._-]+)$")
+_KH_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+def _known_hosts_problem(path: Path) -> Optional[str]:
+    """Why the known_hosts file at ``path`` cannot be used, or None (a file that is not there is fine: every key
+    is then unknown, and refused or recorded as ``host_key_policy`` says)."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        return f"{path} is not a regular file (a directory?)"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not a known_hosts file (not text)"
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0].startswith("@"):          # @cert-authority / @revoked
+            fields = fields[1:]
+        ok = len(fields) >= 3 and _KH_KEYTYPE.match(fields[1]) is not None and \
+            _KH_B64.match(fields[2]) is not None and len(fields[2]) % 4 == 0
+        if not ok:
+            return f"{path}:{n}: not a known_hosts entry (HOSTS KEYTYPE BASE64-KEY)"
+    return None
+
+
+def check_local_files(dev: DeviceConfig) -> None:
+    """ConfigError naming the device file and field when a file the config names on this machine cannot serve:
+    ``ssh.key`` missing, not a file or unreadable; ``ssh.known_hosts`` a folder, unreadable or not a known_hosts
+    file. Checked by the commands that connect (bench, search, devices check) before they start any work."""
+    if dev.transport != "ssh" or dev.ssh is None:
+        return
+    where = dev.source or f"device {dev.id}"
+    if dev.ssh.key is not None:
+        key = local_path(dev, dev.ssh.key)
+        if not key.is_file():
+            what = "is not a file" if key.exists() else "does not exist"
+            raise ConfigError(f"{where}: ssh.key: private key file {key} {what}")
+        try:
+            with open(key, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ConfigError(f"{where}: ssh.key: cannot read {key}: {e.strerror}") from None
+    problem = _known_hosts_problem(local_path(dev, dev.ssh.known_hosts))
+    if problem is not None:
+        raise ConfigError(f"{where}: ssh.known_hosts: {problem}")
 
 
 def resolve_device(spec: Optional[str]) -> DeviceConfig:

@@ -284,7 +284,7 @@ class Store:
             if row is not None and not resume:
                 raise StoreError(f"--run-id: {run_id!r} is already in the results store {self.name} "
                                  f"({row.kind}, {row.status}); choose another id"
-                                 + (" or resume it" if kind == "search" else ""))
+                                 + (" or resume it" if kind == "search" == row.kind else ""))
             if row is not None:
                 if row.kind != kind:
                     raise StoreError(f"--resume: {run_id!r} is a {row.kind} run in {self.name}, not a {kind} run")

@@ -304,7 +304,9 @@ def _read_file(path: Path, src: TargetSources) -> None:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a targets file is a mapping with default:, classes: and/or devices:")
     unknown = sorted(set(doc) - {"default", "classes", "devices"})
@@ -364,6 +366,11 @@ def check_device_targets(dev: Any, ts: TargetSet) -> None:
         if m in ts.targets and power is None:
             raise UsageError(f"{ts.targets[m].source}: device {dev.id} has no power section in its config, so "
                              f"its {METRICS[m].label} cannot be measured")
+    p50, p90 = ts.targets.get("latency_p50_ms"), ts.targets.get("latency_p90_ms")
+    if p50 is not None and p90 is not None and not p50.relative and not p90.relative and p90.value < p50.value:
+        raise UsageError(f"{p90.source}: latency_p90_ms <= {p90.value:g} ms is below latency_p50_ms <= "
+                         f"{p50.value:g} ms ({p50.source}) for device {dev.id}: contradictory (the 90th percentile "
+                         "is never below the median)")
     p = ts.targets.get("power_w")
     if p is not None and not p.relative and power is not None and power.sensor == "model" \
             and power.idle_w is not None and p.value < power.idle_w:
@@ -373,6 +380,10 @@ def check_device_targets(dev: Any, ts: TargetSet) -> None:
 
 def impossible_reason(dev: Any, bounds: Bounds) -> Optional[str]:
     """Why ``bounds`` cannot be met on ``dev`` whatever is pruned, where that is known from its config."""
+    p50, p90 = bounds.limits.get("latency_p50_ms"), bounds.limits.get("latency_p90_ms")
+    if p50 is not None and p90 is not None and p90 < p50:
+        return (f"latency_p90_ms <= {p90:.4g} ms is below latency_p50_ms <= {p50:.4g} ms: the 90th percentile is "
+                "never below the median, so no model can meet both")
     power = getattr(dev, "power", None)
     lim = bounds.limits.get("power_w")
     if lim is not None and power is not None and power.sensor == "model" and power.idle_w is not None \
