@@ -34,10 +34,13 @@ def render(rows, when: str) -> str:
     out = [BEGIN, "", f"Produced by `python scripts/reliability_table.py` on {when}.", "",
            "| kind | fault or bad input | asserted behaviour | outcome | s | test |",
            "| --- | --- | --- | --- | --- | --- |"]
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
     for r in rows:
-        test = r["test"].split("::", 1)
-        out.append(f"| {r.get('kind', '')} | {r.get('what', '')} | {r.get('expected', '')} | "
-                   f"{ICON.get(r['outcome'], r['outcome'])} | {r['seconds']:g} | `{test[0]}::{test[-1]}` |")
+        test = r["test"].split("::")
+        out.append(f"| {r.get('kind', '')} | {cell(r.get('what', ''))} | {cell(r.get('expected', ''))} | "
+                   f"{ICON.get(r['outcome'], r['outcome'])} | {r['seconds']:g} | `{cell(test[0] + '::' + test[-1])}` |")
     out += ["", END]
     return "\n".join(out)
 

@@ -74,7 +74,23 @@ def pytest_runtest_makereport(item, call):
     if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
         import json
 
-        row = {"test": item.nodeid, "outcome": "skipped" if rep.skipped else rep.outcome,
+        outcome = "xfailed" if hasattr(rep, "wasxfail") else ("skipped" if rep.skipped else rep.outcome)
+        row = {"test": item.nodeid, "outcome": outcome,
                "seconds": round(rep.duration, 2), **{k: str(v) for k, v in mark.kwargs.items()}}
         with open(RELIABILITY_OUT, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With EDGEPRUNE_RELIABILITY_LIST=FILE, write each reliability-marked test's id and mark there (one JSON line
+    each): what ``tests/test_reliability_table.py`` checks the README's table against."""
+    path = os.environ.get("EDGEPRUNE_RELIABILITY_LIST")
+    if not path:
+        return
+    import json
+
+    with open(path, "w") as f:
+        for item in items:
+            mark = item.get_closest_marker("reliability")
+            if mark is not None:
+                f.write(json.dumps({"test": item.nodeid, **{k: str(v) for k, v in mark.kwargs.items()}}) + "\n")
