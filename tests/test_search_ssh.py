@@ -75,7 +75,7 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
     assert res.all_met
 
     records = [json.loads(x) for x in (out / hs.EVALUATIONS).read_text().splitlines()]
-    artifacts = {}
+    artifacts, kept_by = {}, {}
     for dev_id, (_, align, lat) in DEVICES.items():
         r = results[dev_id]
         mine = [x for x in records if x["kind"] == "device" and x["device"] == dev_id]
@@ -93,6 +93,7 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
         artifact = chosen / man["file"]
         assert artifact.is_file() and _sha256(artifact) == man["sha256"] == cand["artifact_sha256"]
         artifacts[dev_id] = man["sha256"]
+        kept_by[dev_id] = cand["candidate"]["kept"]
         # measured on that device: the artifact went into its own cache, over its own SSH connection
         dev = next(d for d in devs if d.id == dev_id)
         assert (Path(dev.ssh.cache_dir) / man["sha256"]).is_file()
@@ -109,5 +110,7 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
         assert rep.timing.latency_ms.median == pytest.approx(r.chosen["latency_p50_ms"])
         assert rep.timing.latency_ms.median <= bound
         assert 100.0 * (dense[0]["metrics"]["top1"] - rep.accuracy.top1) <= MAX_DROP_PP
-    assert artifacts["pi-a"] != artifacts["pi-b"]
+    # each built for its device (own alignment, own plan, checked above); the bytes are the same exactly when the
+    # two searches settled on the same channels (on a fast CPU 0.9x and 0.8x can land on one configuration)
+    assert (artifacts["pi-a"] == artifacts["pi-b"]) == (kept_by["pi-a"] == kept_by["pi-b"])
     assert {x["device"] for x in records if x["kind"] == "device"} == set(DEVICES)
