@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,13 +152,26 @@ def run_job(job: JobSpec, base_dir: Path, root: str = "/") -> Report:
         _run(job, Path(base_dir), root, report, rss)
     except Exception as e:  # every failure becomes the report's error; what was measured is kept
         report.status = "error"
-        report.error = ErrorInfo(type=type(e).__name__, message=str(e) or repr(e))
+        report.error = ErrorInfo(type=type(e).__name__, message=error_message(e, rss))
     finally:
         if saved_affinity is not None:
             proc.cpu_affinity(saved_affinity)
     report.peak_rss_mb = rss.peak_mb()
     report.finished_at = _now()
     return report
+
+
+# how runtimes say an allocation failed (onnxruntime: std::bad_alloc, its arena's "Failed to allocate memory")
+_OUT_OF_MEMORY = re.compile(r"bad_alloc|failed to allocate memory|out of memory|cannot allocate memory", re.I)
+
+
+def error_message(e: BaseException, rss: PeakRss) -> str:
+    """The report's error message for ``e``; an allocation failure (a bare ``MemoryError()``, a runtime's
+    ``std::bad_alloc``) is said to be one, with the peak RSS reached, rather than left to be guessed."""
+    message = str(e) or repr(e)
+    if isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(message):
+        message = "out of memory on the device (peak RSS %.0f MB): %s" % (rss.peak_mb(), message)
+    return message
 
 
 def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) -> None:

@@ -100,10 +100,18 @@ class Lease:
         if self._renewer is not None:
             self._renewer.join(timeout=5)
         if self.token is not None:
-            try:
-                self._agent("release", "--token", self.token)
-            except DeviceError as e:  # it expires by itself after ttl_s
-                log.warning("%s: lease release failed (it expires in %.0f s): %s", self.device_id, self.ttl_s, e)
+            for attempt in range(3):
+                try:
+                    self._agent("release", "--token", self.token)
+                    break
+                except DeviceError as e:
+                    # a connection lost at the end of a run: reconnect and release (a lease held for nothing would
+                    # keep the next controller waiting ttl_s); an unreachable device (timed out) is left to the TTL
+                    if attempt == 2 or not e.infrastructure or getattr(e, "timed_out", False):
+                        log.warning("%s: lease release failed (it expires in %.0f s): %s", self.device_id,
+                                    self.ttl_s, e)
+                        break
+                    time.sleep(attempt + 1)
             self.token = None
 
 
@@ -125,29 +133,50 @@ class DeviceOutcome:
 def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retries: int = 2, backoff_s: float = 2.0,
                   lease_wait_s: float = 300.0, lease_ttl_s: float = 120.0, events: Optional[Events] = None,
                   transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> DeviceOutcome:
-    """Run ``job`` on ``dev`` under its lease; never raises for a device problem."""
+    """Run ``job`` on ``dev`` under its lease; never raises for a device problem.
+
+    Infrastructure failures (:attr:`DeviceError.infrastructure`: connection lost, timeout, no report) are
+    retried after ``backoff_s * 2**n`` on a fresh connection, at most ``retries`` times in all, whether they
+    happen while taking the lease (the device's first contact, which may upload the agent) or running the job."""
     emit = events or (lambda *a: None)
     out = DeviceOutcome(dev.id)
     t0 = time.monotonic()
     transport = None
+    failures = 0
+
+    def retry_or_raise(e: DeviceError) -> None:
+        nonlocal failures
+        if not e.infrastructure or failures == retries:
+            raise e
+        delay = backoff_s * 2 ** failures
+        failures += 1
+        emit(dev.id, "retry", f"{e}; retrying in {delay:.0f} s")
+        if transport is not None:
+            transport.close()  # reconnect on the next attempt
+        time.sleep(delay)
+
     try:
         transport = transport_factory(dev)
         emit(dev.id, "lease", "taking the device lease")
-        with Lease(transport, dev.id, ttl_s=lease_ttl_s, wait_s=lease_wait_s, label=job.job_id) as lease:
+        lease = Lease(transport, dev.id, ttl_s=lease_ttl_s, wait_s=lease_wait_s, label=job.job_id)
+        while True:
+            try:
+                lease.__enter__()
+                break
+            except DeviceError as e:
+                retry_or_raise(e)
+        try:
             out.lease_wait_s = lease.waited_s
-            for attempt in range(retries + 1):
-                out.attempts = attempt + 1
-                emit(dev.id, "run", f"running {job.job_id} (attempt {attempt + 1})")
+            while True:
+                out.attempts += 1
+                emit(dev.id, "run", f"running {job.job_id} (attempt {out.attempts})")
                 try:
                     out.report = transport.run_job(job, Path(workdir) / dev.id / job.job_id)
                     break
                 except DeviceError as e:
-                    if not e.infrastructure or attempt == retries:
-                        raise
-                    delay = backoff_s * 2 ** attempt
-                    emit(dev.id, "retry", f"{e}; retrying in {delay:.0f} s")
-                    transport.close()  # reconnect on the next attempt
-                    time.sleep(delay)
+                    retry_or_raise(e)
+        finally:
+            lease.__exit__(None, None, None)
     except DeviceError as e:
         out.error, out.error_type = str(e), type(e).__name__
     except Exception as e:  # one broken device must not stop the others; say what happened

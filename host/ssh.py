@@ -9,8 +9,15 @@ Connection
     Lazy, like fabric's ``Connection``: nothing happens until the first command; ``close()`` closes SFTP, the
     client and a ProxyJump client together (also a context manager). One connection per device is reused for
     every command (an ``exec`` on a fresh connection costs a full handshake). TCP_NODELAY is set: without it
-    every command waits on delayed ACKs. Timeouts: TCP connect, banner, auth and channel open all use
-    ``ssh.connect_timeout_s``; keepalives every ``ssh.keepalive_s``; every command has a deadline.
+    every command waits on delayed ACKs. Timeouts: TCP connect, banner and auth use ``ssh.connect_timeout_s``;
+    keepalives every ``ssh.keepalive_s``; every command has a deadline, opening its channel included (a channel
+    that does not open in time fails that command only: on a slow link the request may wait behind an upload that
+    shares the connection, which must not be cut for it).
+    A dead link is detected: paramiko's keepalives expect no answer and its writer retries a full socket
+    forever, so a link that went down under an upload hung the controller until the kernel gave up (15 min and
+    more). Where the OS has it (Linux), ``TCP_USER_TIMEOUT`` (:func:`dead_after_s`: three keepalive intervals,
+    like OpenSSH's ServerAliveCountMax, else ``command_timeout_s``) makes the kernel drop a connection whose data
+    stays unacknowledged that long; the keepalives make sure there is data in flight while a command waits.
 
 Host keys
     ``ssh.known_hosts`` is loaded; an unknown key is refused (``reject``) or recorded once then pinned
@@ -27,11 +34,16 @@ Device cache (``ssh.cache_dir``, default ``~/.cache/edgeprune``, ``~`` meaning t
     ``<cache>/<sha256>``                  artifacts, eval shards and agent bundles, named by their sha256
     ``<cache>/agent-<sha256>/agent/``     an agent bundle unpacked (to a temp dir, then renamed: atomic)
     ``<cache>/jobs/<job_id>.<random>/``   one job's folder (``job.json``, ``agent.log``, ``report.json``, and
-                                          ``artifact/``: the artifact's files linked under their own names),
-                                          created fresh for each job and removed when it ends
+                                          ``artifact/``: the artifact's files linked under their own names,
+                                          ``.pgid`` and ``.lock``: see below), created fresh for each job and
+                                          removed when it ends
     Uploads go to ``<cache>/<sha256>.tmp.<random>`` over SFTP and are renamed into place only after the device's
     own python has verified their sha256. An entry counts as cached only if it exists *and* its sha256 verifies
-    on the device; a tampered entry is deleted and uploaded again.
+    on the device; a tampered entry is deleted and uploaded again. Files that do not fit in the cache's free space
+    (the helper reports it) are refused before any byte is sent, and an upload that ran out of space says so:
+    "no space left on the device", what is free and what was needed (retrying cannot help). A temp file left by
+    a lost connection is removed by the transport's next helper call, or by any helper once it is
+    :data:`STALE_UPLOAD_S` old; it is never taken for a cached entry.
 
 Artifacts of several files (OpenVINO IR's ``.xml`` + ``.bin``, a TensorRT ONNX and its int8 calibration npz:
 ``artifact.files`` in the job) travel file by file through the cache, each under its sha256; in the job folder
@@ -43,9 +55,14 @@ Per job (cache warm) this is one remote command: a small helper (:data:`DEVICE_H
 python with ``-c``) verifies the cached inputs, creates the job folder and its artifact links, runs
 ``python -m agent run job.json --out report.json`` in it (``PYTHONPATH`` = the unpacked bundle), prints a marker
 line, a one-line JSON header and the report's bytes, then removes the folder. The agent is killed at
-``timeout_s + grace_s`` by the helper itself (so a host that vanished leaves nothing running); the host's own
-deadline, a little later, kills the whole process group. A cold cache adds one SFTP upload per missing file and
-one more command.
+``timeout_s + grace_s`` by the helper itself, and at once when sshd, the host's end of the helper's stdout, is
+gone (POLLERR on it), so a host that vanished leaves nothing running; the host's own deadline, a little later,
+kills the whole process group. A job the host lost track of while sshd lives on (its connection died on a link
+that was down, or its deadline passed with no connection to kill it over) is stopped by the transport's next
+helper call, before anything else runs: the job folder records the helper's process group (``.pgid``) and the
+helper holds a lock (``.lock``) for as long as it lives, so the next helper knows whether that group is still
+the job's before it kills it. A retry never measures beside its abandoned first attempt (the lease's promise).
+A cold cache adds one SFTP upload per missing file and one more command.
 
 Errors: :class:`SSHError` (a :class:`~edgeprune.errors.DeviceError`) with ``infrastructure=True`` when the
 connection, the transport or a timeout failed (a runner may retry those, on this device or another) and
@@ -66,6 +83,7 @@ import re
 import secrets
 import select
 import shlex
+import signal
 import socket
 import threading
 import time
@@ -89,6 +107,7 @@ AGENT_PACKAGE = Path(__import__("agent").__file__).resolve().parent
 MAX_OUTPUT_BYTES = 16 << 20          # stdout and stderr of one command, each
 MAX_REPORT_BYTES = 16 << 20
 LOG_TAIL_CHARS = 4000
+STALE_UPLOAD_S = 3600.0              # a temp upload untouched this long on the device is a dead one: removed
 SFTP_REQUEST_BYTES = 128 << 10       # per SFTP write, within the server's limits@openssh.com (bench/transport.py)
 UPLOAD_READ_BYTES = 1 << 20
 _PID_MARK = b"EDGEPRUNE_PID "
@@ -127,6 +146,7 @@ class Counters:
     bytes_uploaded: int = 0
     cache_hits: int = 0          # cached entries found and verified on the device (agent bundle included)
     cache_replaced: int = 0      # cached entries whose sha256 did not verify: deleted, then uploaded again
+    orphans_stopped: int = 0     # jobs left running on the device by a lost connection, stopped by the next command
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
@@ -157,7 +177,8 @@ def agent_bundle(package: Path = AGENT_PACKAGE) -> Tuple[bytes, str]:
 # Run on the device as ``<python> -c DEVICE_HELPER SPEC_JSON`` (job.json on stdin when SPEC has "run").
 # Python 3.8+, standard library only. It prints one JSON header line, then the report's bytes (if any).
 DEVICE_HELPER = r'''
-import hashlib, json, os, shutil, signal, subprocess, sys, tempfile, zipfile
+import fcntl, hashlib, json, os, re, select, shutil, signal, subprocess, sys, tempfile, time, zipfile
+UPLOAD_RE = re.compile(r"^[0-9a-f]{64}\.tmp\.[0-9a-f]{16}$")   # what _upload names a file while it travels
 def sha256(p):
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -202,19 +223,75 @@ def link_all(cache, links, pairs):
             except OSError:
                 shutil.copyfile(src, dst)
     return None
+def claim(jobdir):
+    # this helper's process group, then a lock held for its lifetime: evict() sees whether it still runs
+    with open(os.path.join(jobdir, ".pgid"), "w") as f:
+        f.write(str(os.getpgid(0)))
+    fd = os.open(os.path.join(jobdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+def evict(jobs, name, out):
+    # a job of this host's that it lost track of (connection lost, deadline passed): stop it if it still runs
+    d = os.path.join(jobs, name)
+    if "/" in name or name.startswith(".") or not os.path.isdir(d):
+        return
+    try:
+        fd = os.open(os.path.join(d, ".lock"), os.O_RDWR)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:                 # held: its helper still runs
+            try:
+                with open(os.path.join(d, ".pgid")) as f:
+                    os.killpg(int(f.read()), signal.SIGKILL)
+                out["evicted"].append(name)
+            except (OSError, ValueError):
+                pass
+            for _ in range(200):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+    shutil.rmtree(d, ignore_errors=True)
 def run_agent(run, jobdir, bundle_dir, out):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([p for p in (bundle_dir, env.get("PYTHONPATH")) if p])
     logpath = os.path.join(jobdir, "agent.log")
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)   # a Python handler: the agent's exit writes to wake_w
+    signal.set_wakeup_fd(wake_w)
+    watch = select.poll()
+    watch.register(wake_r, select.POLLIN)
+    watch.register(1, 0)        # stdout: POLLERR/POLLHUP once sshd, the host's end of it, is gone
+    deadline = time.monotonic() + run["timeout_s"]
     with open(logpath, "wb") as logf:
         proc = subprocess.Popen([run["python"], "-m", "agent"] + run["argv"], cwd=jobdir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            out["rc"] = proc.wait(timeout=run["timeout_s"])
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                out["timed_out"] = True
+                break
+            ready = dict(watch.poll(min(left, 60.0) * 1000))
+            try:
+                os.read(wake_r, 4096)
+            except OSError:
+                pass
+            if ready.get(1, 0) & (select.POLLERR | select.POLLHUP):
+                out["host_gone"] = True
+                break
+        if proc.returncode is None:
             proc.kill()
             proc.wait()
-            out["timed_out"] = True
+        else:
+            out["rc"] = proc.returncode
     out["log_tail"] = tail(logpath, run["log_tail"])
     rp = os.path.join(jobdir, "report.json")
     if not os.path.isfile(rp):
@@ -239,13 +316,28 @@ def main():
     spec = json.loads(sys.argv[1])
     cache = spec["cache"]
     out = {"hits": [], "missing": [], "replaced": [], "committed": [], "bad_upload": [], "rc": None,
-           "timed_out": False, "report_size": None, "report_error": None, "log_tail": "", "link_error": None}
+           "timed_out": False, "report_size": None, "report_error": None, "log_tail": "", "link_error": None,
+           "bad_upload_sizes": {}, "evicted": [], "discarded": [], "host_gone": False, "free": None}
+    jobs = os.path.join(cache, "jobs")
+    for name in spec.get("evict", []):
+        evict(jobs, name, out)
+    now = time.time()
+    for name in os.listdir(cache):
+        if UPLOAD_RE.match(name):       # an upload whose connection was lost: the host's, or stale
+            p = os.path.join(cache, name)
+            try:
+                if name in spec.get("discard", []) or now - os.stat(p).st_mtime > spec.get("stale_upload_s", 3600):
+                    os.unlink(p)
+                    out["discarded"].append(name)
+            except OSError:
+                pass
     for sha, tmp in spec.get("commit", []):
         t = os.path.join(cache, tmp)
         if sha256(t) == sha:
             os.replace(t, os.path.join(cache, sha))
             out["committed"].append(sha)
         else:
+            out["bad_upload_sizes"][sha] = os.path.getsize(t)
             os.unlink(t)
             out["bad_upload"].append(sha)
     for sha in spec.get("want", []):
@@ -261,15 +353,17 @@ def main():
             unpack(cache, b, d)
         else:
             out["missing"].append(b)
+    st = os.statvfs(cache)
+    out["free"] = st.f_bavail * st.f_frsize
     run = spec.get("run")
     report = b""
     if run and not out["missing"] and not out["bad_upload"]:
-        jobs = os.path.join(cache, "jobs")
         if not os.path.isdir(jobs):
             os.makedirs(jobs, 0o700)
         jobdir = os.path.join(jobs, run["jobdir"])
         os.mkdir(jobdir, 0o700)
         try:
+            claim(jobdir)
             with open(os.path.join(jobdir, "job.json"), "wb") as f:
                 f.write(sys.stdin.buffer.read())
             out["link_error"] = link_all(cache, os.path.join(jobdir, "artifact"), run.get("links", []))
@@ -277,6 +371,8 @@ def main():
                 report = run_agent(run, jobdir, d, out)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)
+    if out["host_gone"]:
+        os.killpg(0, signal.SIGKILL)  # nobody to report to: the agent is stopped, and so is everything it started
     sys.stdout.buffer.write(b"EDGEPRUNE_HELPER\n" + json.dumps(out).encode() + b"\n" + report)
     sys.stdout.buffer.flush()
     if out["timed_out"]:
@@ -395,6 +491,14 @@ def parse_jump(spec: str, default_user: str) -> Tuple[str, str, int]:
     return m.group("user") or default_user, m.group("host").strip("[]"), int(m.group("port") or 22)
 
 
+def dead_after_s(ssh: SSHConfig) -> float:
+    """Seconds after which a connection whose sent data is still unacknowledged counts as dead (the socket's
+    ``TCP_USER_TIMEOUT``): three keepalive intervals (OpenSSH's ServerAliveInterval x ServerAliveCountMax 3),
+    or ``command_timeout_s`` without keepalives; never under ``connect_timeout_s``."""
+    base = 3 * ssh.keepalive_s if ssh.keepalive_s > 0 else ssh.command_timeout_s
+    return max(base, ssh.connect_timeout_s)
+
+
 def quote_argv(argv: Sequence[Union[str, os.PathLike]]) -> str:
     """One shell command line from an argv list: every element quoted, nothing interpolated."""
     if not argv:
@@ -433,6 +537,10 @@ class SSHTransport:
         self._cache: Optional[str] = None
         self._pkey: Optional[paramiko.PKey] = None
         self._bundle: Optional[Tuple[bytes, str]] = None
+        # left on the device when a connection was lost: jobs that may still run there (their folder names) and
+        # partial uploads (their temp names); the next helper call stops and removes them
+        self._abandoned: List[str] = []
+        self._discard: List[str] = []
 
     # -- lifecycle
     def __enter__(self) -> "SSHTransport":
@@ -545,6 +653,8 @@ class SSHTransport:
             if sock is None:
                 sock = socket.create_connection((host, port), timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):     # Linux: see dead_after_s
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after_s(ssh) * 1000))
             client.connect(host, port, username=user, pkey=pkey, allow_agent=pkey is None,
                            look_for_keys=pkey is None, timeout=timeout, banner_timeout=timeout,
                            auth_timeout=timeout, channel_timeout=timeout, sock=sock)
@@ -576,6 +686,10 @@ class SSHTransport:
                 "ssh-keygen -R %s -f %s and add the new one."
                 % (where, name, e.key.get_name(), fingerprint(e.key), at, fingerprint(e.expected_key),
                    shlex.quote(name), shlex.quote(str(self.known_hosts))))
+        if isinstance(e, paramiko.AuthenticationException) and "timeout" in str(e).lower():
+            # paramiko's "Authentication timeout.": no answer within auth_timeout, which says nothing of the key
+            return SSHError("%s: no answer to authentication within %g s (timed out)" % (where, timeout),
+                            infrastructure=True, timed_out=True)
         if isinstance(e, paramiko.AuthenticationException) or (
                 isinstance(e, paramiko.SSHException) and "No authentication methods available" in str(e)):
             how = ("the key %s" % self._local_path(self.ssh.key) if self.ssh.key
@@ -657,7 +771,15 @@ class SSHTransport:
         deadline = time.monotonic() + timeout
         t = self._transport()
         with self._wire(what):
-            chan = t.open_session(timeout=self.ssh.connect_timeout_s)
+            try:
+                chan = t.open_session(timeout=max(1.0, deadline - time.monotonic()))
+            except paramiko.SSHException as e:
+                if not (t.is_active() and "Timeout opening channel" in str(e)):
+                    raise
+                # the connection is alive but busy (a slow link queued megabytes of an upload ahead of the
+                # request): this command fails; the upload or job sharing the connection must not fail with it
+                raise SSHError("%s: `%s`: no channel opened within %g s (link or device busy)"
+                               % (self.where, what, timeout), infrastructure=True, timed_out=True) from None
         self.counters.commands_run += 1
         out, err = bytearray(), bytearray()
         pid: List[Optional[int]] = [None]
@@ -780,20 +902,36 @@ class SSHTransport:
     def _helper(self, spec: Dict[str, Any], sources: Dict[str, Union[Path, bytes]], stdin: Optional[bytes],
                 timeout: float) -> Tuple[Dict[str, Any], bytes]:
         """Run DEVICE_HELPER; upload what it reports missing and run it again with those commits."""
-        spec = dict(spec, cache=self.cache_dir(), commit=[])
+        cache = self.cache_dir()
+        with self._lock:
+            spec = dict(spec, cache=cache, commit=[], evict=list(self._abandoned), discard=list(self._discard),
+                        stale_upload_s=STALE_UPLOAD_S)
         for attempt in (1, 2):
             script = "exec " + quote_argv([self.python, "-c", DEVICE_HELPER, json.dumps(spec, sort_keys=True)])
             rc, out, err = self._exec(script, timeout, stdin, what="%s -c <edgeprune device helper>" % self.python)
             header, body = _parse_helper_output(out)
             if not isinstance(header, dict):
+                text = err.decode("utf-8", "replace").strip()
+                if "Traceback (most recent call last)" in text:   # it ran, and failed: its last line says why
+                    raise SSHError("%s: the device helper failed (exit %d): %s"
+                                   % (self.where, rc, text.splitlines()[-1]), infrastructure=rc < 0 or rc > 128)
                 raise SSHError("%s: the device helper failed (exit %d; is %r a Python >= 3.8? set `python` in %s): %s"
                                % (self.where, rc, self.python, self.device.source or "the device config",
-                                  err.decode("utf-8", "replace").strip()[-LOG_TAIL_CHARS:] or "no output"),
+                                  text[-LOG_TAIL_CHARS:] or "no output"),
                                infrastructure=rc < 0 or rc > 128)   # killed (OOM, signal): may pass next time
+            with self._lock:               # the lease's renewal thread shares this transport
+                self._abandoned = [n for n in self._abandoned if n not in spec["evict"]]
+                self._discard = [n for n in self._discard if n not in spec["discard"]]
+            self.counters.orphans_stopped += len(header["evicted"])
+            if header["evicted"]:
+                log.warning("%s: stopped job(s) %s left running on the device when the connection was lost",
+                            self.where, ", ".join(header["evicted"]))
             if attempt == 1:
                 self.counters.cache_hits += len(header["hits"])
             self.counters.cache_replaced += len(header["replaced"])
             if header["bad_upload"]:
+                self._check_space(header, sources, {sha: header["bad_upload_sizes"].get(sha, 0)
+                                                    for sha in header["bad_upload"]})
                 raise SSHError("%s: %s hashed right here but not on the device after the upload (a disk or "
                                "transfer fault there)" % (self.where, ", ".join(header["bad_upload"])),
                                infrastructure=True)
@@ -802,12 +940,51 @@ class SSHTransport:
             if attempt == 2:  # pragma: no cover - the helper commits before it checks
                 raise SSHError("%s: %s still missing after upload" % (self.where, header["missing"]),
                                infrastructure=True)
+            self._check_space(header, sources, {sha: 0 for sha in header["missing"]},
+                              unpack=spec.get("bundle") in header["missing"])
             for sha in header["missing"]:
                 spec["commit"].append([sha, self._upload(sources[sha], sha)])
             if header["replaced"]:
                 log.warning("%s: cache entries %s did not match their sha256: replaced", self.where,
                             ", ".join(header["replaced"]))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_space(self, header: Dict[str, Any], sources: Dict[str, Union[Path, bytes]], have: Dict[str, int],
+                     unpack: bool = False) -> None:
+        """SSHError (retrying cannot help) when the device's cache has less free space than the files in ``have``
+        still need (their sizes less the bytes already there); an agent bundle to ``unpack`` needs its size twice."""
+        free = header.get("free")
+        if free is None:
+            return
+        need = {sha: max(0, _size(sources[sha]) - got) for sha, got in have.items()}
+        total = sum(need.values()) + (_size(sources[self.bundle()[1]]) if unpack else 0)
+        if total <= free:
+            return
+        what = ", ".join("%s %s" % (sources[sha].name if isinstance(sources[sha], Path) else "the agent bundle",
+                                    _mb(_size(sources[sha]))) for sha in have)
+        raise SSHError("%s: no space left on the device for the upload: its cache %s has %s free, %s needed (%s)"
+                       % (self.where, self.cache_dir(), _mb(free), _mb(total), what), infrastructure=False)
+
+    def _free_space(self) -> Optional[int]:
+        """Free bytes in the device's cache (None when that cannot be found out)."""
+        try:
+            rc, out, _ = self.run([self.python, "-c", "import os, sys; s = os.statvfs(sys.argv[1]); "
+                                   "print(s.f_bavail * s.f_frsize)", self.cache_dir()],
+                                  timeout=self.ssh.connect_timeout_s)
+            return int(out) if rc == 0 else None
+        except (SSHError, ValueError):
+            return None
+
+    @contextmanager
+    def _discarded_if_lost(self, tmp: str) -> Iterator[None]:
+        """An upload whose connection is lost leaves ``<cache>/tmp`` behind: the next helper call removes it."""
+        try:
+            yield
+        except SSHError as e:
+            if e.infrastructure:
+                with self._lock:
+                    self._discard.append(tmp)
+            raise
 
     def _upload(self, source: Union[Path, bytes], sha256: str) -> str:
         """SFTP ``source`` to ``<cache>/<sha256>.tmp.<random>``; return that name (relative to the cache)."""
@@ -822,7 +999,7 @@ class SSHTransport:
             raise SSHError("%s: cannot read %s to upload it: %s" % (self.where, source, e.strerror),
                            infrastructure=False) from None
         t0 = time.perf_counter()
-        with src, self._wire("uploading to %s" % remote):
+        with src, self._discarded_if_lost(tmp), self._wire("uploading to %s" % remote):
             try:
                 with sftp.open(remote, "wb") as f:
                     f.set_pipelined(True)
@@ -834,11 +1011,23 @@ class SSHTransport:
                         local_hash.update(block)
                         f.write(block)
                         size += len(block)
+            except socket.timeout:                # no answer within command_timeout_s: the link, not the file
+                self.close()
+                raise SSHError("%s: uploading to %s: no progress within %g s; connection dropped"
+                               % (self.where, remote, self.ssh.command_timeout_s), infrastructure=True,
+                               timed_out=True) from None
             except OSError as e:                  # paramiko's SFTP status errors (no space, permission) are OSErrors
-                if not self.connected:
+                if not self.connected or sftp.get_channel().closed:
                     raise                             # ... and so is a dead socket: _wire says "connection lost"
-                raise SSHError("%s: cannot write %s on the device: %s" % (self.where, remote, e),
-                               infrastructure=False) from None
+                free = self._free_space()         # before the partial file goes: is it what filled the disk?
+                try:
+                    sftp.remove(remote)
+                except (OSError, paramiko.SSHException, EOFError):
+                    pass
+                full = "no space left on the device: " if free is not None and free < _size(source) else ""
+                raise SSHError("%s: %scannot write %s there: %s (%s; %s free)"
+                               % (self.where, full, remote, e, _mb(_size(source)),
+                                  "unknown" if free is None else _mb(free)), infrastructure=False) from None
         if local_hash.hexdigest() != sha256:
             with self._wire("removing %s" % remote):
                 sftp.remove(remote)
@@ -908,6 +1097,9 @@ class SSHTransport:
             header, body = self._helper(spec, sources, schema.dumps(remote).encode(),
                                         limit + self.ssh.command_timeout_s)
         except SSHError as e:
+            if e.infrastructure:   # the job may still run there: the next helper call stops it (DEVICE_HELPER evict)
+                with self._lock:
+                    self._abandoned.append(spec["run"]["jobdir"])
             if e.timed_out:
                 self._remove_jobdir(spec["run"]["jobdir"])
                 raise SSHError("job %s: agent did not finish within %.0f s; killed (%s)" % (job.job_id, limit, e),
@@ -924,8 +1116,8 @@ class SSHTransport:
             raise SSHError("job %s: %s" % (job.job_id, header["report_error"]), infrastructure=False)
         if header["report_size"] is None:
             # 2: bad job spec/usage; other codes without a report: a crash; < 0 or > 128: killed by a signal
-            raise SSHError("job %s: agent exited %s without a report: %s"
-                           % (job.job_id, rc, header["log_tail"].strip()[-LOG_TAIL_CHARS:]),
+            raise SSHError("job %s: agent %s without a report: %s"
+                           % (job.job_id, _how_it_ended(rc), header["log_tail"].strip()[-LOG_TAIL_CHARS:]),
                            infrastructure=rc is None or rc < 0 or rc > 128)
         text = body.decode("utf-8", "replace")
         write_text_atomic(report_path, text)
@@ -976,6 +1168,26 @@ def _take_pid(err: bytearray) -> Optional[int]:
     pid = int(err[at + len(_PID_MARK):end])
     del err[at:end + 1]
     return pid
+
+
+def _how_it_ended(rc: Optional[int]) -> str:
+    """``exited 1``, or for a process killed by a signal (``rc`` < 0, as subprocess reports it) which one."""
+    if rc is None or rc >= 0:
+        return "exited %s" % rc
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = "signal %d" % -rc
+    hint = " (the kernel's OOM killer does this when the device runs out of memory)" if name == "SIGKILL" else ""
+    return "was killed by %s%s" % (name, hint)
+
+
+def _size(source: Union[Path, bytes]) -> int:
+    return len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+
+
+def _mb(n: int) -> str:
+    return "%.2f MB" % (n / 1e6)
 
 
 def _check_sha(sha256: str) -> str:
