@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from edgeprune.errors import UsageError
+from host.store import dig
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -184,14 +185,6 @@ def _load(store: "Store", run_id: str) -> _Ctx:
     return ctx
 
 
-def _g(d: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(p)
-    return d
-
-
 def _num(x: Any) -> Optional[float]:
     if isinstance(x, bool) or x is None:
         return None
@@ -219,7 +212,7 @@ def _row_from_measurement(m: Dict[str, Any], ev: Optional[Dict[str, Any]]) -> _R
         device=str(m["device_id"]), label=label, short=_short(label, ratio), ok=m.get("status") == "ok",
         error=m.get("error"), model=m.get("model"),
         p50=_num(m.get("latency_p50_ms")), p90=_num(m.get("latency_p90_ms")), p99=_num(m.get("latency_p99_ms")),
-        cv=_num(m.get("latency_cv")), cv_warn=_num(_g(report, "timing", "protocol", "cv_warn")),
+        cv=_num(m.get("latency_cv")), cv_warn=_num(dig(report, "timing", "protocol", "cv_warn")),
         throughput=_num(m.get("throughput_ips")), top1=_num(m.get("top1")), top5=_num(m.get("top5")),
         power=_num(m.get("power_w")), power_source=m.get("power_source"), modelled=m.get("power_modelled"),
         energy=_num(m.get("energy_mj")), memory=_num(m.get("memory_mb")), throttled=m.get("throttled"),
@@ -236,7 +229,7 @@ def _row_from_evaluation(e: Dict[str, Any]) -> _Row:
     report = rec.get("report") if isinstance(rec.get("report"), dict) else {}
     ratio = _num(e.get("ratio"))
     if ratio is None:
-        ratio = _num(_g(rec, "candidate", "ratio"))
+        ratio = _num(dig(rec, "candidate", "ratio"))
     label = f"evaluation {e.get('seq')}"
     power = report.get("power") if isinstance(report.get("power"), dict) else {}
     err = rec.get("error")
@@ -244,11 +237,11 @@ def _row_from_evaluation(e: Dict[str, Any]) -> _Row:
         device=str(e["device_id"]), label=label, short=_short(label, ratio), ok=bool(e.get("ok")),
         error=None if e.get("ok") else str(err or "the device did not measure it"),
         p50=_num(met.get("latency_p50_ms")), p90=_num(met.get("latency_p90_ms")),
-        p99=_num(_g(report, "timing", "latency_ms", "p99")), cv=_num(_g(report, "timing", "latency_ms", "cv")),
+        p99=_num(dig(report, "timing", "latency_ms", "p99")), cv=_num(dig(report, "timing", "latency_ms", "cv")),
         throughput=_num(met.get("throughput_ips")), top1=_num(met.get("top1")),
         power=_num(met.get("power_w")), power_source=power.get("source"), modelled=power.get("modelled"),
         energy=_num(met.get("energy_mj")), memory=_num(met.get("memory_mb")),
-        samples=[float(s) for s in (_g(report, "timing", "samples_ms") or []) if _num(s) is not None],
+        samples=[float(s) for s in (dig(report, "timing", "samples_ms") or []) if _num(s) is not None],
         warnings=[str(w) for w in (report.get("warnings") or [])], report=report, ev=e, ratio=ratio,
         sha=e.get("artifact_sha256") or rec.get("artifact_sha256"), meets=e.get("meets"))
 
@@ -286,7 +279,7 @@ def _mark_chosen(ctx: _Ctx) -> str:
             hit = _find(rows, pick)
             how = how or "the run's summary"
         if hit is None:
-            flagged = [r for r in rows if _g(r.ev, "record", "chosen") is True]
+            flagged = [r for r in rows if dig(r.ev, "record", "chosen") is True]
             if flagged:
                 hit = flagged[0]
                 how = how or "the search's record"
@@ -303,7 +296,7 @@ def _mark_chosen(ctx: _Ctx) -> str:
 def _ev_key(r: _Row) -> Optional[str]:
     if r.ev is None:
         return None
-    return r.ev.get("key") or _g(r.ev, "record", "key") or None
+    return r.ev.get("key") or dig(r.ev, "record", "key") or None
 
 
 def _find(rows: Sequence[_Row], pick: Optional[Mapping[str, Any]]) -> Optional[_Row]:
@@ -798,8 +791,8 @@ def _power(ctx: _Ctx) -> str:
     out.append(_figure(lambda: _bars_fig(ctx, panels), "power and energy per inference per measurement"))
     body = [[_dev_chip(ctx, r.device), _e(r.label), _e(r.power_source or NA),
              ('<span class="mod">yes*</span>' if r.modelled else "no" if r.modelled is not None else NA),
-             _power_cell(r), _energy_cell(r), _e(_g(r.report, "power", "samples") or NA),
-             _f(_g(r.report, "power", "sample_hz"), ".1f")]
+             _power_cell(r), _energy_cell(r), _e(dig(r.report, "power", "samples") or NA),
+             _f(dig(r.report, "power", "sample_hz"), ".1f")]
             for r in ctx.rows if r.power is not None or r.energy is not None]
     out.append(_table(["device", "measurement", "source", "modelled", "#power W", "#energy mJ/inf", "#samples",
                        "#sample Hz"], body))
@@ -818,9 +811,9 @@ def _accuracy(ctx: _Ctx) -> str:
         return "".join(out) + "</section>"
     out.append(_figure(lambda: _bars_fig(ctx, [("top1", "top-1 accuracy (measured on the device)")], pct=True),
                        "top-1 accuracy per measurement"))
-    body = [[_dev_chip(ctx, r.device), _e(r.label), _e(_g(r.report, "accuracy", "split") or NA),
-             _e(_g(r.report, "accuracy", "n") or NA), _pct(r.top1), _pct(r.top5),
-             f"<code>{_e(_clip(_g(r.report, 'accuracy', 'eval_sha256'), 17) or NA)}</code>"] for r in rows]
+    body = [[_dev_chip(ctx, r.device), _e(r.label), _e(dig(r.report, "accuracy", "split") or NA),
+             _e(dig(r.report, "accuracy", "n") or NA), _pct(r.top1), _pct(r.top5),
+             f"<code>{_e(_clip(dig(r.report, 'accuracy', 'eval_sha256'), 17) or NA)}</code>"] for r in rows]
     out.append(_table(["device", "measurement", "split", "#images", "#top-1", "#top-5", "eval shard sha256"], body))
     missing = [r for r in ctx.rows if r.ok and r.top1 is None]
     if missing:
@@ -973,7 +966,7 @@ def _identity(ctx: _Ctx, d: str) -> Dict[str, Any]:
 
 
 def _protocol(ctx: _Ctx) -> str:
-    timed = [r for r in ctx.rows if isinstance(_g(r.report, "timing", "protocol"), dict)]
+    timed = [r for r in ctx.rows if isinstance(dig(r.report, "timing", "protocol"), dict)]
     if not timed:
         return _nodata("no measurement reported a timing protocol")
     protos = [dict(r.report["timing"]["protocol"]) for r in timed]

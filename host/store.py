@@ -559,7 +559,8 @@ def _upsert_device(conn: sa.Connection, run_id: str, device_id: str, device_clas
                      .values(**values))
 
 
-def _get(d: Any, *path: str) -> Any:
+def dig(d: Any, *path: str) -> Any:
+    """``d[path[0]][path[1]]...``, or None where a level is missing or not a mapping (agent reports, job specs)."""
     for p in path:
         if not isinstance(d, Mapping):
             return None
@@ -574,35 +575,35 @@ def measurement_row(run_id: str, key: str, *, device_id: str, report: Mapping[st
     """The ``measurements`` row for one agent report (flattened metrics, plus the full report)."""
     report = _jsonable(report) or {}
     job = _jsonable(job)
-    lat = _get(report, "timing", "latency_ms") or {}
-    err = _get(report, "error")
+    lat = dig(report, "timing", "latency_ms") or {}
+    err = dig(report, "error")
     status = str(report.get("status") or "error")
-    sha = (manifest or {}).get("sha256") or _get(job, "artifact", "sha256")
-    fmt = (manifest or {}).get("format") or _get(job, "artifact", "format")
+    sha = (manifest or {}).get("sha256") or dig(job, "artifact", "sha256")
+    fmt = (manifest or {}).get("format") or dig(job, "artifact", "format")
     extra = dict(extra or {})
     return dict(
         run_id=run_id, key=key, device_id=device_id, label=label or key,
         model=model or (manifest or {}).get("model"), artifact_sha256=sha or None, format=fmt,
-        runtime=_get(report, "identity", "runtime") or _get(job, "runtime", "name"),
-        runtime_version=_get(report, "identity", "runtime_version"),
-        threads=_get(job, "runtime", "threads"),
-        batch_size=_get(report, "timing", "batch_size") or _get(job, "timing", "batch_size"),
+        runtime=dig(report, "identity", "runtime") or dig(job, "runtime", "name"),
+        runtime_version=dig(report, "identity", "runtime_version"),
+        threads=dig(job, "runtime", "threads"),
+        batch_size=dig(report, "timing", "batch_size") or dig(job, "timing", "batch_size"),
         status=status, error=(f"{err.get('type')}: {err.get('message')}" if isinstance(err, Mapping) else
                               (str(err) if err else None)),
         latency_p50_ms=lat.get("median"), latency_p90_ms=lat.get("p90"), latency_p99_ms=lat.get("p99"),
         latency_mean_ms=lat.get("mean"), latency_cv=lat.get("cv"),
-        iterations=_get(report, "timing", "iterations"),
-        throughput_ips=_get(report, "timing", "throughput_ips"),
-        power_w=_get(report, "power", "mean_w"), power_source=_get(report, "power", "source"),
-        power_modelled=_get(report, "power", "modelled"),
-        energy_mj=_get(report, "power", "energy_mj_per_inference"),
+        iterations=dig(report, "timing", "iterations"),
+        throughput_ips=dig(report, "timing", "throughput_ips"),
+        power_w=dig(report, "power", "mean_w"), power_source=dig(report, "power", "source"),
+        power_modelled=dig(report, "power", "modelled"),
+        energy_mj=dig(report, "power", "energy_mj_per_inference"),
         memory_mb=report.get("peak_rss_mb"),
-        top1=_get(report, "accuracy", "top1"), top5=_get(report, "accuracy", "top5"),
-        eval_n=_get(report, "accuracy", "n"),
-        throttled=_get(report, "thermal", "throttled"),
+        top1=dig(report, "accuracy", "top1"), top5=dig(report, "accuracy", "top5"),
+        eval_n=dig(report, "accuracy", "n"),
+        throttled=dig(report, "thermal", "throttled"),
         macs=extra.get("macs"), params=extra.get("params"),
         warnings=list(report.get("warnings") or []),
-        samples_ms=list(_get(report, "timing", "samples_ms") or []),
+        samples_ms=list(dig(report, "timing", "samples_ms") or []),
         extra=extra, job=job, report=report, recorded_at=now())
 
 
