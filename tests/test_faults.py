@@ -226,18 +226,25 @@ def test_link_down_mid_run_then_back(lab):
        "connection dropped, retried when the link returns; abandoned agent stopped first; recorded once")
 def test_link_down_mid_run_past_the_dead_link_limit(lab):
     dev = lab.device(client_alive=False)     # sshd's default: its session (and the agent) outlive the connection
+    frozen: List[int] = []
 
     def cut() -> None:
-        wait_for("the agent", dev.agent_pids, 60, 0.01)
+        frozen.extend(wait_for("the agent", dev.agent_pids, 60, 0.01))
         dev.net.link(False)
+        # the abandoned agent must still be running when the retry reaches the device, however long the retry
+        # takes to get back in: frozen, it cannot finish on its own (with a 9 s measurement instead, a slow CI
+        # machine once let it finish first and there was nothing left to stop). Only the retry's eviction ends it.
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
         time.sleep(5)
         dev.net.link(True)
 
     # keepalives every second: 3 s without an acknowledgement is a dead connection
     with AgentWatch([dev]) as watch, background(cut):
-        (o,) = lab.run([dev], "run-cut", ssh=dict(keepalive_s=1.0), backoff_s=1.0, retries=3,
-                       timing=dict(min_duration_s=9.0))     # the first attempt's agent outlives the retry's start
+        (o,) = lab.run([dev], "run-cut", ssh=dict(keepalive_s=1.0), backoff_s=1.0, retries=4,
+                       timing=dict(min_duration_s=2.0))
     assert o.ok and o.attempts >= 2, o.error
+    assert len(frozen) == 1 and frozen[0] not in dev.agent_pids()     # the frozen agent was stopped (SIGKILL)
     first, second = sorted(watch.first_seen, key=watch.first_seen.get)[:2]
     # the first attempt's agent was still measuring when the retry reached the device: the retry stopped it
     # (DEVICE_HELPER evict) instead of measuring beside it
