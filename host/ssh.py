@@ -99,13 +99,12 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 from agent import schema
 from edgeprune.errors import ConfigError, DeviceError
 from host.devices import DeviceConfig, SSHConfig
-from host.transport import ARTIFACT_DIR, artifact_files, write_text_atomic
+from host.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 AGENT_PACKAGE = Path(__import__("agent").__file__).resolve().parent
 MAX_OUTPUT_BYTES = 16 << 20          # stdout and stderr of one command, each
-MAX_REPORT_BYTES = 16 << 20
 LOG_TAIL_CHARS = 4000
 STALE_UPLOAD_S = 3600.0              # a temp upload untouched this long on the device is a dead one: removed
 SFTP_REQUEST_BYTES = 128 << 10       # per SFTP write, within the server's limits@openssh.com (bench/transport.py)

@@ -38,6 +38,7 @@ class InfrastructureError(DeviceError):
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
+MAX_REPORT_BYTES = 16 << 20     # a larger report.json is refused unread (host.ssh keeps the same limit)
 
 
 ARTIFACT_DIR = "artifact"   # in the agent's job folder: the artifact's files, linked under their own names
@@ -95,9 +96,10 @@ class LocalTransport:
     name = "local"
 
     def __init__(self, python: Optional[str] = None, grace_s: float = 30.0,
-                 cache_dir: Optional[Path] = None) -> None:
+                 cache_dir: Optional[Path] = None, max_report_bytes: int = MAX_REPORT_BYTES) -> None:
         self.python = python or sys.executable
         self.grace_s = grace_s
+        self.max_report_bytes = max_report_bytes
         self._cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "edgeprune").expanduser())
 
     def cache_dir(self) -> str:
@@ -156,28 +158,44 @@ class LocalTransport:
             shutil.rmtree(jobdir, ignore_errors=True)   # links and copies only: never what they point to
 
     def _run(self, job: schema.JobSpec, job_path: Path, report_path: Path) -> schema.Report:
+        # what the agent prints is never held whole: stdout is not used (the report is the contract) and only
+        # stderr's tail is kept, from a file; a report over the limit is refused by its size, unread -- the same
+        # bounds host.ssh keeps on an SSH device's output
         env = self._env()
         cmd = [self.python, "-m", "agent", "run", str(job_path), "--out", str(report_path)]
-        try:
-            proc = subprocess.Popen(cmd, cwd=job_path.parent, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
-        except OSError as e:
-            raise InfrastructureError(f"job {job.job_id}: cannot start the agent with {self.python}: {e}") from None
-        try:
-            _, err = proc.communicate(timeout=job.timeout_s + self.grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise InfrastructureError(
-                f"job {job.job_id}: agent did not finish within {job.timeout_s + self.grace_s:.0f} s; killed")
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                proc = subprocess.Popen(cmd, cwd=job_path.parent, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            except OSError as e:
+                raise InfrastructureError(f"job {job.job_id}: cannot start the agent with {self.python}: {e}") from None
+            try:
+                proc.wait(timeout=job.timeout_s + self.grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise InfrastructureError(
+                    f"job {job.job_id}: agent did not finish within {job.timeout_s + self.grace_s:.0f} s; killed")
+            err = _tail(stderr, STDERR_TAIL)
         if proc.returncode == 2:  # the agent refused the job spec: retrying cannot help
-            raise DeviceError(f"job {job.job_id}: agent refused the job: {err[-STDERR_TAIL:].strip()}")
-        if not report_path.is_file():
-            raise InfrastructureError(
-                f"job {job.job_id}: agent exited {proc.returncode} without a report: {err[-STDERR_TAIL:].strip()}")
+            raise DeviceError(f"job {job.job_id}: agent refused the job: {err}")
+        try:
+            size = report_path.stat().st_size
+        except FileNotFoundError:
+            raise InfrastructureError(f"job {job.job_id}: agent exited {proc.returncode} without a report: {err}") from None
+        if size > self.max_report_bytes:
+            raise DeviceError(f"{report_path}: report.json is {size} bytes, over the {self.max_report_bytes}-byte "
+                              f"limit; not read")
         try:
             return schema.loads_report(report_path.read_text())
         except schema.SchemaError as e:
             raise DeviceError(f"{report_path}: invalid report from the agent: {e}") from None
         except (OSError, json.JSONDecodeError) as e:  # pragma: no cover - loads_report maps JSON errors
             raise DeviceError(f"{report_path}: unreadable report: {e}") from None
+
+
+def _tail(f, n: int) -> str:
+    """The last ``n`` bytes of the open binary file ``f``, decoded and stripped."""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - n))
+    return f.read().decode("utf-8", "replace").strip()

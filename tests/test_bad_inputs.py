@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import sys
+import tracemalloc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -539,34 +540,44 @@ def test_non_json_report_from_a_device_is_that_devices_error(ctx: Ctx, capsys) -
     assert "invalid report from the agent" in row["error"]
 
 
-HUNDRED_MB = ('  head -c 104857600 /dev/zero | tr "\\0" x > "$6"\n'
-              '  head -c 104857600 /dev/zero | tr "\\0" y')
+FLOOD = ('  head -c 104857600 /dev/zero | tr "\\0" y\n'             # 100 MB on stdout
+         '  head -c 104857600 /dev/zero | tr "\\0" z >&2\n'         # and on stderr
+         '  printf "this is not JSON" > "$6"')
+HUNDRED_MB_REPORT = '  head -c 104857600 /dev/zero | tr "\\0" x > "$6"'
 
 
-@pytest.mark.reliability(kind="bad-input", what="device's agent prints 100 MB and writes a 100 MB non-JSON report",
-                         expected="exit 1: that device's row names the report file; recorded as an error")
+def _bench_garbage_peak(c: Ctx, capsys, name: str, body: str):
+    """``_bench_garbage`` under tracemalloc: also the peak of what Python allocated meanwhile (bytes)."""
+    tracemalloc.start()
+    try:
+        return (*_bench_garbage(c, capsys, name, body), tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+        shutil.rmtree(c.tmp / "results", ignore_errors=True)   # 100 MB stays out of pytest's kept tmp folders
+
+
+@pytest.mark.reliability(kind="bad-input", what="device's agent prints 100 MB on stdout and on stderr, then a "
+                         "non-JSON report (local transport)",
+                         expected="exit 1: that device's row names the report file; recorded as an error; "
+                                  "the output is never held in memory")
 def test_100_mb_of_garbage_from_a_device_is_that_devices_error(ctx: Ctx, capsys) -> None:
-    try:
-        code, out, err, before, after = _bench_garbage(ctx, capsys, "flood", HUNDRED_MB)
-        assert code == 1, (out, err)
-        assert "invalid report from the agent" in out
-        _assert_recorded_as_error(before, after)
-    finally:
-        shutil.rmtree(ctx.tmp / "results", ignore_errors=True)   # 100 MB stays out of pytest's kept tmp folders
+    code, out, err, before, after, peak = _bench_garbage_peak(ctx, capsys, "flood", FLOOD)
+    assert code == 1, (out, err)
+    assert "invalid report from the agent: report is not valid JSON" in out
+    _assert_recorded_as_error(before, after)
+    # stdout is discarded and only stderr's last 4000 bytes are read: before, communicate() held all 200 MB
+    assert peak < 50e6, peak
 
 
-@pytest.mark.xfail(strict=True, reason="needs host/transport.py change: LocalTransport reads the agent's whole stdout "
-                   "(communicate) and report.json (read_text) into memory; it should cap both as host/ssh.py does "
-                   "(MAX_OUTPUT_BYTES, MAX_REPORT_BYTES) and refuse a larger report without reading it, with "
-                   "'report.json exceeds N bytes' in the error")
 @pytest.mark.reliability(kind="bad-input", what="100 MB report through the local transport, refused by size",
-                         expected="exit 1: the device's error says the report exceeds the size limit")
+                         expected="exit 1: the device's error gives the report's size and the limit; "
+                                  "recorded as an error; the report is never read")
 def test_oversized_report_is_refused_by_size_without_reading_it(ctx: Ctx, capsys) -> None:
-    try:
-        code, out, _err, _before, _after = _bench_garbage(ctx, capsys, "flood", HUNDRED_MB)
-        assert code == 1 and "exceeds" in out, out
-    finally:
-        shutil.rmtree(ctx.tmp / "results", ignore_errors=True)
+    code, out, err, before, after, peak = _bench_garbage_peak(ctx, capsys, "flood", HUNDRED_MB_REPORT)
+    assert code == 1 and "report.json is 104857600 bytes, over the 16777216-byte limit; not read" in out, (out, err)
+    row = _assert_recorded_as_error(before, after)
+    assert "over the 16777216-byte limit" in row["error"]
+    assert peak < 50e6, peak
 
 
 # ------------------------------------------------------------------------------------------ the agent's job spec
