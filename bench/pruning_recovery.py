@@ -59,8 +59,7 @@ def recover(model, teacher, args, work: Path, tag: str, cal, ft, masks=None):
 
     res = finetune.finetune(model, ft, epochs=args.epochs, max_seconds=args.minutes * 60, lr=args.lr,
                             batch_size=args.batch_size, seed=args.seed,
-                            teacher=teacher if args.distill > 0 else None,
-                            distill_alpha=args.distill if args.distill > 0 else None,
+                            teacher=teacher, distill_alpha=args.distill,
                             masks=masks, checkpoint=work / f"{tag}.ckpt", progress=progress)
     out = asdict(res)
     out["epochs_done"] = res.images_seen / len(ft)

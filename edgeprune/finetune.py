@@ -195,8 +195,9 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
     The learning-rate schedule is cosine over ``epochs``; the time and step bounds cut it short without
     changing it, so a run stopped by them can be resumed from its ``checkpoint`` to the same end.
 
-    ``teacher``: a dense model to distil from, weighted by ``distill_alpha`` (default 0.5 with a teacher; given
-    without one it is an error) at temperature ``distill_temperature``. ``masks``: 2:4 (or any) sparsity masks
+    ``teacher``: a dense model to distil from, weighted by ``distill_alpha`` (default 0.5 with a teacher; 0 is
+    plain cross-entropy, the teacher unused; given without a teacher it is an error) at temperature
+    ``distill_temperature``. ``masks``: 2:4 (or any) sparsity masks
     to keep exactly, keyed by parameter name (``sparsity.apply_2to4(model).masks``); they are applied at the
     start, so masked weights are zero from the first step. ``checkpoint``: a file (its folder is created) to
     save to every ``checkpoint_every`` steps and resume from (see the module docstring). ``deterministic``:
@@ -232,6 +233,8 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             raise UsageError(f"distill_alpha: must lie in [0, 1], got {distill_alpha}")
         if not distill_temperature > 0:
             raise UsageError(f"distill_temperature: must be > 0, got {distill_temperature}")
+        if alpha == 0.0:
+            teacher = None      # weight 0: plain cross-entropy, and the teacher is never run
     temperature = float(distill_temperature)
     device = device or default_device()
     ckpt_path = Path(checkpoint) if checkpoint is not None else None

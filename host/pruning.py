@@ -199,8 +199,7 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
             emit("stage", f"{tag}: fine-tune on {ft.name} ({len(ft)} images)", 0, None)
             res = finetune.finetune(
                 model, ft, epochs=epochs, max_seconds=seconds, lr=opts.lr, batch_size=opts.batch_size,
-                seed=opts.seed, teacher=base if opts.distill > 0 else None,
-                distill_alpha=opts.distill if opts.distill > 0 else None,
+                seed=opts.seed, teacher=base, distill_alpha=opts.distill,
                 masks=masks, checkpoint=out / "finetune.ckpt",
                 progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
             recovery = {"kind": "finetune", "bn_recalibration": opts.recalibrate, **asdict(res)}

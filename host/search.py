@@ -927,8 +927,8 @@ class FleetEvaluator:
                                        f"{len(ft)} images)")
                 res = finetune.finetune(
                     model, ft, epochs=rec.finetune_epochs, max_seconds=rec.finetune_seconds, lr=rec.lr,
-                    batch_size=rec.batch_size, seed=self.opts.seed, teacher=self.base if rec.distill > 0 else None,
-                    distill_alpha=rec.distill if rec.distill > 0 else None, checkpoint=checkpoint,
+                    batch_size=rec.batch_size, seed=self.opts.seed, teacher=self.base, distill_alpha=rec.distill,
+                    checkpoint=checkpoint,
                     progress=lambda dn, t: self.emit("progress", "", f"{tag}: fine-tune step {dn}/{t}"))
                 info["recovery"] = {"steps": res.steps_done, "planned": res.steps_planned,
                                     "seconds": round(res.seconds, 2), "stopped_by_time": res.stopped_by_time}

@@ -98,7 +98,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from agent import schema
 from edgeprune.errors import ConfigError, DeviceError
-from host.devices import DeviceConfig, SSHConfig
+from host.devices import DeviceConfig, SSHConfig, local_path
 from host.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -571,10 +571,7 @@ class SSHTransport:
 
     def _local_path(self, value: str) -> Path:
         """``~`` expanded; a relative path is relative to the device config file's folder (else to cwd)."""
-        p = Path(os.path.expanduser(value))
-        if not p.is_absolute() and self.device.source:
-            p = Path(self.device.source).resolve().parent / p
-        return p
+        return local_path(self.device, value)
 
     def _private_key(self) -> Optional[paramiko.PKey]:
         if self.ssh.key is None:

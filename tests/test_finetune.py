@@ -104,6 +104,19 @@ def test_finetune_with_teacher(resnet20):
     assert teacher.training and all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
 
 
+def test_distill_weight_zero_is_plain_cross_entropy_and_never_runs_the_teacher(resnet20):
+    split = _small(2)
+    teacher = copy.deepcopy(resnet20[0])
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    plain, zero = copy.deepcopy(resnet20[0]), copy.deepcopy(resnet20[0])
+    r_plain = finetune.finetune(plain, split, epochs=1, batch_size=20, device="cpu", seed=3)
+    r_zero = finetune.finetune(zero, split, epochs=1, batch_size=20, device="cpu", seed=3, teacher=teacher,
+                               distill_alpha=0.0)
+    assert calls == [] and r_zero.distill_alpha is None and r_plain.distill_alpha is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values()))
+
+
 @pytest.mark.parametrize("kw,match", [({"distill_alpha": 0.5}, "distill_alpha: given without a teacher"),
                                       ({"teacher": "same", "distill_alpha": 0.5}, "teacher"),
                                       ({"teacher": "copy", "distill_alpha": 1.5}, "distill_alpha"),
