@@ -10,7 +10,7 @@ Commands (``python -m agent ...``)::
                                        exit 0 ok, 1 job ran but failed (report has status "error"),
                                        2 bad job spec or usage (one line on stderr naming file and field)
     probe [--json]                     describe this device: identity, firmware, runtimes, power sensors
-    lease acquire|renew|release|show --dir DIR [--holder JSON] [--ttl S] [--token T]
+    lease acquire|renew|release|show --dir DIR [--holder JSON] [--ttl S] [--token T] [--request ID]
                                        this device's exclusive lease (see agent.lease); prints JSON
     --version                          print the agent version
 

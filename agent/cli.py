@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--holder", default="{}", help="acquire: JSON object describing the holder")
     le.add_argument("--ttl", type=float, default=600.0, help="acquire/renew: seconds until the lease expires")
     le.add_argument("--token", default="", help="renew/release: the token acquire returned")
+    le.add_argument("--request", default="",
+                    help="acquire: a random id repeated on retries; a live lease taken with it is returned again "
+                         "(the reply to the first acquire was lost)")
     return p
 
 
@@ -73,7 +76,7 @@ def _cmd_lease(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     holder.setdefault("pid", os.getppid())
     if args.action == "acquire":
-        result = lease.acquire(args.dir, holder, args.ttl)
+        result = lease.acquire(args.dir, holder, args.ttl, request=args.request or None)
     elif args.action == "renew":
         result = lease.renew(args.dir, args.token, args.ttl)
     elif args.action == "release":

@@ -6,6 +6,11 @@ Every read-modify-write happens under ``fcntl.flock`` on ``<dir>/lease.lock``, s
 a free or expired lease cannot both win. An expired lease is taken over; a lease is released only with its
 token; the holder renews it while a job runs (``renew``). Times are the device's own clock (UNIX seconds), so
 hosts with skewed clocks still agree.
+
+An acquire may carry a ``request`` id, a random string the controller makes once and repeats when it retries:
+when the reply to an acquire that succeeded is lost with its connection, the retry finds the live lease taken
+with its own request id and gets that lease (and token) back, instead of waiting out the TTL of a lease it holds
+itself. Like the token, the request id is never shown to anyone else.
 """
 from __future__ import annotations
 
@@ -52,28 +57,45 @@ def _live(lease: Optional[Dict[str, Any]], now: float) -> bool:
     return lease is not None and float(lease.get("expires_at", 0)) > now
 
 
+SECRET = ("token", "request")    # what only the holder knows: never in what other controllers see
+
+
+def _public(lease: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {k: v for k, v in (lease or {}).items() if k not in SECRET}
+
+
 def show(directory: Path, now: Optional[float] = None) -> Dict[str, Any]:
     now = time.time() if now is None else now
     with _locked(directory):
         lease = _read(directory)
-    public = {k: v for k, v in (lease or {}).items() if k != "token"}
-    return {"held": _live(lease, now), "lease": public or None, "now": now}
+    return {"held": _live(lease, now), "lease": _public(lease) or None, "now": now}
 
 
-def acquire(directory: Path, holder: Dict[str, Any], ttl_s: float, now: Optional[float] = None) -> Dict[str, Any]:
-    """Take the lease if it is free or expired. Returns ``{"acquired": bool, "lease": ..., "token"?: str}``."""
+def acquire(directory: Path, holder: Dict[str, Any], ttl_s: float, now: Optional[float] = None,
+            request: Optional[str] = None) -> Dict[str, Any]:
+    """Take the lease if it is free or expired. Returns ``{"acquired": bool, "lease": ..., "token"?: str}``.
+
+    ``request``: the caller's id for this acquire, repeated on a retry; a live lease taken with the same id is
+    the caller's own (its reply was lost): it is renewed and returned, with ``"again": true``."""
     if ttl_s <= 0:
         raise ValueError("ttl_s must be > 0")
     now = time.time() if now is None else now
     with _locked(directory):
         current = _read(directory)
         if _live(current, now):
-            return {"acquired": False, "lease": {k: v for k, v in current.items() if k != "token"}, "now": now}  # type: ignore[union-attr]
+            assert current is not None
+            if request and current.get("request") == request:
+                current["expires_at"] = now + ttl_s
+                _write(directory, current)
+                return {"acquired": True, "again": True, "lease": _public(current), "token": current["token"],
+                        "now": now}
+            return {"acquired": False, "lease": _public(current), "now": now}
         lease = {"holder": holder, "token": secrets.token_hex(16), "acquired_at": now, "expires_at": now + ttl_s,
-                 "took_over": {k: v for k, v in current.items() if k != "token"} if current else None}
+                 "took_over": _public(current) if current else None}
+        if request:
+            lease["request"] = request
         _write(directory, lease)
-    return {"acquired": True, "lease": {k: v for k, v in lease.items() if k != "token"}, "token": lease["token"],
-            "now": now}
+    return {"acquired": True, "lease": _public(lease), "token": lease["token"], "now": now}
 
 
 def renew(directory: Path, token: str, ttl_s: float, now: Optional[float] = None) -> Dict[str, Any]:

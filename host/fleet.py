@@ -11,6 +11,7 @@ import getpass
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -53,6 +54,9 @@ class Lease:
         self.transport, self.device_id = transport, device_id
         self.ttl_s, self.wait_s, self.poll_s = ttl_s, wait_s, poll_s
         self.holder = holder_identity(label)
+        # repeated by every acquire of this lease: when an acquire's reply is lost with its connection, the retry
+        # gets the lease it took back (agent.lease.acquire) instead of waiting out its TTL
+        self.request = secrets.token_hex(16)
         self.token: Optional[str] = None
         self.waited_s = 0.0
         self._stop = threading.Event()
@@ -70,7 +74,8 @@ class Lease:
     def __enter__(self) -> "Lease":
         t0 = time.monotonic()
         while True:
-            got = self._agent("acquire", "--holder", json.dumps(self.holder), "--ttl", str(self.ttl_s))
+            got = self._agent("acquire", "--holder", json.dumps(self.holder), "--ttl", str(self.ttl_s),
+                              "--request", self.request)
             if got.get("acquired"):
                 self.token = got["token"]
                 break

@@ -131,6 +131,32 @@ def test_infrastructure_errors_are_retried_with_reconnect(tmp_path, artifact):
     assert out.ok and out.attempts == 3 and flaky.closed >= 3
 
 
+class LostAcquireReply(Flaky):
+    """The first ``lease acquire`` runs on the device, and its reply is lost with the connection."""
+
+    def __init__(self, real: LocalTransport) -> None:
+        super().__init__(real, failures=0)
+        self.lost = 0
+
+    def exec_agent(self, args, timeout=60.0):
+        got = self.real.exec_agent(args, timeout)
+        if args[:2] == ["lease", "acquire"] and not self.lost:
+            self.lost += 1
+            raise InfrastructureError("connection lost (after the device took the lease)")
+        return got
+
+
+def test_a_lost_acquire_reply_gets_the_same_lease_back_without_waiting(tmp_path, artifact):
+    dev = _dev(tmp_path, "lostreply")
+    t = LostAcquireReply(LocalTransport(cache_dir=tmp_path / "cache-lostreply"))
+    t0 = time.monotonic()
+    out = fleet.run_on_device(dev, _job_for(artifact)(dev), tmp_path / "w", retries=2, backoff_s=0.01,
+                              lease_ttl_s=60, lease_wait_s=30, transport_factory=lambda d: t)
+    # before, the retry found the device leased -- by itself -- and waited 30 s, then gave up (DeviceBusy)
+    assert out.ok and t.lost == 1 and out.lease_wait_s < 5 and time.monotonic() - t0 < 20, out.error
+    assert not agent_lease.show(tmp_path / "cache-lostreply")["held"]
+
+
 def test_model_errors_are_not_retried_and_lease_is_released(tmp_path, artifact):
     dev = _dev(tmp_path, "modelerr")
     flaky = Flaky(LocalTransport(cache_dir=tmp_path / "cache-modelerr"), failures=0, report_status="error")

@@ -29,6 +29,22 @@ def test_renew_extends_only_for_the_holder(tmp_path):
     assert not lease.acquire(tmp_path, {}, ttl_s=5, now=50.0)["acquired"]
 
 
+def test_acquire_repeated_with_its_request_id_gets_its_own_lease_back(tmp_path):
+    # the reply to the first acquire was lost: its retry, with the same request id, is given that lease again
+    a = lease.acquire(tmp_path, {"host": "a"}, ttl_s=10, now=0.0, request="r1")
+    assert a["acquired"] and "request" not in a["lease"] and "again" not in a
+    again = lease.acquire(tmp_path, {"host": "a"}, ttl_s=10, now=8.0, request="r1")
+    assert again["acquired"] and again["again"] and again["token"] == a["token"]
+    assert again["lease"]["expires_at"] == 18.0                       # renewed from now
+    other = lease.acquire(tmp_path, {"host": "b"}, ttl_s=10, now=9.0, request="r2")
+    assert not other["acquired"] and "request" not in other["lease"] and "token" not in other["lease"]
+    assert not lease.acquire(tmp_path, {"host": "b"}, ttl_s=10, now=9.0)["acquired"]    # no id: no match
+    assert "request" not in (lease.show(tmp_path, now=9.0)["lease"] or {})
+    # expired: a new lease (new token), even for the same id
+    late = lease.acquire(tmp_path, {"host": "a"}, ttl_s=10, now=30.0, request="r1")
+    assert late["acquired"] and "again" not in late and late["token"] != a["token"]
+
+
 def test_corrupt_lease_file_counts_as_free(tmp_path):
     (tmp_path / lease.LEASE_FILE).write_text("{torn")
     assert lease.acquire(tmp_path, {}, ttl_s=5)["acquired"]
