@@ -18,6 +18,8 @@ Connection
     more). Where the OS has it (Linux), ``TCP_USER_TIMEOUT`` (:func:`dead_after_s`: three keepalive intervals,
     like OpenSSH's ServerAliveCountMax, else ``command_timeout_s``) makes the kernel drop a connection whose data
     stays unacknowledged that long; the keepalives make sure there is data in flight while a command waits.
+    Through a ProxyJump host that guards only the first hop, so :class:`_JumpWatch` asks the device itself for
+    an answer every keepalive interval and drops the connection when nothing has come from it for as long.
 
 Host keys
     ``ssh.known_hosts`` is loaded; an unknown key is refused (``reject``) or recorded once then pinned
@@ -146,6 +148,7 @@ class Counters:
     cache_hits: int = 0          # cached entries found and verified on the device (agent bundle included)
     cache_replaced: int = 0      # cached entries whose sha256 did not verify: deleted, then uploaded again
     orphans_stopped: int = 0     # jobs left running on the device by a lost connection, stopped by the next command
+    dead_links: int = 0          # connections through a ProxyJump host dropped because the device stopped answering
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
@@ -505,6 +508,64 @@ def quote_argv(argv: Sequence[Union[str, os.PathLike]]) -> str:
     return " ".join(shlex.quote(os.fspath(a)) for a in argv)
 
 
+
+class _JumpChannel:
+    """The jump host's ``direct-tcpip`` channel as the device connection's socket, noting when anything last
+    came from the device (see :class:`_JumpWatch`); everything else is the channel's."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+        self.last_inbound = time.monotonic()
+
+    def recv(self, n: int) -> bytes:
+        data = self._chan.recv(n)
+        if data:
+            self.last_inbound = time.monotonic()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chan, name)
+
+
+class _JumpWatch:
+    """Dead-link detection for a device reached through a ProxyJump host.
+
+    ``TCP_USER_TIMEOUT`` guards only the link to the jump host, and paramiko's keepalives expect no answer: when
+    the link *behind* a live jump host died, the jump host kept accepting our bytes and a command waited until
+    its own deadline (a job's timeout: minutes). This asks the device for an answer every keepalive interval (a
+    global request with want-reply: OpenSSH answers it, as it does ServerAliveInterval's) and closes the device
+    connection once nothing at all -- answer, output, SFTP acknowledgement -- has come from the device for
+    :func:`dead_after_s`; in-flight commands then fail as a lost connection and are retried. A slow link is not
+    dead: anything arriving (an upload's acknowledgements included) counts."""
+
+    def __init__(self, transport: "SSHTransport", t: paramiko.Transport, sock: _JumpChannel) -> None:
+        self.owner, self.t, self.sock = transport, t, sock
+        self.interval = transport.ssh.keepalive_s
+        self.limit = dead_after_s(transport.ssh)
+        for target, name in ((self._ask, "ask"), (self._judge, "judge")):
+            threading.Thread(target=target, name="jump-%s-%s" % (name, transport.device.id), daemon=True).start()
+
+    def _ask(self) -> None:
+        while self.t.is_active():
+            try:
+                # blocks until the device answers or the connection closes (paramiko has no timeout here)
+                self.t.global_request("keepalive@openssh.com", wait=True)
+            except Exception:   # pragma: no cover - a connection closing under the request
+                return
+            time.sleep(self.interval)
+
+    def _judge(self) -> None:
+        while self.t.is_active():
+            time.sleep(min(self.interval, 1.0))
+            silent = time.monotonic() - self.sock.last_inbound
+            if silent > self.limit and self.t.is_active():
+                log.warning("%s: nothing from the device through jump host %s for %.0f s: link dead, dropping "
+                            "the connection", self.owner.where, self.owner.ssh.proxy_jump, silent)
+                self.owner.counters.dead_links += 1
+                self.t.close()
+                return
+
+
 # ----------------------------------------------------------------------------------------- transport
 class SSHTransport:
     """Jobs, files and commands on one SSH device, over one lazily opened, reused connection."""
@@ -616,13 +677,17 @@ class SSHTransport:
                 jt = self._jump.get_transport()
                 assert jt is not None
                 try:
-                    sock = jt.open_channel("direct-tcpip", (ssh.host, ssh.port), ("127.0.0.1", 0),
-                                           timeout=ssh.connect_timeout_s)
+                    sock = _JumpChannel(jt.open_channel("direct-tcpip", (ssh.host, ssh.port), ("127.0.0.1", 0),
+                                                        timeout=ssh.connect_timeout_s))
                 except (paramiko.SSHException, OSError, EOFError) as e:
                     raise SSHError("%s: jump host %s could not open a connection to %s:%d: %s"
                                    % (self.where, ssh.proxy_jump, ssh.host, ssh.port, str(e) or type(e).__name__),
                                    infrastructure=True) from None
             self._client = self._open_client(ssh.host, ssh.port, ssh.user, pkey, sock, "device")
+            if isinstance(sock, _JumpChannel) and ssh.keepalive_s > 0:
+                t = self._client.get_transport()
+                if t is not None:
+                    _JumpWatch(self, t, sock)
         except BaseException:
             self.close()
             raise

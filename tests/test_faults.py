@@ -257,6 +257,38 @@ def test_link_down_mid_run_past_the_dead_link_limit(lab):
     lab.check("run-cut", [o], [dev])
 
 
+@fault("device link down for good mid-run behind a live ProxyJump host",
+       "dead link found through the jump in 3 keepalives (not at the job's deadline), retried, clear error naming "
+       "the jump host; the orphaned agent stops once the link is back; lease expires")
+def test_link_down_for_good_behind_a_live_jump_host(lab):
+    dev = lab.device()
+    jump = lab.jump_host()       # on loopback: the host's link to it stays up; the jump host's link to dev0 dies
+    at: List[float] = []
+
+    def cut() -> None:
+        wait_for("the agent", dev.agent_pids, 60, 0.01)
+        dev.net.link(False)
+        at.append(time.monotonic())
+
+    events = Events()
+    with background(cut):
+        (o,) = lab.run([dev], "jump-gone", ssh=dict(proxy_jump=jump, keepalive_s=1.0), lease_ttl_s=8,
+                       events=events, timeout_s=60, timing=dict(min_duration_s=30.0))
+    (lost,) = [t for t, _, kind, _ in events.seen if kind == "retry"][:1]
+    # before, nothing noticed: TCP_USER_TIMEOUT guards only the link to the jump host, which stayed up, and the
+    # command waited for its deadline (the job's 60 s + grace + command timeout: 70 s)
+    assert lost - at[0] < 10, lost - at[0]
+    assert "connection lost" in events.of("retry")[0], events.of("retry")
+    assert sum(t.counters.dead_links for t in lab.transports[dev.id]) == 1
+    assert not o.ok and o.attempts == 3 and "jump host %s could not open a connection" % jump in o.error, o.error
+    dev.net.link(True)
+    # the jump host's connection to the device closes once it can: the device's helper sees its session gone
+    # and stops the agent (which would otherwise measure for 30 s)
+    wait_for("the orphaned agent to stop", lambda: not dev.agent_pids(), 20)
+    lab.check("jump-gone", [o], [dev], lease_may_remain=True)
+    wait_for("the stale lease to expire", lambda: not dev.lease_held(), 12)
+
+
 # ------------------------------------------------------------------------------------------------ sshd
 @fault("sshd killed mid-run (listener and sessions), back 1 s later",
        "retried once sshd is back; orphaned agent stops at once; recorded once")
@@ -324,6 +356,22 @@ def test_one_megabit(lab):
     (t,) = lab.transports[dev.id]
     assert took > t.counters.bytes_uploaded * 8 / 1e6 * 0.9      # the limit held: ~1.45 MB at 1 Mbit/s
     lab.check("1mbit", [o], [dev])
+
+
+@fault("1 Mbit/s both ways, through a ProxyJump host",
+       "slow is not dead: the jump host's dead-link watch keeps the connection; ok first attempt; recorded once")
+def test_one_megabit_through_a_jump_host(lab):
+    dev = lab.device()
+    jump = lab.jump_host()
+    dev.net.rate("1mbit")
+    t0 = time.monotonic()
+    (o,) = lab.run([dev], "1mbit-jump", ssh=dict(proxy_jump=jump, keepalive_s=1.0))   # dead after 3 s silent
+    took = time.monotonic() - t0
+    assert o.ok and o.attempts == 1, o.error
+    (t,) = lab.transports[dev.id]
+    assert took > t.counters.bytes_uploaded * 8 / 1e6 * 0.9 > 3 * 3     # the upload outlasted the limit thrice
+    assert t.counters.dead_links == 0 and t.counters.connects == 1
+    lab.check("1mbit-jump", [o], [dev])
 
 
 @fault("300 ms added latency each way (delaying TCP proxy)", "ok first attempt; recorded once")

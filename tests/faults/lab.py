@@ -296,6 +296,7 @@ class Lab:
         self.devices: List[Device] = []
         self.transports: Dict[str, List[SSHTransport]] = {}
         self.mounts: List[Path] = []
+        self.jumps: List[sshd.Sshd] = []
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
@@ -321,6 +322,14 @@ class Lab:
         self.trust(net.dev_ip, dev.host_key_line)
         dev.start_sshd()
         return dev
+
+    def jump_host(self) -> str:
+        """A ProxyJump host: an sshd in this machine's own namespace, on loopback (so its link to the host never
+        fails), that reaches the devices over their veths. Returns its ``user@127.0.0.1:port``."""
+        j = sshd.start_sshd(self.root / ("jump%d" % len(self.jumps)), self.authorized_keys)
+        self.jumps.append(j)
+        self.trust(sshd.known_hosts_name(j.port), j.host_key_line)
+        return "%s@127.0.0.1:%d" % (self.user, j.port)
 
     def trust(self, name: str, key_line: str) -> None:
         with open(self.known_hosts, "a") as f:
@@ -485,6 +494,8 @@ class Lab:
                 except subprocess.TimeoutExpired:
                     d.sshd.kill()
                     problems.append("%s: sshd survived its namespace" % d.id)
+        for j in self.jumps:
+            j.stop()
         for m in self.mounts:
             r = subprocess.run(["umount", str(m)], capture_output=True, text=True)
             if r.returncode != 0:
