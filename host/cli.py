@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of N channels per pruned layer (overrides the device's round_to; "
                         "8 suits AVX2 CPUs, see bench/RESULTS.md)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for the device's lease when "
+                   "another controller (a bench, a search, another demo) is measuring on it")
     d.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
     _db_arg(d)
     b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
@@ -318,7 +320,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if args.round_to < 1:
             raise UsageError("--round-to: must be >= 1")
         device = device.model_copy(update={"round_to": args.round_to})
-    kw = dict(model=args.model, out=args.out, recovery=not args.no_recovery, seed=args.seed, device=device)
+    kw = dict(model=args.model, out=args.out, recovery=not args.no_recovery, seed=args.seed, device=device,
+              lease_wait_s=args.lease_wait)
     if args.ratios is not None:
         kw["ratios"] = tuple(args.ratios)
     for name in ("finetune_epochs", "finetune_seconds"):

@@ -25,7 +25,8 @@ from edgeprune import data, export, finetune, models, prune
 from edgeprune.errors import DeviceError, UsageError
 from host.devices import DeviceConfig, local_device
 from host.jobs import build_job
-from host.transport import LocalTransport, write_text_atomic
+from host.fleet import Lease, transport_for
+from host.transport import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from host.store import RunRecorder
@@ -54,6 +55,7 @@ class DemoOptions:
     importance: str = "l1"
     seed: int = 0
     device: DeviceConfig = field(default_factory=local_device)
+    lease_wait_s: float = 300.0                  # how long to wait for the device's lease (another controller's)
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "DemoOptions":
@@ -77,6 +79,8 @@ class DemoOptions:
             raise UsageError("--finetune-seconds: must be > 0")
         if self.eval_per_class is not None and self.eval_per_class < 1:
             raise UsageError("--eval-per-class: must be >= 1")
+        if not self.lease_wait_s >= 0:
+            raise UsageError(f"--lease-wait: must be >= 0, got {self.lease_wait_s}")
         if self.device.transport != "local":
             raise UsageError(f"{self.device.source or 'device'}: transport: the demo runs on this machine and needs "
                              f"transport: local, not {self.device.transport!r} (measure an SSH device with "
@@ -152,7 +156,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
     base, meta = models.pretrained(opts.model)
     dev = opts.device
-    transport = LocalTransport(python=dev.python)
+    transport = transport_for(dev)
     # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,
     # so that their latencies are compared under the same machine conditions, not minutes and a fine-tune apart.
     built = []
@@ -183,24 +187,28 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     summary = out / "summary.csv"
     if recorder is not None:
         recorder.device(dev)
-    for tag, ratio, pr, recovery, job, man in built:
-        emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
-        report_path = out / "reports" / f"{tag}.json"
-        try:
-            report = transport.run_job(job, out / "jobs" / tag)
-        except DeviceError as e:
-            report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
-        write_text_atomic(report_path, schema.dumps(report))
-        if recorder is not None:
-            recorder.measurement(tag, device_id=dev.id, report=schema.to_dict(report), job=schema.to_dict(job),
-                                 label=f"ratio {ratio:g}", model=opts.model, manifest=asdict(man),
-                                 extra={"ratio": ratio, "macs": pr.macs_after, "params": pr.params_after,
-                                        "recovery": recovery, "plan_sha256": pr.plan.sha256(),
-                                        "eval_sha256": eval_sha, "eval_split": ev.name, "seed": opts.seed})
-        failures += report.status != "ok"
-        rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
-        _write_summary(summary, rows)
-        emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
+    # measured under the device's lease, like `bench` and `search`: two controllers never time the same device
+    # at once (a bench started beside a demo waits for it, and the other way round)
+    emit("stage", f"taking the lease of device '{dev.id}'", None, None)
+    with Lease(transport, dev.id, wait_s=opts.lease_wait_s, label="edgeprune demo"):
+        for tag, ratio, pr, recovery, job, man in built:
+            emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
+            report_path = out / "reports" / f"{tag}.json"
+            try:
+                report = transport.run_job(job, out / "jobs" / tag)
+            except DeviceError as e:
+                report = schema.Report(job_id=tag, status="error", error=schema.ErrorInfo("DeviceError", str(e)))
+            write_text_atomic(report_path, schema.dumps(report))
+            if recorder is not None:
+                recorder.measurement(tag, device_id=dev.id, report=schema.to_dict(report), job=schema.to_dict(job),
+                                     label=f"ratio {ratio:g}", model=opts.model, manifest=asdict(man),
+                                     extra={"ratio": ratio, "macs": pr.macs_after, "params": pr.params_after,
+                                            "recovery": recovery, "plan_sha256": pr.plan.sha256(),
+                                            "eval_sha256": eval_sha, "eval_split": ev.name, "seed": opts.seed})
+            failures += report.status != "ok"
+            rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
+            _write_summary(summary, rows)
+            emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
     write_text_atomic(out / "demo.json", json.dumps({
         "model": opts.model, "checkpoint": meta, "eval": {"split": ev.name, "n": len(ev), "sha256": eval_sha,
                                                           "source": ev.source},

@@ -73,6 +73,28 @@ def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
     assert "_assets" in json.loads((out / "demo.json").read_text())["eval"]["source"]
 
 
+def test_demo_measures_under_the_device_lease(tmp_path):
+    from agent import lease
+
+    cache = tmp_path / "cache"
+    device = tmp_path / "local.yaml"
+    device.write_text(f"id: local\nclass: local\ncache_dir: {cache}\n")
+    held = lease.acquire(cache, {"host": "lab-pc", "user": "ci", "pid": 1, "label": "a bench campaign"}, ttl_s=300)
+    args = ["demo", "--quick", "--ratios", "0", "--no-recovery", "--eval-per-class", "10", "--device", str(device),
+            "--lease-wait", "1", "--db", str(tmp_path / "s.db")]
+    r = edgeprune(*args, "--out", str(tmp_path / "busy"), cwd=tmp_path)
+    # before, the demo measured beside whatever held the device
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "local: leased by ci@lab-pc pid 1 (a bench campaign)" in r.stderr and "waited 1 s" in r.stderr, r.stderr
+    assert not (tmp_path / "busy" / "reports" / "resnet20-r000.json").exists()
+    lease.release(cache, held["token"])
+    r = edgeprune(*args, "--out", str(tmp_path / "free"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "free" / "reports" / "resnet20-r000.json").is_file()
+    got = lease.show(cache)
+    assert not got["held"] and got["lease"] is None        # taken for the measurements, then released
+
+
 @pytest.mark.parametrize("args,match", [
     (["--ratios", "0,1.5"], "--ratios: 1.5 is not in [0, 1)"),
     (["--ratios", "a,b"], "argument --ratios: expected comma-separated numbers"),
