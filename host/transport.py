@@ -90,6 +90,29 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+# Starts the agent so that it dies with this process: the agent runs in its own session (a deadline kills its
+# whole process group), so when a controller was SIGKILLed its agent used to go on measuring -- beside the next
+# controller's, once the dead one's lease expired. Linux's PR_SET_PDEATHSIG (kept across execv) SIGKILLs it when
+# the thread that started it ends, and that thread waits for it. argv: parent pid, then the agent's command line.
+# Run by this interpreter; it then becomes the device config's ``python -m agent run ...``.
+LAUNCH_FAILED = 127     # DIE_WITH_PARENT's exit status when it cannot start the agent (as a shell's)
+DIE_WITH_PARENT = r"""
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("edgeprune: the controller that started this agent is gone")
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    sys.stderr.write("cannot start the agent with %s: %s" % (sys.argv[2], e))
+    sys.exit(127)
+"""
+
+
 class LocalTransport:
     """Run jobs through the agent in a child process, with a hard timeout."""
 
@@ -162,7 +185,9 @@ class LocalTransport:
         # stderr's tail is kept, from a file; a report over the limit is refused by its size, unread -- the same
         # bounds host.ssh keeps on an SSH device's output
         env = self._env()
-        cmd = [self.python, "-m", "agent", "run", str(job_path), "--out", str(report_path)]
+        # this interpreter runs the launcher, which becomes ``python -m agent run ...`` (the device's python)
+        cmd = [sys.executable, "-S", "-c", DIE_WITH_PARENT, str(os.getpid()),
+               self.python, "-m", "agent", "run", str(job_path), "--out", str(report_path)]
         with tempfile.TemporaryFile() as stderr:
             try:
                 proc = subprocess.Popen(cmd, cwd=job_path.parent, env=env, stdin=subprocess.DEVNULL,
@@ -177,6 +202,8 @@ class LocalTransport:
                 raise InfrastructureError(
                     f"job {job.job_id}: agent did not finish within {job.timeout_s + self.grace_s:.0f} s; killed")
             err = _tail(stderr, STDERR_TAIL)
+        if proc.returncode == LAUNCH_FAILED and err.startswith("cannot start the agent with"):
+            raise InfrastructureError(f"job {job.job_id}: {err}")
         if proc.returncode == 2:  # the agent refused the job spec: retrying cannot help
             raise DeviceError(f"job {job.job_id}: agent refused the job: {err}")
         try:

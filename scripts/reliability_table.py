@@ -2,8 +2,8 @@
 
     python scripts/reliability_table.py [--pytest-args "..."] [--from FILE]
 
-Runs every test marked ``@pytest.mark.reliability(kind, what, expected)`` (the fault-injection suite and the
-bad-input catalogue) with ``EDGEPRUNE_RELIABILITY_OUT`` set, so ``tests/conftest.py`` records each one's outcome,
+Runs every test marked ``@pytest.mark.reliability(kind, what, expected)`` (the fault-injection suite, the
+bad-input catalogue, and the faults the local transport and fleet tests inject) with ``EDGEPRUNE_RELIABILITY_OUT`` set, so ``tests/conftest.py`` records each one's outcome,
 then replaces the table between the ``<!-- reliability:begin -->`` and ``<!-- reliability:end -->`` markers in
 README.md: one row per test, with the fault or bad input, the behaviour the test asserts, its outcome in this run
 and its duration. ``--from FILE`` re-renders from an earlier run's JSON lines instead of running the tests.
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         src = Path(name)
         src.write_text("")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_faults.py",
-               "tests/test_bad_inputs.py", *shlex.split(args.pytest_args)]
+               "tests/test_bad_inputs.py", "tests/test_transport.py", "tests/test_fleet.py", *shlex.split(args.pytest_args)]
         rc = subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, EDGEPRUNE_RELIABILITY_OUT=str(src)))
         print(f"pytest exited {rc}", file=sys.stderr)
     else:

@@ -146,6 +146,9 @@ class LostAcquireReply(Flaky):
         return got
 
 
+@pytest.mark.reliability(kind="fault", what="reply to a successful lease acquire lost with its connection",
+                         expected="the retry gets its own lease back at once (same request id), instead of "
+                                  "waiting out its TTL and failing as busy")
 def test_a_lost_acquire_reply_gets_the_same_lease_back_without_waiting(tmp_path, artifact):
     dev = _dev(tmp_path, "lostreply")
     t = LostAcquireReply(LocalTransport(cache_dir=tmp_path / "cache-lostreply"))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 import time
 
 import psutil
@@ -76,3 +78,45 @@ def test_invalid_report_is_refused(tmp_path, job_inputs):
     fake = _fake_python(tmp_path, f"echo '{{\"schema_version\": 99}}' > {out}; exit 0")
     with pytest.raises(DeviceError, match="invalid report from the agent: schema_version"):
         LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
+
+
+CONTROLLER = """
+import sys
+from pathlib import Path
+from agent import schema
+from host.transport import LocalTransport
+job = schema.job_from_dict(__import__("json").loads(Path(sys.argv[1]).read_text()))
+LocalTransport().run_job(job, Path(sys.argv[2]))
+"""
+
+
+@pytest.mark.reliability(kind="fault", what="controller SIGKILLed mid-measurement (local device)",
+                         expected="its agent dies with it (PR_SET_PDEATHSIG), instead of measuring for its "
+                                  "remaining 29 s")
+def test_the_agent_dies_with_its_controller(tmp_path, job_inputs):
+    # the agent runs in its own session (a deadline kills its process group); before, a SIGKILLed controller left
+    # it measuring for the rest of its 30 s -- beside the next controller's job once the dead one's lease expired
+    job = _job(job_inputs)
+    job.timing.min_duration_s, job.timeout_s = 30.0, 120.0
+    (tmp_path / "job.json").write_text(schema.dumps(job))
+    agents: list = []
+    ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(tmp_path / "job.json"), str(tmp_path / "w")],
+                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    try:
+        deadline = time.monotonic() + 60
+        while not agents:
+            assert time.monotonic() < deadline and ctl.poll() is None, "no agent started"
+            agents = [p for p in psutil.Process(ctl.pid).children(recursive=True)
+                      if "agent" in p.cmdline() and "run" in p.cmdline() and "-c" not in p.cmdline()]
+            time.sleep(0.05)
+        (agent,) = agents
+        time.sleep(1.0)                                   # measuring
+        ctl.kill()
+        ctl.wait()
+        gone, alive = psutil.wait_procs([agent], timeout=5)
+        assert gone and not alive, "the agent outlived its controller"
+    finally:
+        ctl.kill()
+        for p in agents:
+            if p.is_running():
+                p.kill()

@@ -141,6 +141,20 @@ class VethNamespace:
     # ------------------------------------------------------------------ faults
     def link(self, up: bool) -> None:
         sh(IP, "link", "set", self.dev_if, "up" if up else "down", ns=self.name)
+        if up:
+            # back means usable: the host end has its carrier again, and no neighbour entry left FAILED by the
+            # outage answers the next connect with "No route to host" before ARP is tried again
+            carrier = Path("/sys/class/net/%s/carrier" % self.host_if)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    if carrier.read_text().strip() == "1":
+                        break
+                except OSError:     # no carrier yet: reading it fails with EINVAL
+                    pass
+                time.sleep(0.01)
+            sh(IP, "neigh", "flush", "dev", self.host_if, check=False)
+            sh(IP, "neigh", "flush", "dev", self.dev_if, ns=self.name, check=False)
 
     def loss(self, percent: int) -> None:
         """Drop ``percent`` % of the packets entering and leaving the device (nftables in its namespace)."""
