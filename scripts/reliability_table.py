@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
+# the test files holding reliability-marked tests (tests/test_reliability_table.py collects the same ones)
+SOURCES = ("tests/test_faults.py", "tests/test_bad_inputs.py", "tests/test_transport.py", "tests/test_fleet.py")
 ICON = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped", "xfailed": "known gap (xfail)"}
 
 
@@ -55,8 +57,8 @@ def main(argv=None) -> int:
         os.close(fd)
         src = Path(name)
         src.write_text("")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_faults.py",
-               "tests/test_bad_inputs.py", "tests/test_transport.py", "tests/test_fleet.py", *shlex.split(args.pytest_args)]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SOURCES,
+               *shlex.split(args.pytest_args)]
         rc = subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, EDGEPRUNE_RELIABILITY_OUT=str(src)))
         print(f"pytest exited {rc}", file=sys.stderr)
     else:
