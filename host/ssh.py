@@ -587,7 +587,7 @@ class SSHTransport:
         self.max_report_bytes = max_report_bytes
         self.sftp_request_bytes = sftp_request_bytes
         self.counters = Counters()
-        self.known_hosts = self._local_path(self.ssh.known_hosts)
+        self.known_hosts = local_path(self.device, self.ssh.known_hosts)
         self.where = "device %s (%s@%s:%d)" % (device.id, self.ssh.user, self.ssh.host, self.ssh.port)
         self._lock = threading.RLock()
         self._client: Optional[paramiko.SSHClient] = None
@@ -630,15 +630,11 @@ class SSHTransport:
     def _field(self, name: str) -> str:
         return "%s: ssh.%s" % (self.device.source or "device %s" % self.device.id, name)
 
-    def _local_path(self, value: str) -> Path:
-        """``~`` expanded; a relative path is relative to the device config file's folder (else to cwd)."""
-        return local_path(self.device, value)
-
     def _private_key(self) -> Optional[paramiko.PKey]:
         if self.ssh.key is None:
             return None
         if self._pkey is None:
-            path = self._local_path(self.ssh.key)
+            path = local_path(self.device, self.ssh.key)
             if not path.is_file():
                 raise ConfigError("%s: private key file %s does not exist" % (self._field("key"), path))
             try:
@@ -753,7 +749,7 @@ class SSHTransport:
                             infrastructure=True, timed_out=True)
         if isinstance(e, paramiko.AuthenticationException) or (
                 isinstance(e, paramiko.SSHException) and "No authentication methods available" in str(e)):
-            how = ("the key %s" % self._local_path(self.ssh.key) if self.ssh.key
+            how = ("the key %s" % local_path(self.device, self.ssh.key) if self.ssh.key
                    else "ssh-agent and the default keys in ~/.ssh (ssh.key is null)")
             return SSHError("%s: authentication failed with %s (%s). Check %s and the device's authorized_keys for "
                             "user %s" % (where, how, e, self._field("key"), self.ssh.user), infrastructure=False)

@@ -95,8 +95,8 @@ def write_text_atomic(path: Path, text: str) -> Path:
 # controller's, once the dead one's lease expired. Linux's PR_SET_PDEATHSIG (kept across execv) SIGKILLs it when
 # the thread that started it ends, and that thread waits for it. argv: parent pid, then the agent's command line.
 # Run by this interpreter; it then becomes the device config's ``python -m agent run ...``.
-LAUNCH_FAILED = 127     # DIE_WITH_PARENT's exit status when it cannot start the agent (as a shell's)
-DIE_WITH_PARENT = r"""
+LAUNCH_FAILED = 127     # DIE_WITH_PARENT's exit status when it cannot start the agent (a shell's too)
+DIE_WITH_PARENT = rf"""
 import ctypes, os, signal, sys
 if sys.platform.startswith("linux"):
     try:
@@ -109,7 +109,7 @@ try:
     os.execvp(sys.argv[2], sys.argv[2:])
 except OSError as e:
     sys.stderr.write("cannot start the agent with %s: %s" % (sys.argv[2], e))
-    sys.exit(127)
+    sys.exit({LAUNCH_FAILED})
 """
 
 

@@ -101,6 +101,20 @@ def background(fn: Callable[[], None]) -> Iterator[None]:
         raise errors[0]
 
 
+def link_gone_once(dev, what: str, ready: Callable[[], object],
+                   poll_s: float) -> "tuple[Callable[[], None], List[float]]":
+    """A fault for :func:`background`: once ``ready()`` (waited for as ``what``), ``dev``'s link goes down for good;
+    the returned list then holds the time of the cut (monotonic seconds)."""
+    at: List[float] = []
+
+    def cut() -> None:
+        wait_for(what, ready, 60, poll_s)
+        dev.net.link(False)
+        at.append(time.monotonic())
+
+    return cut, at
+
+
 class Events:
     """The fleet's progress events (device, kind, message), kept."""
 
@@ -167,13 +181,7 @@ def test_link_down_mid_upload_for_good(lab):
     dev = lab.device()
     dev.net.rate("4mbit")
     sha = lab.artifact.manifest.sha256
-    at: List[float] = []
-
-    def cut() -> None:
-        wait_for("the artifact upload", lambda: dev.uploading(sha, 100_000), 60, 0.005)
-        dev.net.link(False)
-        at.append(time.monotonic())
-
+    cut, at = link_gone_once(dev, "the artifact upload", lambda: dev.uploading(sha, 100_000), 0.005)
     events = Events()
     with background(cut):
         (o,) = lab.run([dev], "upload-gone", lease_ttl_s=8, events=events)
@@ -264,13 +272,7 @@ def test_link_down_mid_run_past_the_dead_link_limit(lab):
 def test_link_down_for_good_behind_a_live_jump_host(lab):
     dev = lab.device()
     jump = lab.jump_host()       # on loopback: the host's link to it stays up; the jump host's link to dev0 dies
-    at: List[float] = []
-
-    def cut() -> None:
-        wait_for("the agent", dev.agent_pids, 60, 0.01)
-        dev.net.link(False)
-        at.append(time.monotonic())
-
+    cut, at = link_gone_once(dev, "the agent", dev.agent_pids, 0.01)
     events = Events()
     with background(cut):
         (o,) = lab.run([dev], "jump-gone", ssh=dict(proxy_jump=jump, keepalive_s=1.0), lease_ttl_s=8,
