@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,12 +44,21 @@ NUM_CLASSES = 10
 
 @dataclass
 class Split:
-    """A named set of images (uint8, N×32×32×3, HWC RGB) and labels (int64, N)."""
+    """A named set of images and labels (int64, N), held in memory: uint8 N×H×W×C RGB images (the CIFAR-10
+    splits are 32×32; a user's data any size), normalised by ``scale``/``mean``/``std`` on the way to the model,
+    or float32 N×C×H×W ``images`` already preprocessed (a user's torch Dataset), passed through as they are."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     source: str  # the file it came from, for provenance
+    mean: Tuple[float, ...] = MEAN
+    std: Tuple[float, ...] = STD
+    scale: float = SCALE
+
+    def batch(self, index: Any):  # -> torch.Tensor
+        """Images ``index`` (a slice or index array) as the model's float NCHW input."""
+        return to_tensor_batch(self.images[index], self.mean, self.std, self.scale)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -60,13 +69,14 @@ class Split:
         import torch
 
         sl = slice(None) if n is None else slice(0, n)
-        return to_tensor_batch(self.images[sl]), torch.from_numpy(self.labels[sl]).long()
+        return self.batch(sl), torch.from_numpy(self.labels[sl]).long()
 
     def save(self, path: Path) -> Path:
         """Write the split as an npz eval shard (``images``, ``labels``) that the agent can read."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, images=self.images, labels=self.labels)
+        key = "inputs" if self.images.dtype.kind == "f" else "images"
+        np.savez(tmp, **{key: self.images}, labels=self.labels)
         os.replace(tmp, path)
         return path
 
@@ -182,11 +192,21 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def to_tensor_batch(images: np.ndarray):  # -> torch.Tensor; torch imported lazily for the light paths
-    """uint8 N×H×W×C RGB → float32 N×C×H×W normalised exactly as the reference training did."""
+def to_tensor_batch(images: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                    scale: float = SCALE):  # -> torch.Tensor; torch imported lazily for the light paths
+    """uint8 N×H×W×C → float32 N×C×H×W: ``x * scale``, then ``(x - mean) / std`` per channel (by default exactly as
+    the reference CIFAR training did). Float images are already preprocessed (N×C×H×W) and come back as they are."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().mul_(SCALE)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    arr = np.ascontiguousarray(images)
+    if arr.dtype.kind == "f":
+        return torch.from_numpy(arr.astype(np.float32, copy=False))
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().mul_(scale)
+    c = x.shape[1]
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    if m.shape[1] != c or s.shape[1] != c:
+        from .errors import UsageError
+
+        raise UsageError(f"preprocess: mean/std have {m.shape[1]}/{s.shape[1]} entries for {c}-channel images")
+    return (x - m) / s

@@ -93,6 +93,7 @@ import torch.nn as nn
 from .data import MEAN, SCALE, STD
 from .errors import ExportError, UsageError
 from .models import sha256_file
+from .sources import flatten_outputs
 
 MANIFEST_VERSION = 2
 MANIFEST_VERSIONS = (1, 2)  # what Manifest.read accepts; version 1 manifests are filled in as described there
@@ -370,21 +371,39 @@ def default_preprocess() -> Dict[str, Any]:
     return {"scale": SCALE, "mean": list(MEAN), "std": list(STD), "input": "uint8 HWC RGB"}
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, tol: Tolerance) -> Verification:
-    ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
-    cand = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
-    if ref.shape != cand.shape:
-        raise ExportError(f"artifact output shape {candidate.shape} differs from torch's {reference.shape}")
-    err = float(np.max(np.abs(ref - cand))) if ref.size else 0.0
-    cos = np.sum(ref * cand, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
-    cosine = float(np.min(cos))
-    agree = float(np.mean(ref.argmax(1) == cand.argmax(1)))
+Outputs = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def _as_list(x: Outputs) -> List[np.ndarray]:
+    return [x] if isinstance(x, np.ndarray) else list(x)
+
+
+def compare(reference: Outputs, candidate: Outputs, tol: Tolerance) -> Verification:
+    """Every output of the artifact against torch's (one array, or a list in the model's output order): the
+    largest absolute error and the lowest per-sample cosine over all outputs; top-1 agreement over the first
+    output and every other logit-like (N x classes) output, the lowest of them."""
+    refs, cands = _as_list(reference), _as_list(candidate)
+    if len(refs) != len(cands):
+        raise ExportError(f"artifact has {len(cands)} outputs, torch's model {len(refs)}")
+    err, cosine, agree = 0.0, 1.0, 1.0
+    for i, (r, c) in enumerate(zip(refs, cands)):
+        ref = r.reshape(r.shape[0], -1).astype(np.float64)
+        cand = c.reshape(c.shape[0], -1).astype(np.float64)
+        if ref.shape != cand.shape:
+            which = f" {i}" if len(refs) > 1 else ""
+            raise ExportError(f"artifact output{which} shape {c.shape} differs from torch's {r.shape}")
+        err = max(err, float(np.max(np.abs(ref - cand))) if ref.size else 0.0)
+        cos = np.sum(ref * cand, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
+        cosine = min(cosine, float(np.min(cos)) if cos.size else 1.0)
+        if i == 0 or (r.ndim == 2 and r.shape[1] >= 2):
+            agree = min(agree, float(np.mean(ref.argmax(1) == cand.argmax(1))) if ref.size else 1.0)
+    ref = refs[0].reshape(refs[0].shape[0], -1)
     ok = err <= tol.max_abs_err and cosine >= tol.min_cosine and agree >= tol.min_top1_agreement
     return Verification(n=int(ref.shape[0]), max_abs_err=err, cosine=cosine, top1_agreement=agree, passed=ok,
                         tolerance=tol.to_dict())
 
 
-def verify_or_delete(path: Union[Path, Sequence[Path]], reference: np.ndarray, candidate: np.ndarray,
+def verify_or_delete(path: Union[Path, Sequence[Path]], reference: Outputs, candidate: Outputs,
                      tol: Tolerance, what: str, *, checked_with: str = "") -> Verification:
     """Compare an artifact's outputs with torch's; outside tolerance every file of the artifact (``path``: one file
     or all of them, the primary first) is deleted, never shipped, and ExportError raised."""
@@ -438,22 +457,27 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
 
 
-def _batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: Optional[int],
-             chunk: int = 256) -> np.ndarray:
+def _batched(run: Callable[[np.ndarray], Any], x: np.ndarray, batch: Optional[int],
+             chunk: int = 256) -> Any:
     """``x`` through ``run``: in the artifact's fixed batch (the last one zero-padded, its padding dropped), or in
-    chunks of ``chunk`` when the batch is dynamic."""
+    chunks of ``chunk`` when the batch is dynamic. ``run`` returns one array, or a list (every output): the result
+    is the same kind."""
     step = batch or chunk
-    outs = []
+    outs: List[List[np.ndarray]] = []
+    single = True
     for i in range(0, len(x), step):
         xb = x[i:i + step]
         n = len(xb)
         if batch and n < batch:
             xb = np.concatenate([xb, np.zeros((batch - n,) + xb.shape[1:], xb.dtype)])
-        outs.append(np.asarray(run(np.ascontiguousarray(xb)))[:n])
-    return np.concatenate(outs)
+        got = run(np.ascontiguousarray(xb))
+        single = not isinstance(got, (list, tuple))
+        outs.append([np.asarray(o)[:n] for o in ([got] if single else got)])
+    joined = [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return joined[0] if single else joined
 
 
-def _run_onnx(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[np.ndarray, str]:
+def _run_onnx(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[List[np.ndarray], str]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -461,7 +485,7 @@ def _run_onnx(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[np.ndarray, 
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
-    out = _batched(lambda xb: sess.run(None, {inp.name: xb})[0], x, batch)
+    out = _batched(lambda xb: list(sess.run(None, {inp.name: xb})), x, batch)
     return out, f"onnxruntime {ort.__version__} CPUExecutionProvider"
 
 
@@ -475,7 +499,7 @@ def _import_openvino() -> Any:
 OPENVINO_CHECK_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def _run_openvino(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[np.ndarray, str]:
+def _run_openvino(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[List[np.ndarray], str]:
     ov = _import_openvino()
     core = ov.Core()
     config = dict(OPENVINO_CHECK_CONFIG, INFERENCE_NUM_THREADS=str(threads))
@@ -484,9 +508,11 @@ def _run_openvino(path: Path, x: np.ndarray, threads: int = 1) -> Tuple[np.ndarr
     batch = dim.get_length() if dim.is_static else None
     request = compiled.create_infer_request()
 
-    def run(xb: np.ndarray) -> np.ndarray:
+    n_out = len(compiled.outputs)
+
+    def run(xb: np.ndarray) -> List[np.ndarray]:
         request.infer({0: xb})
-        return np.asarray(request.get_output_tensor(0).data).copy()
+        return [np.asarray(request.get_output_tensor(i).data).copy() for i in range(n_out)]
 
     out = _batched(run, x, batch)
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # read back: what the plugin actually runs
@@ -503,9 +529,12 @@ class _Tflite:
 
         self.interp = Interpreter(model_path=str(path), num_threads=threads)
         self.interp.allocate_tensors()
-        self.inp, self.outp = self.interp.get_input_details()[0], self.interp.get_output_details()[0]
+        self.inp = self.interp.get_input_details()[0]
+        self.outs = tflite_output_order(self.interp.get_output_details())
+        self.outp = self.outs[0]
         self.shape = [int(d) for d in self.inp["shape"]]
         self.in_q, self.out_q = _tflite_qparams(self.inp), _tflite_qparams(self.outp)
+        self.out_qs = [_tflite_qparams(d) for d in self.outs]
         self.checked_with = f"ai_edge_litert {_dist_version('ai-edge-litert')} interpreter (XNNPACK)"
 
     def layout_for(self, nchw: Sequence[int]) -> Optional[str]:
@@ -517,29 +546,40 @@ class _Tflite:
             return "NCHW"
         return None
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> List[np.ndarray]:
         return _batched(self._one, x, self.shape[0])
 
-    def _one(self, xb: np.ndarray) -> np.ndarray:
-        inp, outp = self.inp, self.outp
+    def _one(self, xb: np.ndarray) -> List[np.ndarray]:
+        inp = self.inp
         if self.in_q is not None:
             info = np.iinfo(inp["dtype"])
             v = xb / np.float32(self.in_q[0])
             xb = np.clip(np.trunc(v + np.copysign(np.float32(0.5), v)) + self.in_q[1], info.min, info.max)
         self.interp.set_tensor(inp["index"], xb.astype(inp["dtype"]))
         self.interp.invoke()
-        o = self.interp.get_tensor(outp["index"])
-        if self.out_q is not None:
-            return (o.astype(np.float32) - self.out_q[1]) * np.float32(self.out_q[0])
-        return np.asarray(o, dtype=np.float32)
+        got = []
+        for detail, q in zip(self.outs, self.out_qs):
+            o = self.interp.get_tensor(detail["index"])
+            got.append((o.astype(np.float32) - q[1]) * np.float32(q[0]) if q is not None
+                       else np.asarray(o, dtype=np.float32))
+        return got
 
 
-def _run_torchscript(path: Path, x: np.ndarray) -> Tuple[np.ndarray, str]:
+def tflite_output_order(details: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """LiteRT output details in the torch model's output order: litert-torch names them ``..._output_<i>_...``
+    (``serving_default_output_1_output``); when every name carries such an index, by it, else as listed."""
+    idx = [re.search(r"output_(\d+)", str(d.get("name", ""))) for d in details]
+    if details and all(idx) and len({int(m.group(1)) for m in idx if m}) == len(details):
+        return [d for _, d in sorted(zip([int(m.group(1)) for m in idx if m], details), key=lambda t: t[0])]
+    return list(details)
+
+
+def _run_torchscript(path: Path, x: np.ndarray) -> Tuple[List[np.ndarray], str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.9+ deprecates torch.jit.load; see export_torchscript
         loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
-        out = _batched(lambda xb: loaded(torch.from_numpy(xb)).numpy(), x, None)
+        out = _batched(lambda xb: [t.numpy() for t in flatten_outputs(loaded(torch.from_numpy(xb)))], x, None)
     return out, f"torch {torch.__version__} torch.jit.load, CPU"
 
 
@@ -577,18 +617,18 @@ def run_artifact(artifact: Union[str, Path], inputs: Any, *, threads: int = 1) -
         raise ExportError(f"{art}: an Edge TPU model runs only on an Edge TPU (the agent's tflite runtime with "
                           "delegate edgetpu); run the tflite-int8 model it was compiled from here instead")
     if fmt == "onnx":
-        return _run_onnx(art, x, threads)[0]
+        return _run_onnx(art, x, threads)[0][0]
     if fmt == "openvino-ir":
-        return _run_openvino(art, x, threads)[0]
+        return _run_openvino(art, x, threads)[0][0]
     if fmt == "torchscript":
-        return _run_torchscript(art, x)[0]
+        return _run_torchscript(art, x)[0][0]
     if fmt == "tflite":
         rt = _Tflite(art, threads)
         layout = man.layout if man is not None else rt.layout_for(x.shape)
         if layout is None:
             raise UsageError(f"inputs: shape {tuple(x.shape)} fits neither NHWC nor NCHW for the model input "
                              f"{rt.shape} of {art.name}")
-        return rt.run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x)
+        return rt.run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x)[0]
     raise UsageError(f"{art}: cannot tell which runtime runs it (format {fmt!r}; known: "
                      f"{', '.join(sorted(set(_SUFFIX_FORMATS.values())))})")
 
@@ -614,9 +654,19 @@ def agreement(artifact: Union[str, Path], inputs: Any, reference_logits: Any, *,
     return float(np.mean(out.argmax(1) == ref.argmax(1)))
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+def _reference(model: nn.Module, x: torch.Tensor) -> List[np.ndarray]:
+    """torch's outputs on ``x``, every one, in the order the ONNX exporter emits them."""
     with torch.no_grad():
-        return model(x).numpy()
+        return [t.detach().cpu().numpy() for t in flatten_outputs(model(x))]
+
+
+def output_names(model: nn.Module, dummy: torch.Tensor) -> List[str]:
+    """ONNX output names: ``logits`` for the first output (every single-output model), ``output_<i>`` after it."""
+    with torch.no_grad():
+        n = len(flatten_outputs(model(dummy)))
+    if n == 0:
+        raise ExportError(f"{type(model).__name__}: forward returned no tensor")
+    return ["logits"] + [f"output_{i}" for i in range(1, n)]
 
 
 # ------------------------------------------------------------------------------------------------- exporters
@@ -634,7 +684,8 @@ def export_onnx(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, mod
     path = Path(path)
     model = model.eval().cpu()
     dummy = torch.zeros(*input_shape)
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    names = output_names(model, dummy)
+    axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else None
     tmp = path.with_name(path.name + ".tmp")
     try:
         # The TorchScript exporter warns that it is deprecated (see the module docstring) and about its own
@@ -642,7 +693,7 @@ def export_onnx(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, mod
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
+                              output_names=names, dynamic_axes=axes, do_constant_folding=True)
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"{path}: ONNX export failed: {type(e).__name__}: {e}") from e
@@ -1322,7 +1373,8 @@ _EXPORT_ARGS = ("model", "path", "check_inputs", "calib_inputs", "model_name", "
 
 def export(model: nn.Module, fmt: str, out_dir: Union[str, Path], *, check_inputs: torch.Tensor,
            calib_inputs: Optional[torch.Tensor] = None, model_name: str, source_checkpoint_sha256: str,
-           pruning_plan_sha256: str, tag: Optional[str] = None, **opts: Any) -> Manifest:
+           pruning_plan_sha256: str, tag: Optional[str] = None, preprocess: Optional[Dict[str, Any]] = None,
+           **opts: Any) -> Manifest:
     """Export ``model`` as ``fmt`` into ``out_dir``, verified, with its manifest beside it; return the manifest.
 
     Files: ``<out_dir>/<tag><suffix>`` with the format's suffixes (``r20.onnx``; ``r20.fp16.xml`` and
@@ -1332,7 +1384,9 @@ def export(model: nn.Module, fmt: str, out_dir: Union[str, Path], *, check_input
     ``calib_inputs``: the calibration batch for int8 formats (``tflite-int8``, ``edgetpu``, ``tensorrt`` with an int8
     precision), ignored by the others. ``opts`` go to the format's exporter (``input_shape``, ``tolerance``,
     ``opset``, ``dynamic_batch``, ``precision`` for tensorrt, ``compiler`` for edgetpu, ...); an option it does not
-    take is a UsageError. The arguments are checked first, then the toolchain (:class:`ToolchainError`), before
+    take is a UsageError. ``preprocess``: what the agent does to uint8 images before feeding them (``scale``,
+    ``mean``, ``std``) and how the host made those images (``resize``, ``center_crop``), recorded in the manifest
+    (default: the reference CIFAR models' ImageNet normalisation). The arguments are checked first, then the toolchain (:class:`ToolchainError`), before
     anything is written.
     """
     spec = get_format(fmt)
@@ -1361,6 +1415,8 @@ def export(model: nn.Module, fmt: str, out_dir: Union[str, Path], *, check_input
     if "calib_inputs" in params:
         kwargs["calib_inputs"] = calib_inputs
     man = spec.export(model, path, **kwargs, **opts)
+    if preprocess is not None:
+        man.preprocess = {**default_preprocess(), **dict(preprocess)}
     target = manifest_path(out, tag, spec.name)
     try:
         man.write(target)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Split, batches, to_tensor_batch
+from .data import Split, batches
 from .errors import DataError, UsageError
 
 __all__ = ["FinetuneResult", "Progress", "default_device", "augment", "finetune", "distillation_loss",
@@ -76,6 +76,15 @@ class FinetuneResult:
     @property
     def completed(self) -> bool:
         return self.steps_done >= self.steps_planned
+
+
+def _first(out: Any) -> torch.Tensor:
+    """The first output of a forward (the logits of a multi-head model, by convention): what is trained on."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        return _first(next(iter(out.values())))
+    return out
 
 
 def default_device() -> str:
@@ -328,12 +337,12 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             if order is None or pos == steps_per_epoch:
                 order, pos, epoch = rng.permutation(n), 0, epoch + 1
             idx = order[pos * batch_size:min((pos + 1) * batch_size, n)]
-            x = augment(to_tensor_batch(split.images[idx]), gen).to(device, non_blocking=True)
+            x = augment(split.batch(idx), gen).to(device, non_blocking=True)
             y = labels[idx].to(device, non_blocking=True)
-            logits = model(x)
+            logits = _first(model(x))
             if teacher is not None and alpha > 0:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = _first(teacher(x))
                 if t_logits.shape != logits.shape:
                     raise UsageError(f"teacher: outputs {tuple(t_logits.shape)} for a batch where the model "
                                      f"outputs {tuple(logits.shape)}")
@@ -398,7 +407,7 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 200, device
     model.to(device).train()
     try:
         for sl in batches(len(split), batch_size):
-            model(to_tensor_batch(split.images[sl]).to(device))
+            model(split.batch(sl).to(device))
     finally:
         model.eval().to("cpu")
     return len(split)
@@ -420,7 +429,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 500, device: Opti
     correct = 0
     try:
         for sl in batches(len(split), batch_size):
-            pred = model(to_tensor_batch(split.images[sl]).to(device)).argmax(1).cpu().numpy()
+            pred = _first(model(split.batch(sl).to(device))).argmax(1).cpu().numpy()
             correct += int((pred == split.labels[sl]).sum())
     finally:
         model.train(was_training).to(home)

@@ -45,6 +45,63 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
                         "(default: $EDGEPRUNE_DB, else results/edgeprune.db)")
 
 
+MODEL_HELP = ("the model: a built-in name (resnet20 … resnet56, tv_resnet18, tv_mobilenet_v2, …), MODULE:CALLABLE "
+              "(mypkg.nets:build or models/net.py:build), a checkpoint file, or a model file (.yaml)")
+
+
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    """The model-source flags every command with --model takes (see edgeprune.sources)."""
+    g = p.add_argument_group("model source")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for a MODULE:CALLABLE or built-in factory (value parsed as a YAML scalar); "
+                        "repeatable")
+    g.add_argument("--weights", default=None, metavar="FILE", help="state dict or checkpoint (torch zip/legacy, or "
+                   "safetensors; detected from the content) loaded strictly; 'module.' prefixes are stripped")
+    g.add_argument("--trust-pickle", action="store_true", help="allow a whole pickled model (torch.save(model)): "
+                   "unpickling runs code from the file")
+    g.add_argument("--input-size", default=None, metavar="H[xW]", help="model input size, 3 channels (default: the "
+                   "model file's, 32 for the CIFAR ResNets, 224 otherwise)")
+    g.add_argument("--input-shape", default=None, metavar="N,C,H,W", help="model input shape (alternative to "
+                   "--input-size)")
+    g.add_argument("--ignore-layers", default=None, metavar="GLOB,...", help="layers kept whole in addition to the "
+                   "inferred ones (the first conv, every layer producing a model output), e.g. 'head.*,features.0'")
+
+
+def _data_source_args(p: argparse.ArgumentParser, *, eval_help: str = "eval data") -> None:
+    """The data flags every command with --data takes (see edgeprune.workload and edgeprune.datasets)."""
+    g = p.add_argument_group("data (default: CIFAR-10 for the reference models, none otherwise)")
+    g.add_argument("--data", default=None, metavar="PATH", help=f"{eval_help}: an image folder (one subfolder per "
+                   "class), an .npz (images or inputs, labels optional) or MODULE:CALLABLE returning a torch Dataset")
+    g.add_argument("--calib-data", default=None, metavar="PATH", help="BatchNorm recalibration and int8 calibration "
+                   "data (default: the fine-tune data, else a seeded part of --data kept out of eval)")
+    g.add_argument("--finetune-data", default=None, metavar="PATH", help="labelled recovery data (same classes as "
+                   "--data)")
+    g.add_argument("--resize", default=None, metavar="N", help="resize images' shorter side to N pixels on the host "
+                   "(default: round(max(H, W) / 0.875), 256 for 224; 'none': no resize). An image that already has "
+                   "the input size is neither resized nor cropped")
+    g.add_argument("--center-crop", default=None, metavar="H[xW]", help="centre crop (default: the input size)")
+    g.add_argument("--mean", default=None, metavar="M,M,M", help="per-channel mean after scaling pixels to 0..1 "
+                   "(default: ImageNet 0.485,0.456,0.406)")
+    g.add_argument("--std", default=None, metavar="S,S,S", help="per-channel std (default: ImageNet "
+                   "0.229,0.224,0.225)")
+
+
+def _source_kwargs(args: argparse.Namespace) -> Dict[str, object]:
+    """Parsed model-source and data flags, as option-class keyword arguments (only those the command has)."""
+    from edgeprune import sources
+
+    kw: Dict[str, object] = {}
+    if hasattr(args, "model_arg"):
+        kw.update(model_args=sources.parse_model_args(args.model_arg), weights=args.weights,
+                  trust_pickle=args.trust_pickle,
+                  input_shape=sources.parse_input_shape(args.input_size, args.input_shape),
+                  ignore_layers=tuple(x.strip() for x in (args.ignore_layers or "").split(",") if x.strip()))
+    for name in ("data", "calib_data", "finetune_data", "resize", "center_crop", "mean", "std"):
+        if hasattr(args, name):
+            kw[name] = getattr(args, name)
+    return kw
+
+
 def _recorder(args: argparse.Namespace, run_id: str, kind: str, *, resume: bool = False,
               seeds: Optional[Dict[str, object]] = None) -> "object":
     """The results store's recorder for this command's run (opened before any work: a bad --db fails first)."""
@@ -97,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(b)
 
     pr = sub.add_parser("prune", help="prune one model (channels and/or 2:4), recover it, export verified artifacts")
-    pr.add_argument("--model", required=True, help="reference model name (resnet20 … resnet56) or a checkpoint file")
+    pr.add_argument("--model", required=True, help=MODEL_HELP)
     pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1); 0 exports "
                     "the dense model unchanged")
     pr.add_argument("--out", type=Path, required=True, help="output folder for the plan, artifacts and manifests")
@@ -121,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eval-per-class", type=_per_class, default=argparse.SUPPRESS,
                     help="torch top-1 check: 100 (the shipped 1,000 images, default) or 'full'")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--json", action="store_true", help="print one JSON document (MACs, params, artifacts, metrics) "
+                    "on stdout instead of the table")
+    _model_source_args(pr)
+    _data_source_args(pr, eval_help="accuracy data (torch on the host; also the exports' check inputs)")
 
     se = sub.add_parser("sensitivity", help="accuracy drop per layer group when only it is pruned (CSV + PNG)")
     se.add_argument("--model", required=True, help="reference model name or a checkpoint file")
@@ -391,10 +452,12 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
               formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
               finetune_epochs=args.finetune_epochs, finetune_minutes=args.finetune_minutes,
               finetune_per_class=args.finetune_per_class, distill=args.distill,
-              recalibrate=not args.no_recalibrate, seed=args.seed)
+              recalibrate=not args.no_recalibrate, seed=args.seed, **_source_kwargs(args))
     if hasattr(args, "eval_per_class"):
         kw["eval_per_class"] = args.eval_per_class
     opts = PruneOptions(**kw)
+    if args.json:  # stdout carries the JSON document alone: progress goes to stderr
+        console = Console(stderr=True)
     with _stage_progress(console) as progress:
         step = progress.add_task("", total=None)
 
@@ -407,14 +470,28 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
                 progress.console.print(f"[green]verified[/] {msg}")
 
         res = run_prune(opts, events)
+    if args.json:
+        from host.pruning import outcome_json
+
+        print(outcome_json(res))
+        return 0
     table = Table(title=f"edgeprune prune {res.tag}")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_row("MMACs", f"{res.macs_before / 1e6:.2f}", f"{res.macs_after / 1e6:.2f} ({res.macs_reduction:.2f}× fewer)")
     table.add_row("params", f"{res.params_before:,}", f"{res.params_after:,}")
-    table.add_row(f"torch top-1 ({res.eval_split}, n={res.eval_n})", f"{res.top1_dense:.2%}", f"{res.top1_pruned:.2%}")
+    if res.top1_dense is not None:
+        table.add_row(f"torch top-1 ({res.eval_split}, n={res.eval_n})", f"{res.top1_dense:.2%}",
+                      f"{res.top1_pruned:.2%}" if res.top1_pruned is not None else "—")
+    agreement = res.metrics_pruned.get("agreement")
+    if agreement is not None and res.macs_after != res.macs_before:
+        table.add_row(f"torch agreement with dense (n={res.eval_n})", "100.00%", f"{agreement:.2%}")
+        table.add_row("torch SNR vs dense", "", f"{res.metrics_pruned['snr_db']:.1f} dB")
     console.print(table)
+    for note in res.notes:
+        if note.startswith("no --data"):
+            console.print(f"[yellow]{note}[/]")
     if res.sparsity:
         console.print(f"2:4 sparsity: {res.sparsity}")
     console.print(f"recovery: {res.recovery.get('kind')}")

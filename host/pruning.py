@@ -10,6 +10,11 @@ Writes, under the output folder::
                                     options resumes from it); removed once the artifacts are written
 
 ``--ratio 0`` (and no ``--sparsity``) exports the dense model unchanged: no pruning, no recovery.
+
+The model comes from any source :mod:`edgeprune.sources` reads (a built-in name, ``MODULE:CALLABLE``, a checkpoint,
+a model file) at any input size; the data from :mod:`edgeprune.workload` (the CIFAR-10 splits for the reference
+models, else the user's ``--data``/``--calib-data``/``--finetune-data``; none at all: exports verified on seeded
+random inputs and accuracy skipped, which ``prune.json``'s ``notes`` say).
 This module returns plain data and reports progress through a callback; the CLI does the printing.
 """
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from edgeprune import data, export, finetune, models, prune
+from edgeprune import data, export, finetune, prune, sources
 from edgeprune.errors import UsageError
+from edgeprune.workload import DataOptions, Workload, describe_sources, open_workload
 from host.transport import write_text_atomic
 
 Events = Callable[[str, str, Optional[int], Optional[int]], None]
@@ -35,7 +41,7 @@ SPARSITY = ("2:4",)
 
 @dataclass
 class PruneOptions:
-    model: str                                   # reference model name, or a checkpoint file
+    model: str                                   # any model source (edgeprune.sources): name, MODULE:CALLABLE, file
     out: Path
     ratio: float = 0.5
     align: int = 1
@@ -54,6 +60,27 @@ class PruneOptions:
     batch_size: int = 128
     eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS
     seed: int = 0
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None
+    trust_pickle: bool = False
+    input_shape: Optional[Tuple[int, int, int, int]] = None
+    ignore_layers: Sequence[str] = ()
+    data: Optional[str] = None
+    calib_data: Optional[str] = None
+    finetune_data: Optional[str] = None
+    resize: Optional[str] = None
+    center_crop: Optional[str] = None
+    mean: Optional[str] = None
+    std: Optional[str] = None
+
+    def model_spec(self) -> sources.ModelSpec:
+        return model_spec(self)
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(data=self.data, calib_data=self.calib_data, finetune_data=self.finetune_data,
+                           resize=self.resize, center_crop=self.center_crop, mean=self.mean, std=self.std,
+                           eval_per_class=self.eval_per_class, finetune_per_class=self.finetune_per_class,
+                           seed=self.seed)
 
     def validate(self) -> "PruneOptions":
         if not 0.0 <= self.ratio < 1.0:
@@ -103,8 +130,8 @@ class PruneOutcome:
     macs_after: int
     params_before: int
     params_after: int
-    top1_dense: float
-    top1_pruned: float
+    top1_dense: Optional[float]                  # None: no labelled eval data
+    top1_pruned: Optional[float]
     eval_split: str
     eval_n: int
     plan_sha256: str
@@ -113,24 +140,38 @@ class PruneOutcome:
     recovery: Dict[str, Any] = field(default_factory=dict)
     sparsity: Optional[Dict[str, Any]] = None
     seconds: float = 0.0
+    metrics_dense: Dict[str, Any] = field(default_factory=dict)    # torch on the host: top1/top5, n, split
+    metrics_pruned: Dict[str, Any] = field(default_factory=dict)   # ... and agreement/snr_db against the dense
+    notes: List[str] = field(default_factory=list)                 # which data did what
+    input_shape: List[int] = field(default_factory=list)
 
     @property
     def macs_reduction(self) -> float:
         return self.macs_before / max(1, self.macs_after)
 
 
+def model_spec(opts: Any) -> sources.ModelSpec:
+    """The :class:`~edgeprune.sources.ModelSpec` of any options object with the model fields (prune, demo, search,
+    sensitivity share them); absent fields take their defaults."""
+    return sources.ModelSpec(source=opts.model, args=dict(getattr(opts, "model_args", None) or {}),
+                             weights=getattr(opts, "weights", None),
+                             trust_pickle=bool(getattr(opts, "trust_pickle", False)),
+                             input_shape=getattr(opts, "input_shape", None),
+                             ignore_layers=list(getattr(opts, "ignore_layers", None) or ()))
+
+
 def load_model(spec: str) -> Tuple[str, nn.Module, Dict[str, Any]]:
-    """``spec`` is a reference model name (``resnet20`` …) or a checkpoint file of one of them
-    (:func:`edgeprune.models.model_from_checkpoint`). Returns the model name, the model in eval mode and the
-    checkpoint metadata (its sha256 among it)."""
-    if spec in models.MODELS:
-        model, meta = models.pretrained(spec)
-        return spec, model, dict(meta)
-    if not Path(spec).exists():
-        raise UsageError(f"--model: {spec!r} is neither a known model ({', '.join(sorted(models.MODELS))}) "
-                         "nor an existing checkpoint file")
-    name, model, meta = models.model_from_checkpoint(Path(spec))
-    return name, model, dict(meta)
+    """A model from any source :mod:`edgeprune.sources` reads (a built-in name, a checkpoint file, ``MODULE:CALLABLE``,
+    a model file). Returns its name, the model in eval mode and its metadata (the weights' sha256 among it)."""
+    loaded = sources.resolve(sources.ModelSpec(source=spec))
+    return loaded.name, loaded.model, dict(loaded.meta)
+
+
+def extra_ignored(loaded: sources.LoadedModel) -> List[nn.Module]:
+    """The layers ``--ignore-layers`` / the model file's ``ignore_layers`` name, kept whole beside the defaults."""
+    if not loaded.ignore_layers:
+        return []
+    return list(prune.resolve_ignore_globs(loaded.model, loaded.ignore_layers))
 
 
 def _tag(name: str, opts: PruneOptions) -> str:
@@ -147,32 +188,38 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
     emit = events or (lambda *a: None)
     t0 = time.perf_counter()
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    name, base, meta = load_model(opts.model)
+    wl = open_workload(opts.model_spec(), opts.data_options())   # every bad input fails here, before any file
+    if opts.finetunes and not wl.has_finetune_data:
+        raise UsageError("--finetune-epochs/--finetune-minutes: recovery needs labelled training images: give "
+                         "--finetune-data (a folder, npz or MODULE:CALLABLE)")
+    if opts.importance in prune.NEEDS_CALIB and opts.ratio > 0 and wl.calib() is None:
+        raise UsageError(f"--importance {opts.importance}: needs labelled calibration images (--calib-data, "
+                         "--finetune-data or --data)")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = wl.model
+    name, base, meta = loaded.name, loaded.model, loaded.meta
     tag = _tag(name, opts)
-    example = torch.zeros(1, 3, 32, 32)
-
-    ev = data.eval_split(opts.eval_per_class)
-    emit("info", f"{name}: checkpoint {meta.get('path')} (sha256 {str(meta['sha256'])[:12]}…); "
-                 f"eval split {ev.name}, {len(ev)} images", None, None)
-    top1_dense = finetune.evaluate(base, ev)
+    example = wl.example
+    emit("info", f"{name}: {sources.describe(loaded)}", None, None)
+    for note in wl.notes:
+        emit("info", note, None, None)
+    dense_metrics = wl.torch_metrics(base)
+    top1_dense = dense_metrics.get("top1")
     model = copy.deepcopy(base)
-    calib_cache: List[data.Split] = []
-
-    def calib_split() -> data.Split:  # read once (from the full training set when present), only if needed
-        if not calib_cache:
-            calib_cache.append(data.calib_split())
-        return calib_cache[0]
 
     calib = None
     if opts.importance in prune.NEEDS_CALIB and opts.ratio > 0:
-        calib = calib_split().tensors(256)
+        cal = wl.calib()
+        assert cal is not None
+        if (cal.labels < 0).any():
+            raise UsageError(f"--importance {opts.importance}: the calibration images have no labels")
+        calib = cal.tensors(256)
     emit("stage", f"{tag}: pruning {opts.ratio:.0%} of channels ({opts.importance}, "
                   f"{'global' if opts.global_ranking else 'uniform'} ranking, align {opts.align})", None, None)
     pr = prune.prune(model, opts.ratio, example, importance=opts.importance, round_to=opts.align,
                      min_channels=opts.min_channels, global_ranking=opts.global_ranking, calib=calib,
-                     prune_residual=opts.prune_residual)
+                     prune_residual=opts.prune_residual, extra_ignored=extra_ignored(loaded))
     write_text_atomic(out / "plan.json", pr.plan.to_json())
 
     masks = None
@@ -187,13 +234,16 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
 
     recovery: Dict[str, Any] = {"kind": "none"}
     if opts.changes_model and (opts.recalibrate or opts.finetunes):
-        cal = calib_split()
-        if opts.recalibrate:
+        cal = wl.calib()
+        if opts.recalibrate and cal is not None:
             emit("stage", f"{tag}: BatchNorm recalibration on {cal.name} ({len(cal)} images)", None, None)
             finetune.recalibrate_bn(model, cal)
-            recovery = {"kind": "bn-recalibration", "split": cal.name, "n": len(cal)}
+            recovery = {"kind": "bn-recalibration", "split": cal.name, "n": len(cal), "source": cal.source}
+        elif opts.recalibrate:
+            recovery = {"kind": "none", "note": "no calibration data: BatchNorm statistics kept from the dense model"}
         if opts.finetunes:
-            ft = data.finetune_split(opts.finetune_per_class)
+            ft = wl.finetune()
+            assert ft is not None
             epochs = opts.finetune_epochs or 1000  # bounded by wall time alone when only minutes are given
             seconds = opts.finetune_minutes * 60 if opts.finetune_minutes is not None else None
             emit("stage", f"{tag}: fine-tune on {ft.name} ({len(ft)} images)", 0, None)
@@ -202,34 +252,54 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
                 seed=opts.seed, teacher=base, distill_alpha=opts.distill,
                 masks=masks, checkpoint=out / "finetune.ckpt",
                 progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
-            recovery = {"kind": "finetune", "bn_recalibration": opts.recalibrate, **asdict(res)}
-    top1 = finetune.evaluate(model, ev) if opts.changes_model else top1_dense
+            recovery = {"kind": "finetune", "bn_recalibration": opts.recalibrate and cal is not None, **asdict(res)}
+    pruned_metrics = wl.torch_metrics(model, reference=base) if opts.changes_model else \
+        {**dense_metrics, **({"agreement": 1.0, "snr_db": 300.0} if dense_metrics else {})}
+    top1 = pruned_metrics.get("top1")
 
-    check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
+    check_inputs = wl.check_inputs()
     calib_inputs = None
     if any(export.get_format(f).calibration for f in opts.formats):
-        calib_inputs = data.to_tensor_batch(calib_split().images[:200])
+        calib_inputs = wl.calib_inputs(200)
+        if calib_inputs is None:
+            raise UsageError(f"--formats: {', '.join(f for f in opts.formats if export.get_format(f).calibration)} "
+                             "needs calibration images: give --data, --calib-data or --finetune-data")
     artifacts: List[Dict[str, Any]] = []
     for fmt in opts.formats:
         emit("stage", f"{tag}: export {fmt} (verified against torch)", None, None)
         man = export.export(model, fmt, out, tag=tag, check_inputs=check_inputs, calib_inputs=calib_inputs,
                             model_name=name, source_checkpoint_sha256=str(meta["sha256"]),
-                            pruning_plan_sha256=pr.plan.sha256())
-        artifacts.append({"format": fmt, "file": man.file, "files": dict(man.files), "precision": man.precision,
-                          "manifest": export.manifest_path(out, tag, fmt).name,
+                            pruning_plan_sha256=pr.plan.sha256(), input_shape=tuple(wl.input_shape),
+                            preprocess=wl.manifest_preprocess())
+        artifacts.append({"format": fmt, "file": man.file, "path": str(out / man.file), "files": dict(man.files),
+                          "precision": man.precision, "manifest": export.manifest_path(out, tag, fmt).name,
                           "verification": asdict(man.verification)})
         emit("built", f"{fmt}: {man.file}", len(artifacts), len(opts.formats))
     (out / "finetune.ckpt").unlink(missing_ok=True)
 
+    ev = wl.eval
     outcome = PruneOutcome(out=out, tag=tag, macs_before=pr.macs_before, macs_after=pr.macs_after,
                            params_before=pr.params_before, params_after=pr.params_after, top1_dense=top1_dense,
-                           top1_pruned=top1, eval_split=ev.name, eval_n=len(ev), plan_sha256=pr.plan.sha256(),
-                           skipped=dict(pr.skipped), artifacts=artifacts, recovery=recovery, sparsity=sparsity_info,
-                           seconds=time.perf_counter() - t0)
+                           top1_pruned=top1, eval_split=ev.name if ev else "", eval_n=ev.n if ev else 0,
+                           plan_sha256=pr.plan.sha256(), skipped=dict(pr.skipped), artifacts=artifacts,
+                           recovery=recovery, sparsity=sparsity_info, seconds=time.perf_counter() - t0,
+                           metrics_dense=dense_metrics, metrics_pruned=pruned_metrics, notes=list(wl.notes),
+                           input_shape=list(wl.input_shape))
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(outcome).items()}
-    record.update(model=name, checkpoint=meta, options={k: (str(v) if isinstance(v, Path) else v)
-                                                        for k, v in asdict(opts).items()},
+    record.update(model=name, checkpoint=meta, recipe=loaded.recipe, workload=describe_sources(wl),
+                  options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                   macs_reduction=outcome.macs_reduction, torch=torch.__version__,
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_text_atomic(out / "prune.json", json.dumps(record, indent=1, default=str))
     return outcome
+
+
+def outcome_json(res: PruneOutcome) -> str:
+    """``edgeprune prune --json``: one document with MACs, params, artifacts (paths, verification) and metrics."""
+    doc = {"tag": res.tag, "out": str(res.out), "input_shape": res.input_shape,
+           "macs": {"before": res.macs_before, "after": res.macs_after, "reduction": res.macs_reduction},
+           "params": {"before": res.params_before, "after": res.params_after},
+           "metrics": {"dense": res.metrics_dense, "pruned": res.metrics_pruned, "measured_by": "torch on the host"},
+           "plan": str(res.out / "plan.json"), "plan_sha256": res.plan_sha256, "skipped": res.skipped,
+           "recovery": res.recovery, "artifacts": res.artifacts, "notes": res.notes, "seconds": res.seconds}
+    return json.dumps(doc, indent=1, default=str)
