@@ -88,11 +88,14 @@ def _cmd_lease(args: argparse.Namespace) -> int:
 
 
 def _check_paths(job: JobSpec, base_dir: Path) -> None:
-    """SchemaError (exit 2, nothing read) for a relative ``artifact.path`` or ``eval.path`` that leads out of the
-    job folder (``../../etc/passwd``): a bad job spec, refused before the runner opens anything. Absolute paths
+    """SchemaError (exit 2, nothing read) for a relative ``artifact.path``, ``eval.path`` or
+    ``eval.shards[i].path`` that leads out of the job folder (``../../etc/passwd``): a bad job spec, refused before the runner opens anything. Absolute paths
     are the host's to give (it links the artifact's files into the job folder)."""
     base = base_dir.resolve()
-    for field, rel in (("artifact.path", job.artifact.path), ("eval.path", job.eval.path if job.eval else None)):
+    checks = [("artifact.path", job.artifact.path)]
+    if job.eval is not None:
+        checks += [(f, s.path) for f, s in zip(job.eval.shard_fields(), job.eval.shard_list())]
+    for field, rel in checks:
         if rel is None or os.path.isabs(rel):
             continue
         p = Path(os.path.normpath(str(base / rel)))

@@ -1,10 +1,11 @@
 """Run one job, phase by phase, and return a :class:`~agent.schema.Report` (never raise for a failed job).
 
 Phases: identity -> verify artifact sha256, then each of its other files (``artifact.files``, found beside it
-in the same folder), and the eval shard's -> pin CPUs -> discover power sensor and thermal
+in the same folder), and every eval shard's -> pin CPUs -> discover power sensor and thermal
 sources -> load (``load_time_ms``) -> start temperature -> first inference (``first_inference_ms``) -> warm-up ->
 cooldown -> wait to cool (``thermal.wait_to_cool_c``) -> timed window (power sampled in the background during
-it only; temperature at its start, every second during it and at its end) -> accuracy on the eval shard. A
+it only; temperature at its start, every second during it and at its end) -> accuracy and fidelity on the eval
+shards, one shard in memory at a time (:mod:`agent.accuracy`). A
 device without thermal sources gets ``thermal: null`` and no warning (one log line). An exception in any phase makes the
 report ``status="error"`` with ``error={"type", "message"}``; the sections measured before it are kept.
 ``job.timeout_s`` is checked between phases and bounds the warm-up, the timed window and the eval loop.
@@ -120,6 +121,16 @@ def verify_artifact_files(model_path: Path, files: Dict[str, str]) -> None:
         verify(p, files[name], "artifact.files.%s: %s" % (name, name))
 
 
+def verify_shards(base_dir: Path, ev: EvalSpec) -> List[Path]:
+    """Every eval shard's path (confined to the job folder like ``artifact.path``), each verified by sha256."""
+    paths = []
+    for i, (shard, field) in enumerate(zip(ev.shard_list(), ev.shard_fields())):
+        p = resolve(base_dir, shard.path, field)
+        verify(p, shard.sha256, "eval shard" if ev.shards is None else "eval.shards[%d] %s" % (i, p.name))
+        paths.append(p)
+    return paths
+
+
 def pin_cpus(requested: Optional[List[int]]) -> Dict[str, Any]:
     """Apply timing.cpu_affinity where the OS supports it; say what was actually applied."""
     proc = psutil.Process()
@@ -183,10 +194,9 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
     model_path = resolve(base_dir, job.artifact.path, "artifact.path")
     verify(model_path, job.artifact.sha256, "artifact")
     verify_artifact_files(model_path, job.artifact.files)
-    eval_path = None
+    eval_paths: List[Path] = []
     if job.eval is not None:
-        eval_path = resolve(base_dir, job.eval.path, "eval.path")
-        verify(eval_path, job.eval.sha256, "eval shard")
+        eval_paths = verify_shards(base_dir, job.eval)
 
     pinned = pin_cpus(job.timing.cpu_affinity)
     if pinned["warning"]:
@@ -225,9 +235,9 @@ def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) 
     _time(job, session, sensor, monitor, protocol, load_ms, deadline, report)
     rss.sample()
 
-    if job.eval is not None and eval_path is not None:
+    if job.eval is not None and eval_paths:
         deadline.check("accuracy")
-        report.accuracy = _accuracy(job, job.eval, eval_path, session, batch, deadline, rss)
+        report.accuracy = _accuracy(job, job.eval, eval_paths, session, batch, deadline, rss)
 
 
 def _time(job: JobSpec, session: runtimes.Session, sensor: Optional[power.PowerSensor],
@@ -285,10 +295,9 @@ def _wait_to_cool(monitor: thermal.ThermalMonitor, target_c: float, timeout_s: f
                                   "unreadable" if now is None else "%.1f °C" % now))
 
 
-def _accuracy(job: JobSpec, ev: EvalSpec, eval_path: Path, session: runtimes.Session, fixed_batch: Optional[int],
-              deadline: Deadline, rss: PeakRss) -> AccuracyResult:
-    images, labels = accuracy.load_shard(eval_path)
-    accuracy.check_image_size(images, job.artifact.input_shape, job.artifact.layout)
+def _accuracy(job: JobSpec, ev: EvalSpec, eval_paths: List[Path], session: runtimes.Session,
+              fixed_batch: Optional[int], deadline: Deadline, rss: PeakRss) -> AccuracyResult:
+    """Score the shards one after the other, each loaded, scored and dropped before the next is read."""
 
     def prep(batch_images: Any) -> Any:
         return accuracy.preprocess(batch_images, job.preprocess, job.artifact.layout)
@@ -297,8 +306,15 @@ def _accuracy(job: JobSpec, ev: EvalSpec, eval_path: Path, session: runtimes.Ses
         rss.sample()
         deadline.check("the end of the accuracy run")
 
-    n, top1, top5 = accuracy.evaluate(session.run, images, labels, prep, ev.batch_size, fixed_batch, between)
-    return AccuracyResult(split=ev.split, n=n, top1=top1, top5=top5, eval_sha256=ev.sha256)
+    scorer = accuracy.Scorer()
+    for path in eval_paths:
+        shard = accuracy.load_shard(path)
+        rss.sample()
+        accuracy.check_image_size(shard.data, job.artifact.input_shape, job.artifact.layout)
+        accuracy.score_shard(session.run_all, shard, prep, ev.batch_size, fixed_batch, scorer, between)
+        del shard
+    shas = [s.sha256 for s in ev.shard_list()]
+    return scorer.result(ev.split, accuracy.eval_digest(shas), shas)
 
 
 def _stop(sensor: Optional[power.PowerSensor], report: Report) -> Optional[power.PowerWindow]:

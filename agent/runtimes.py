@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,13 @@ _RUNTIMES: "Registry[Runtime]" = Registry("runtime", RuntimeBackendError)
 
 
 class Session(abc.ABC):
-    """A loaded model. ``input_shape`` is the model's own input shape, ``None`` where a dimension is dynamic."""
+    """A loaded model. ``input_shape`` is the model's own input shape, ``None`` where a dimension is dynamic.
+
+    ``run`` returns the model's output 0 (what the timed window runs: the whole model still computes every
+    output); ``run_all`` returns every output as float32 numpy arrays, in the model's output order (the ONNX
+    graph's output order, which the ONNX exporter takes from the torch forward: a tuple or list in order, a dict
+    in insertion order). The eval phase scores ``run_all``. The default ``run_all`` is ``[run(x)]``, right for a
+    backend whose models have one output only."""
 
     input_name: str
     input_shape: List[Optional[int]]
@@ -46,6 +53,13 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: np.ndarray) -> np.ndarray:
         ...
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        return [np.asarray(self.run(inputs), dtype=np.float32)]
+
+
+def _float32(outputs: Sequence[Any]) -> List[np.ndarray]:
+    return [np.asarray(o, dtype=np.float32) for o in outputs]
 
 
 class Runtime(abc.ABC):
@@ -90,16 +104,25 @@ _ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basi
 
 
 class OrtSession(Session):
-    def __init__(self, sess: Any, input_name: str, input_shape: List[Optional[int]], output_name: str) -> None:
+    """``run`` fetches every output and returns output 0, so the timed work is the whole model's, outputs handed
+    back included, whatever a provider would do with unfetched outputs (onnxruntime 1.23 on the CPU runs the
+    whole graph either way: measured, a second head of two 2048x2048 MatMuls costs the same fetched or not). The
+    output names are listed once at load (``sess.run(None, ...)`` looks them up on every call: +0.5 us per call
+    on an 11 us model, measured; with the list, a single-output model times as it did fetching its one name)."""
+
+    def __init__(self, sess: Any, input_name: str, input_shape: List[Optional[int]]) -> None:
         self._sess = sess
-        self._output = output_name
+        self._outputs = [o.name for o in sess.get_outputs()]
         self.input_name = input_name
         self.input_shape = input_shape
-        self.info = {"providers": list(sess.get_providers())}
+        self.info = {"providers": list(sess.get_providers()), "outputs": list(self._outputs)}
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self._sess.run([self._output], {self.input_name: inputs})[0]
+        out: np.ndarray = self._sess.run(self._outputs, {self.input_name: inputs})[0]
         return out
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        return _float32(self._sess.run(self._outputs, {self.input_name: inputs}))
 
 
 @register_runtime("onnxruntime")
@@ -160,7 +183,7 @@ class OnnxRuntime(Runtime):
         if want != inputs[0].type:
             raise RuntimeBackendError("model input %r has type %s but artifact.input_dtype is %r"
                                       % (inputs[0].name, inputs[0].type, input_spec.input_dtype))
-        return OrtSession(sess, inputs[0].name, shape, outputs[0].name)
+        return OrtSession(sess, inputs[0].name, shape)
 
 
 def _import_ort() -> Any:
@@ -225,18 +248,28 @@ class OvSession(Session):
         self._compiled[batch] = (compiled, compiled.create_infer_request())
         return compiled
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
-        # set_input_tensor on a zero-copy Tensor + infer() + a copy of output 0: the same API in 2022.3 and
-        # 2026, and ~0.1 ms less per call than request.infer({name: x}) (which wraps inputs and outputs).
+    def _infer(self, inputs: np.ndarray) -> Tuple[Any, Any]:
+        # set_input_tensor on a zero-copy Tensor + infer(): the same API in 2022.3 and 2026, and ~0.1 ms less per
+        # call than request.infer({name: x}) (which wraps inputs and outputs). infer() computes every output.
         hit = self._compiled.get(inputs.shape[0])
         if hit is None:
             self.compile(inputs.shape[0])
             hit = self._compiled[inputs.shape[0]]
-        request = hit[1]
+        compiled, request = hit
         request.set_input_tensor(self._ov.Tensor(np.ascontiguousarray(inputs), shared_memory=True))
         request.infer()
+        return compiled, request
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        _, request = self._infer(inputs)
         out: np.ndarray = request.get_output_tensor(0).data.copy()
         return out
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        """Every output tensor by index: the model's (ONNX graph's, or IR's Result) output order."""
+        compiled, request = self._infer(inputs)
+        return [np.array(request.get_output_tensor(i).data, dtype=np.float32)
+                for i in range(len(compiled.outputs))]
 
 
 @register_runtime("openvino")
@@ -448,23 +481,24 @@ class TfliteSession(Session):
     """One TFLite interpreter. Float inputs to an int8/uint8 model are quantized here with the model's own
     input scale and zero point (integer inputs are fed as they are); int8/uint8 outputs are dequantized with the
     output's. A model whose input batch is dynamic (-1 in ``shape_signature``) is resized to the batch it is fed;
-    a fixed batch stays fixed."""
+    a fixed batch stays fixed. ``outputs`` are the output tensors in the model's order (:func:`tfl_output_order`),
+    each with its quantization (or None)."""
 
-    def __init__(self, interp: Any, input_detail: Dict[str, Any], output_detail: Dict[str, Any], input_name: str,
-                 input_shape: List[Optional[int]], in_q: Optional[Tuple[float, int]],
-                 out_q: Optional[Tuple[float, int]]) -> None:
+    def __init__(self, interp: Any, input_detail: Dict[str, Any],
+                 outputs: List[Tuple[Dict[str, Any], Optional[Tuple[float, int]]]], input_name: str,
+                 input_shape: List[Optional[int]], in_q: Optional[Tuple[float, int]]) -> None:
         self._interp = interp
         self._in_index = int(input_detail["index"])
         self._in_dtype = np.dtype(input_detail["dtype"])
-        self._out_index = int(output_detail["index"])
+        self._outputs = [(int(d["index"]), q) for d, q in outputs]
+        self._out_index, self._out_q = self._outputs[0]
         self._in_q = in_q
-        self._out_q = out_q
         self._shape = [int(d) for d in input_detail["shape"]]
         self.input_name = input_name
         self.input_shape = input_shape
         self.info: Dict[str, Any] = {}
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
+    def _invoke(self, inputs: np.ndarray) -> None:
         if inputs.shape[0] != self._shape[0]:
             if self.input_shape[0] is not None:
                 raise RuntimeBackendError("model input %r has a fixed batch of %d; cannot run a batch of %d"
@@ -479,10 +513,20 @@ class TfliteSession(Session):
             x = np.ascontiguousarray(inputs, dtype=self._in_dtype)
         self._interp.set_tensor(self._in_index, x)
         self._interp.invoke()
-        out: np.ndarray = self._interp.get_tensor(self._out_index)  # a copy
-        if self._out_q is not None:
-            out = dequantize(out, self._out_q[0], self._out_q[1])
+
+    def _get(self, index: int, q: Optional[Tuple[float, int]]) -> np.ndarray:
+        out: np.ndarray = self._interp.get_tensor(index)  # a copy
+        if q is not None:
+            out = dequantize(out, q[0], q[1])
         return out
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        self._invoke(inputs)
+        return self._get(self._out_index, self._out_q)
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        self._invoke(inputs)
+        return _float32([self._get(index, q) for index, q in self._outputs])
 
 
 @register_runtime("tflite")
@@ -546,7 +590,9 @@ class Tflite(Runtime):
         if len(inputs) != 1 or len(outputs) < 1:
             raise RuntimeBackendError("model must have exactly one input and at least one output "
                                       "(has %d inputs, %d outputs)" % (len(inputs), len(outputs)))
-        inp, out = inputs[0], outputs[0]
+        inp = inputs[0]
+        ordered, order_source = tfl_output_order(interp, outputs)
+        out = ordered[0]
         names = _tfl_input_names(interp, int(inp["index"]))
         name = input_spec.input_name if input_spec.input_name in names else str(inp["name"])
         signature = inp.get("shape_signature")
@@ -556,7 +602,9 @@ class Tflite(Runtime):
 
         have = np.dtype(inp["dtype"]).name
         in_q = _tfl_quantization(inp, "input") if have in ("int8", "uint8") else None
-        out_q = _tfl_quantization(out, "output") if np.dtype(out["dtype"]).name in ("int8", "uint8") else None
+        out_qs = [_tfl_quantization(d, "output") if np.dtype(d["dtype"]).name in ("int8", "uint8") else None
+                  for d in ordered]
+        out_q = out_qs[0]
         want = _TFL_DTYPES.get(input_spec.input_dtype)
         quantized_feed = want == "float32" and in_q is not None
         if want != have and not quantized_feed:
@@ -565,7 +613,7 @@ class Tflite(Runtime):
             raise RuntimeBackendError("model input %r has type %s but artifact.input_dtype is %r%s"
                                       % (name, have, input_spec.input_dtype, hint))
 
-        session = TfliteSession(interp, inp, out, name, shape, in_q, out_q)
+        session = TfliteSession(interp, inp, list(zip(ordered, out_qs)), name, shape, in_q)
         session.info = {
             "module": lite.module,
             "version": lite.version,
@@ -581,6 +629,8 @@ class Tflite(Runtime):
             "quantized_in_agent": in_q is not None,  # float inputs quantized here (the runner feeds floats)
             "output_dtype": np.dtype(out["dtype"]).name,
             "output_quantization": _q_info(out_q),
+            "outputs": [str(d["name"]) for d in ordered],
+            "output_order": order_source,
             "batch_mode": ("fixed %d" % shape[0] if shape[0] is not None else
                            "dynamic in the model; resized to the batch fed"),
         }
@@ -589,6 +639,40 @@ class Tflite(Runtime):
 
 def _q_info(q: Optional[Tuple[float, int]]) -> Optional[Dict[str, Any]]:
     return None if q is None else {"scale": q[0], "zero_point": q[1]}
+
+
+_TFL_SIGNATURE_OUTPUT = re.compile(r"^output_(\d+)$")              # litert_torch: output_0, output_1, ...
+_TFL_TF_OUTPUT = re.compile(r"^(?:.*/)?StatefulPartitionedCall(?:_\d+)?:(\d+)$")   # TF converter tensor names
+
+
+def tfl_output_order(interp: Any, outputs: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], str]:
+    """The output details in the model's output order (the torch forward's, for litert_torch models) and how
+    that order was found.
+
+    The signature runner lists its outputs sorted by name (``output_0, output_1, output_10, output_2``; a dict
+    model's keys alphabetically), so it cannot be taken as it comes. In order of preference:
+    ``signature output_N``: every signature output is named ``output_<N>`` (litert_torch's names for a tuple's
+    elements), ordered by N; ``tensor StatefulPartitionedCall:N``: every output tensor is named so (the TF
+    converter), ordered by N; else ``subgraph``: the interpreter's own output order (litert_torch keeps a dict's
+    insertion order there)."""
+    by_index = {int(d["index"]): d for d in outputs}
+    try:
+        signatures = interp.get_signature_list()
+        if len(signatures) == 1:
+            runner = interp.get_signature_runner(next(iter(signatures)))
+            named = [(str(k), int(d["index"])) for k, d in runner.get_output_details().items()]
+            keys = [_TFL_SIGNATURE_OUTPUT.match(k) for k, _ in named]
+            if (len(named) == len(outputs) and all(keys) and all(i in by_index for _, i in named)
+                    and len({int(m.group(1)) for m in keys if m}) == len(named)):
+                ranked = sorted(zip(keys, named), key=lambda t: int(t[0].group(1)) if t[0] else 0)
+                return [by_index[i] for _, (_, i) in ranked], "signature output_N"
+    except (ValueError, RuntimeError, AttributeError, KeyError):  # no signatures, or a tflite_runtime without runners
+        pass
+    tf = [_TFL_TF_OUTPUT.match(str(d["name"])) for d in outputs]
+    if len(outputs) > 1 and all(tf) and len({int(m.group(1)) for m in tf if m}) == len(outputs):
+        ranked = sorted(zip(tf, outputs), key=lambda t: int(t[0].group(1)) if t[0] else 0)
+        return [d for _, d in ranked], "tensor StatefulPartitionedCall:N"
+    return list(outputs), "subgraph"
 
 
 def _tfl_input_names(interp: Any, index: int) -> List[str]:
@@ -813,9 +897,10 @@ class _Cuda:
 class TrtSession(Session):
     """A deserialized engine with one execution context, one CUDA stream and device buffers for every I/O tensor
     at the profile's max batch (freed when the agent process exits: one job per process). ``run`` copies the
-    input to the device, runs ``execute_async_v3`` and copies output 0 back, then synchronizes the stream: the
-    time the runner measures is host to host. A dynamic-batch engine takes any batch; batches above its max are
-    run in chunks."""
+    input to the device, runs ``execute_async_v3`` (which computes every output) and copies output 0 back, then
+    synchronizes the stream: the time the runner measures is host to host. ``run_all`` copies every output
+    back, in the engine's I/O tensor order (``get_tensor_name(i)``, which follows the ONNX network's outputs). A
+    dynamic-batch engine takes any batch; batches above its max are run in chunks."""
 
     def __init__(self, trt: Any, cuda: _Cuda, runtime: Any, engine: Any, input_name: str,
                  input_shape: List[Optional[int]], spec_shape: List[int], max_batch: int) -> None:
@@ -829,7 +914,7 @@ class TrtSession(Session):
         self._rest = list(spec_shape[1:])
         self._batch = -1
         self._buffers: Dict[str, int] = {}
-        self._output = ""
+        self._outputs: List[str] = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
@@ -837,35 +922,44 @@ class TrtSession(Session):
                 shape = [max_batch] + self._rest
             else:
                 shape = [max_batch if d < 0 else d for d in engine.get_tensor_shape(name)]
-                self._output = self._output or name
+                self._outputs.append(name)
             nbytes = int(np.prod(shape)) * np.dtype(trt.nptype(engine.get_tensor_dtype(name))).itemsize
             self._buffers[name] = cuda.malloc(nbytes)
             self._context.set_tensor_address(name, self._buffers[name])
         self._in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(input_name)))
-        self._out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._output)))
+        self._output = self._outputs[0]
+        self._out_dtypes = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in self._outputs}
         self.input_name = input_name
         self.input_shape = input_shape
         self.info: Dict[str, Any] = {}
 
     def run(self, inputs: np.ndarray) -> np.ndarray:
+        return self._run(inputs, self._outputs[:1])[0]
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        return self._run(inputs, self._outputs)
+
+    def _run(self, inputs: np.ndarray, names: List[str]) -> List[np.ndarray]:
         n = inputs.shape[0]
         if self.input_shape[0] is not None and n != self.input_shape[0]:
             raise RuntimeBackendError("model input %r has a fixed batch of %d; cannot run a batch of %d"
                                       % (self.input_name, self.input_shape[0], n))
         if n > self._max_batch:
-            return np.concatenate([self.run(inputs[i:i + self._max_batch]) for i in range(0, n, self._max_batch)])
+            parts = [self._run(inputs[i:i + self._max_batch], names) for i in range(0, n, self._max_batch)]
+            return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
         x = np.ascontiguousarray(inputs, dtype=self._in_dtype)
         if n != self._batch:
             if not self._context.set_input_shape(self.input_name, [n] + self._rest):
                 raise RuntimeBackendError("tensorrt refused input shape %s" % ([n] + self._rest))
             self._batch = n
-        out = np.empty(tuple(self._context.get_tensor_shape(self._output)), dtype=self._out_dtype)
+        outs = [np.empty(tuple(self._context.get_tensor_shape(name)), dtype=self._out_dtypes[name]) for name in names]
         self._cuda.to_device(self._buffers[self.input_name], x, self._stream)
         if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeBackendError("tensorrt execute_async_v3 failed")
-        self._cuda.to_host(out, self._buffers[self._output], self._stream)
+        for name, out in zip(names, outs):
+            self._cuda.to_host(out, self._buffers[name], self._stream)
         self._cuda.call("cudaStreamSynchronize", self._cuda.rt.cudaStreamSynchronize(self._stream))
-        return out.astype(np.float32, copy=False)
+        return [out.astype(np.float32, copy=False) for out in outs]
 
 
 @register_runtime("tensorrt")
@@ -1102,7 +1196,8 @@ _TORCH_PRECISIONS = ("fp32", "fp16")
 
 class TorchSession(Session):
     """A TorchScript module on one device. On CUDA every run is bracketed by ``torch.cuda.synchronize`` so the
-    runner times the work itself and not a queue of launches; outputs come back as float32 numpy arrays."""
+    runner times the work itself and not a queue of launches; outputs come back as float32 numpy arrays (a tuple,
+    list or dict output flattened in order: ``run`` returns the first, ``run_all`` all)."""
 
     def __init__(self, torch: Any, module: Any, device: Any, half: bool, input_shape: List[Optional[int]],
                  input_name: str) -> None:
@@ -1127,8 +1222,32 @@ class TorchSession(Session):
             y = self._module(x)
             if self._cuda:
                 torch.cuda.synchronize(self._device)
-            out: np.ndarray = y.float().cpu().numpy()
+            first = _torch_outputs(torch, y)[0]
+            out: np.ndarray = first.float().cpu().numpy()
         return out
+
+    def run_all(self, inputs: np.ndarray) -> List[np.ndarray]:
+        torch = self._torch
+        with torch.no_grad():
+            x = np.ascontiguousarray(inputs)
+            x = torch.from_numpy(x if x.flags.writeable else x.copy()).to(self._device)
+            if self._half:
+                x = x.half()
+            y = self._module(x)
+            return [t.float().cpu().numpy() for t in _torch_outputs(torch, y)]
+
+
+def _torch_outputs(torch: Any, y: Any) -> List[Any]:
+    """A module's output as a flat list of tensors: a tensor, a tuple/list (nested ones flattened in order) or a
+    dict (insertion order, as the ONNX exporter and ``edgeprune.shards.reference_outputs`` flatten it)."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (tuple, list)):
+        return [t for item in y for t in _torch_outputs(torch, item)]
+    raise RuntimeBackendError("torch module returned %s; the agent takes tensors, or tuples, lists or dicts of "
+                              "them" % type(y).__name__)
 
 
 @register_runtime("torch")

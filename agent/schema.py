@@ -16,12 +16,29 @@ Job spec:
    older agent refuses every newer job by its ``schema_version`` (one clear line) instead of accepting the
    single-file ones and failing the others on an unknown field.
 
-Report: 1 (edgeprune 0.1), unchanged since.
+3: ``eval.shards``, a list of eval shards (``[{"path", "sha256"}, ...]``) processed one at a time, so that an
+   eval set larger than the device's memory (10,000 images at 224x224 are 1.5 GB) is scored in bounded memory;
+   shards may now hold ``reference_<k>`` arrays (the dense model's outputs) and may lack ``labels`` (see
+   :mod:`agent.accuracy`). Version 3 is what the host writes, always with ``eval.shards``; the single-shard form
+   ``eval.path`` + ``eval.sha256`` of versions 1 and 2 is still read (and still accepted in version 3), but a
+   job gives one form or the other, never both. Bumped because an older agent would refuse ``shards`` as an
+   unknown field and, worse, would misread a label-free shard as a broken one: refusing the version is one
+   clear line instead.
 
-Job spec (host -> agent), version 2::
+Report:
+
+1 (edgeprune 0.1): ``accuracy`` is ``{"split", "n", "top1", "top5", "eval_sha256"}``.
+2: ``accuracy`` measures fidelity against the dense model's outputs shipped in the shards (label-free) beside
+   top-1/top-5, and models with several outputs: ``top1``/``top5`` may be null (no labels), new ``agreement``,
+   ``snr_db``, ``max_abs_err``, ``outputs`` (per model output), ``metric`` and ``shards``. Bumped because a
+   version-1 reader (an older host) takes ``top1`` as always a number: it must refuse these reports by their
+   ``schema_version`` (one clear line), not crash on a null. This host reads both versions (a version-1
+   report's accuracy always has top1 and top5).
+
+Job spec (host -> agent), version 3::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "job_id": "demo-r0.50",                 # [A-Za-z0-9._-]+
       "device_id": "local",
       "artifact": {"path": "model.xml",       # relative to the job file's folder (no '..' out of it), or absolute
@@ -39,7 +56,11 @@ Job spec (host -> agent), version 2::
                  "max_iters": 100000, "max_duration_s": 120.0, "batch_size": 1, "seed": 0,
                  "cv_warn": 0.1, "cpu_affinity": [0], "cooldown_s": 0.0, "keep_samples": 20000},
       "power": {"sensor": "model", "sample_hz": 20.0, "idle_w": 5.0, "max_w": 35.0, "options": {}},
-      "eval": {"path": "eval.npz", "sha256": "<64 hex>", "split": "eval", "batch_size": 100},  # or null
+      "eval": {"shards": [{"path": "eval-00000.npz", "sha256": "<64 hex>"},   # v3: processed in this order,
+                          {"path": "eval-00001.npz", "sha256": "<64 hex>"}],  # one at a time; each verified
+                                              # by sha256 before anything is run, paths like artifact.path
+               "split": "eval", "batch_size": 100},   # or null: no accuracy
+               # versions 1 and 2 (still read): {"path": "eval.npz", "sha256": "<64 hex>", "split", "batch_size"}
       "thermal": {"enabled": true,            # optional section (these are its defaults); null = no thermal
                   "wait_to_cool_c": null,     # °C: before the timed window, wait until the sensor is below this
                   "wait_to_cool_timeout_s": 120.0,   # ... for at most this long (and never past timeout_s)
@@ -48,8 +69,28 @@ Job spec (host -> agent), version 2::
       "timeout_s": 900.0
     }
 
-Report (agent -> host), version 1: see :class:`Report`. ``status`` is ``"ok"`` or ``"error"``; on error,
+Report (agent -> host), version 2: see :class:`Report`. ``status`` is ``"ok"`` or ``"error"``; on error,
 ``error`` holds ``{"type", "message"}`` and the sections that were measured before the failure are kept.
+Its ``accuracy`` (:class:`AccuracyResult`, null without ``eval``)::
+
+    {
+      "split": "eval", "n": 10000,            # samples scored, over all shards
+      "metric": "top1",                       # what the headline is: "top1" (the shards have labels), else
+                                              # "agreement" (references and a logit-like output), else "snr_db"
+      "top1": 0.912, "top5": 0.993,           # fractions 0..1 on output 0; null when the shards have no labels
+      "agreement": 0.998,                     # top-1 agreement with the references: min over the logit-like
+                                              # outputs (shape (N, C), C >= 2); null without references or such outputs
+      "snr_db": 41.7,                         # min over outputs of 10 log10(sum ref^2 / sum (out - ref)^2), sums
+                                              # over every sample of every shard; 300.0 when the error is exactly
+                                              # zero (capped to [-300, 300]); null without references
+      "max_abs_err": 0.0123,                  # max over outputs and samples of |out - ref|; null without references
+      "outputs": [{"index": 0, "shape": [1000],   # every model output, in the model's order; shape without batch
+                   "agreement": 0.998, "snr_db": 41.7, "max_abs_err": 0.0123},   # each null as above
+                  {"index": 1, "shape": [4], "agreement": null, "snr_db": 55.0, "max_abs_err": 0.001}],
+      "eval_sha256": "<64 hex>",              # the shard's sha256; with several, sha256 of their hex digests
+                                              # joined by "," in job order
+      "shards": ["<64 hex>", ...]             # every shard's sha256, in job order
+    }
 """
 from __future__ import annotations
 
@@ -61,8 +102,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-JOB_VERSIONS = (1, 2)
-REPORT_VERSIONS = (1,)
+JOB_VERSIONS = (1, 2, 3)
+REPORT_VERSIONS = (1, 2)
 JOB_SCHEMA_VERSION = JOB_VERSIONS[-1]
 REPORT_SCHEMA_VERSION = REPORT_VERSIONS[-1]
 
@@ -151,11 +192,30 @@ class PowerSpec:
 
 
 @dataclass
-class EvalSpec:
+class ShardSpec:
     path: str
     sha256: str
+
+
+@dataclass
+class EvalSpec:
+    path: Optional[str] = None        # v1/v2 (still read): one shard; v3 writes ``shards``
+    sha256: Optional[str] = None
     split: str = "eval"
     batch_size: int = 100
+    shards: Optional[List[ShardSpec]] = None   # v3: processed in order, one at a time
+
+    def shard_list(self) -> List[ShardSpec]:
+        """The shards to score, in order, whichever form the job used (``shards``, or ``path`` + ``sha256``)."""
+        if self.shards is not None:
+            return list(self.shards)
+        return [ShardSpec(path=str(self.path), sha256=str(self.sha256))]
+
+    def shard_fields(self) -> List[str]:
+        """The job field naming each of :meth:`shard_list`'s paths (``eval.shards[1].path`` or ``eval.path``)."""
+        if self.shards is not None:
+            return ["eval.shards[%d].path" % i for i in range(len(self.shards))]
+        return ["eval.path"]
 
 
 @dataclass
@@ -216,14 +276,32 @@ class JobSpec:
         if self.power is not None:
             _check(self.power.sample_hz > 0, "power.sample_hz", "must be > 0")
         if self.eval is not None:
-            _check(SHA256_RE.match(self.eval.sha256) is not None, "eval.sha256", "must be 64 lowercase hex digits")
-            _check(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+            self._validate_eval(self.eval)
         if self.thermal is not None:
             _check(self.thermal.wait_to_cool_timeout_s >= 0, "thermal.wait_to_cool_timeout_s", "must be >= 0")
             _check(self.thermal.zone is None or self.thermal.zone != "", "thermal.zone",
                    "must be null or a sensor name")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         return self
+
+    def _validate_eval(self, ev: "EvalSpec") -> None:
+        single = ev.path is not None or ev.sha256 is not None
+        if ev.shards is not None:
+            _check(self.schema_version >= 3, "eval.shards",
+                   "needs schema_version 3 (this job says %r)" % (self.schema_version,))
+            _check(not single, "eval.path",
+                   "give either eval.shards or eval.path and eval.sha256 (one shard), not both")
+            _check(len(ev.shards) >= 1, "eval.shards", "must list at least one shard (or make eval null)")
+            for i, shard in enumerate(ev.shards):
+                _check(shard.path != "", "eval.shards[%d].path" % i, "must be a path")
+                _check(SHA256_RE.match(shard.sha256) is not None, "eval.shards[%d].sha256" % i,
+                       "must be 64 lowercase hex digits")
+        else:
+            _check(ev.path is not None and ev.path != "", "eval.path",
+                   "is required (or eval.shards, job schema_version 3)")
+            _check(ev.sha256 is not None, "eval.sha256", "is required")
+            _check(SHA256_RE.match(str(ev.sha256)) is not None, "eval.sha256", "must be 64 lowercase hex digits")
+        _check(ev.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -295,12 +373,29 @@ class ThermalResult:
 
 
 @dataclass
+class OutputFidelity:
+    """One model output against its reference (report v2); the metrics are null without references."""
+
+    index: int
+    shape: List[int]                  # without the batch dimension
+    agreement: Optional[float] = None  # logit-like outputs only: shape (N, C), C >= 2
+    snr_db: Optional[float] = None
+    max_abs_err: Optional[float] = None
+
+
+@dataclass
 class AccuracyResult:
     split: str
     n: int
-    top1: float
-    top5: float
+    top1: Optional[float] = None      # null (v2) when the shards have no labels
+    top5: Optional[float] = None
     eval_sha256: str = ""
+    agreement: Optional[float] = None  # v2: see the module docstring
+    snr_db: Optional[float] = None
+    max_abs_err: Optional[float] = None
+    outputs: List[OutputFidelity] = field(default_factory=list)
+    metric: str = "top1"
+    shards: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -328,7 +423,19 @@ class Report:
     def validate(self) -> "Report":
         _check(self.status in ("ok", "error"), "status", "must be 'ok' or 'error'")
         _check(self.status == "ok" or self.error is not None, "error", "is required when status is 'error'")
+        acc = self.accuracy
+        if acc is not None:
+            if self.schema_version < 2:
+                _check(acc.top1 is not None, "accuracy.top1", "is required in a version 1 report")
+                _check(acc.top5 is not None, "accuracy.top5", "is required in a version 1 report")
+            _check(acc.metric in METRICS, "accuracy.metric", "must be one of %s" % ", ".join(METRICS))
+            for name in ("top1", "top5", "agreement"):
+                value = getattr(acc, name)
+                _check(value is None or 0.0 <= value <= 1.0, "accuracy." + name, "must be a fraction in 0..1")
         return self
+
+
+METRICS = ("top1", "agreement", "snr_db")
 
 
 # ---------------------------------------------------------------------------------------------- loaders

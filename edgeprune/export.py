@@ -596,7 +596,13 @@ def _resolve_artifact(artifact: Path) -> Tuple[Optional[Manifest], Path]:
 
 
 def run_artifact(artifact: Union[str, Path], inputs: Any, *, threads: int = 1) -> np.ndarray:
-    """Logits of an exported artifact on ``inputs``, run by the runtime that checks its format here.
+    """Logits (the first output) of an exported artifact on ``inputs``; see :func:`run_artifact_outputs`."""
+    return run_artifact_outputs(artifact, inputs, threads=threads)[0]
+
+
+def run_artifact_outputs(artifact: Union[str, Path], inputs: Any, *, threads: int = 1) -> List[np.ndarray]:
+    """Every output of an exported artifact on ``inputs``, in the model's output order, run by the runtime that
+    checks its format here.
 
     ``artifact``: a manifest (``*.manifest.json``) or an artifact file; the manifest, given or found beside the
     file (:func:`find_manifest`), has every file's sha256 checked first and says the layout. ``inputs``: an NCHW
@@ -617,18 +623,18 @@ def run_artifact(artifact: Union[str, Path], inputs: Any, *, threads: int = 1) -
         raise ExportError(f"{art}: an Edge TPU model runs only on an Edge TPU (the agent's tflite runtime with "
                           "delegate edgetpu); run the tflite-int8 model it was compiled from here instead")
     if fmt == "onnx":
-        return _run_onnx(art, x, threads)[0][0]
+        return _run_onnx(art, x, threads)[0]
     if fmt == "openvino-ir":
-        return _run_openvino(art, x, threads)[0][0]
+        return _run_openvino(art, x, threads)[0]
     if fmt == "torchscript":
-        return _run_torchscript(art, x)[0][0]
+        return _run_torchscript(art, x)[0]
     if fmt == "tflite":
         rt = _Tflite(art, threads)
         layout = man.layout if man is not None else rt.layout_for(x.shape)
         if layout is None:
             raise UsageError(f"inputs: shape {tuple(x.shape)} fits neither NHWC nor NCHW for the model input "
                              f"{rt.shape} of {art.name}")
-        return rt.run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x)[0]
+        return rt.run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x)
     raise UsageError(f"{art}: cannot tell which runtime runs it (format {fmt!r}; known: "
                      f"{', '.join(sorted(set(_SUFFIX_FORMATS.values())))})")
 

@@ -252,22 +252,30 @@ def model_from_checkpoint(path: Path) -> "tuple[str, nn.Module, Dict[str, object
     return name, model.eval(), meta
 
 
-def protected_layers(model: nn.Module, prune_residual: bool = False) -> List[nn.Module]:
-    """Layers whose output channels channel pruning keeps by default, for this model family.
+def protected_layers(model: nn.Module, prune_residual: bool = False,
+                     example_inputs: Optional[object] = None) -> List[nn.Module]:
+    """Layers whose output channels channel pruning keeps by default, for any model.
 
-    Every model: the stem (the first ``nn.Conv2d`` in definition order) and the classifier (the last
-    ``nn.Linear``). The stem's outputs feed everything downstream at full resolution and cost few MACs; the
-    classifier's outputs are the classes. (:func:`edgeprune.prune.prune` additionally never prunes a group whose
-    channels reach the model output, whatever is protected.) For a model whose first-defined conv is not the one
-    that runs first, or whose classifier is a conv, pass ``ignored_layers`` to ``prune`` explicitly. Protecting a
-    layer protects its whole dependency group: in a torchvision ResNet-18 the stem is coupled to ``layer1``'s
-    identity shortcuts, so ``layer1``'s residual stream stays whole too.
+    Every model: the stem and every output layer. The stem's outputs feed everything downstream at full resolution
+    and cost few MACs; an output layer's channels are what the model returns.
 
-    Option-A CIFAR ResNets (:class:`CifarResNet`). Each stage's residual stream (the outputs of its blocks'
-    second convs, and for stage 1 the stem's) meets the next stage through the parameter-free :class:`ShortcutA`
-    (subsample + zero-pad). ``edgeprune.prune`` registers a Torch-Pruning pruner for ``ShortcutA`` that
-    re-indexes its channel map instead of treating the pad as a channel-preserving op, so the streams on either
-    side of a stage boundary are separate groups and can be pruned:
+    * With ``example_inputs`` (what :func:`edgeprune.prune.prune` passes), both are found by running the model
+      once with forward hooks: the stem is the first conv that *runs* (not the first defined), and the output
+      layers are, for every tensor the model returns (each head of a multi-output model), the last conv/linear
+      layers on the autograd path to it.
+    * Without, or when that forward pass fails: the first ``nn.Conv2d`` in definition order and the last
+      ``nn.Linear``.
+
+    (:func:`edgeprune.prune.prune` additionally never prunes a group whose channels reach a model output, whatever
+    is protected.) Protecting a layer protects its whole dependency group: in a torchvision ResNet-18 the stem is
+    coupled to ``layer1``'s identity shortcuts, so ``layer1``'s residual stream stays whole too.
+
+    Option-A CIFAR ResNets (:class:`CifarResNet`; ``example_inputs`` does not change anything for them). Each
+    stage's residual stream (the outputs of its blocks' second convs, and for stage 1 the stem's) meets the next
+    stage through the parameter-free :class:`ShortcutA` (subsample + zero-pad). ``edgeprune.prune`` registers a
+    Torch-Pruning pruner for ``ShortcutA`` that re-indexes its channel map instead of treating the pad as a
+    channel-preserving op, so the streams on either side of a stage boundary are separate groups and can be
+    pruned:
 
     * ``prune_residual=False`` (default): every block's second conv is protected as well, and these models are
       pruned inside each block only (conv1 → bn1 → conv2 input), as in Li et al., "Pruning Filters for
@@ -279,12 +287,71 @@ def protected_layers(model: nn.Module, prune_residual: bool = False) -> List[nn.
       unprotected too (``ignored_layers=[model.linear]``). A pruned stream leaves a ShortcutA with a general
       channel map, which runs (and exports) as ``Pad`` + ``Gather`` instead of a single ``Pad``.
     """
+    def trace_order(model: nn.Module, example_inputs: object) -> "tuple[List[nn.Module], List[nn.Module]]":
+        """From one forward pass on ``example_inputs`` (eval mode, hooks only): the convs in the order they ran, and
+        for each tensor the model returns the last conv/linear layers on the path to it (in output order)."""
+        kinds = (nn.modules.conv._ConvNd, nn.Linear)
+        ran: List[nn.Module] = []
+        produced: Dict[object, nn.Module] = {}
+
+        def hook(m: nn.Module, _inputs: object, out: object) -> None:
+            ran.append(m)
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                produced[out.grad_fn] = m
+
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+                args = tuple(a.detach().clone().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
+                             else a for a in args)
+                out = model(*args)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        tensors: List[torch.Tensor] = []
+        stack = [out]
+        while stack:  # outputs in order: tensors, nested tuples/lists/dicts of them
+            o = stack.pop(0)
+            if isinstance(o, torch.Tensor):
+                tensors.append(o)
+            elif isinstance(o, (tuple, list)):
+                stack[0:0] = list(o)
+            elif isinstance(o, dict):
+                stack[0:0] = list(o.values())
+        heads: List[nn.Module] = []
+        for t in tensors:
+            seen, todo = set(), [t.grad_fn] if t.grad_fn is not None else []
+            while todo:  # walk the autograd graph back from the output, stopping at conv/linear outputs
+                fn = todo.pop(0)
+                if fn in seen:
+                    continue
+                seen.add(fn)
+                if fn in produced:
+                    heads.append(produced[fn])
+                    continue
+                todo += [f for f, _ in getattr(fn, "next_functions", ()) if f is not None]
+        convs = [m for m in ran if isinstance(m, nn.modules.conv._ConvNd)]
+        return list(dict.fromkeys(convs)), list(dict.fromkeys(heads))
+
     if isinstance(model, CifarResNet):
         keep: List[nn.Module] = [model.conv1, model.linear]
         if not prune_residual:
             for layer in (model.layer1, model.layer2, model.layer3):
                 keep += [block.conv2 for block in layer]
         return keep
+    if example_inputs is not None:
+        try:
+            ran, heads = trace_order(model, example_inputs)
+        except Exception:  # noqa: BLE001 - a model that does not run here fails later, with a better message
+            ran, heads = [], []
+        if ran or heads:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            heads = heads or linears[-1:]
+            return list(dict.fromkeys(ran[:1] + heads))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return ([convs[0]] if convs else []) + ([linears[-1]] if linears else [])

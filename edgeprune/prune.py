@@ -7,13 +7,36 @@ ship the plan and the source checkpoint, never pickled modules.
 
 Groups. Torch-Pruning's dependency graph couples every layer whose channels must be removed together (a conv, its
 BatchNorm, the next conv's input channels, every conv feeding the same residual add, the right slice of a
-``torch.cat`` consumer, the input and output of a depthwise conv, ...). A group is named after its *root*: the
-first layer in definition order (``model.named_modules()``) whose output channels belong to it, and its channel
-indices are that layer's output channels. :func:`prunable_groups` lists them. A group is not prunable when any of
-its output-channel layers is protected (``ignored_layers``, by default
-:func:`edgeprune.models.protected_layers`: the stem conv and the classifier), when its channels reach the model
-output, or when it contains a grouped (not depthwise) convolution, whose per-group channel bookkeeping this module
-does not implement.
+``torch.cat`` consumer, the input and output of a depthwise conv, a squeeze-excitation's expand layer with the
+features it scales, ...). A group is named after its *root*: the first layer in definition order
+(``model.named_modules()``) whose output channels belong to it, and its channel indices are that layer's output
+channels. :func:`prunable_groups` lists the groups pruned, :func:`unprunable_groups` the ones left whole, with why.
+
+Pruned: conv/linear chains with BatchNorm, residual adds, concatenations, depthwise convs, squeeze-excitation
+blocks (the expand conv/linear follows the block's channels; the reduce layer's hidden width is a group of its
+own), hard-swish / hard-sigmoid and other element-wise activations, and grouped convs (``groups > 1``, not
+depthwise) *group-consistently*: a group touching grouped convs is cut into ``G`` equal slices (``G`` the least
+common multiple of their ``groups``, :attr:`GroupInfo.channel_groups`), keeps a multiple of ``G`` channels and
+drops the lowest-scoring channels of each slice, the same number per slice, so every grouped conv keeps its
+``groups`` (see :mod:`edgeprune.prune_groups`).
+
+Left whole and reported (:func:`unprunable_groups`, :attr:`PruneResult.unprunable`; those held back for another
+reason than protection or the output shape also in :attr:`PruneResult.skipped`), a group
+
+* containing a protected output-channel layer: ``ignored_layers``, by default
+  :func:`edgeprune.models.protected_layers` (the stem conv that runs first and every layer producing a model
+  output: each head of a multi-output model), plus ``extra_ignored`` (``--ignore-layers`` globs, see
+  :func:`resolve_ignore_globs`);
+* whose channels reach a model output;
+* coupled through an op Torch-Pruning cannot trace: it treats unknown ops as element-wise (channel ``i`` in is
+  channel ``i`` out), which is wrong when the op changes the channel count, e.g. a lambda zero-padding the channels
+  (the akamaster option-A shortcut written as a ``LambdaLayer``); such a group is named with the module and op;
+* containing a parameter of a custom module without a pruner (Torch-Pruning would guess its channel dimension);
+* with a grouped conv it cannot cut consistently (one channel per group, reached through a concat/split
+  re-indexing, transposed).
+
+After pruning, the model must run on ``example_inputs`` and return outputs of the dense model's shapes, or
+:class:`PruneError` names the groups pruned (:func:`apply_plan` checks the same).
 
 Option-A CIFAR ResNets: :class:`edgeprune.models.ShortcutA` (the parameter-free subsample + zero-pad shortcut) gets a
 Torch-Pruning pruner here that re-indexes its channel map, which decouples the stages' residual streams; with
@@ -36,8 +59,11 @@ spread around its mean.
 A ratio of 0 (and no ``layer_ratios``) prunes nothing and the model is returned unchanged (an exact identity).
 
 Limitations: group roots are ``nn.Conv2d`` and ``nn.Linear`` layers (other layers are pruned only as members of
-such groups); grouped, non-depthwise convolutions are never pruned; ``taylor`` scores come from a single
-``calib`` batch in eval mode; scores are computed once on the unpruned model (one-shot, not iterative pruning).
+such groups); a grouped conv's input-channel scores are Torch-Pruning's (summed over all its groups' filters);
+the output-shape check cannot tell a mis-indexed channel of an untraced op that keeps the channel count (a
+channel shuffle written as a lambda) from a correct one; ``taylor`` scores come from a single ``calib`` batch in
+eval mode and need a model returning one logits tensor; scores are computed once on the unpruned model (one-shot,
+not iterative pruning).
 """
 from __future__ import annotations
 
@@ -53,6 +79,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
+from . import prune_groups as _pg
+from .prune_groups import HIDDEN_OP, PROTECTED, REACHES_OUTPUT, resolve_ignore_globs
 from .errors import PruneError, UsageError
 from .models import ShortcutA, protected_layers
 
@@ -69,6 +97,11 @@ __all__ = [
     "count",
     "kept_channels",
     "prunable_groups",
+    "unprunable_groups",
+    "resolve_ignore_globs",
+    "PROTECTED",
+    "REACHES_OUTPUT",
+    "HIDDEN_OP",
     "prune",
     "apply_plan",
 ]
@@ -166,9 +199,13 @@ class PruneResult:
     macs_after: int
     params_before: int
     params_after: int
-    # groups that were meant to lose channels but were left whole, with the reason (e.g. bn_scale on a group
-    # without a BatchNorm)
+    # groups that were meant to lose channels but were left whole, with the reason: the criterion cannot score
+    # them (bn_scale without a BatchNorm), or they cannot be pruned safely (coupled through an op Torch-Pruning
+    # cannot trace, a custom module without a pruner, ...). Groups left whole only because they are protected
+    # or reach a model output are not listed here (see ``unprunable``).
     skipped: Dict[str, str] = field(default_factory=dict)
+    # every group left whole by its structure, protected ones included, with the reasons (unprunable_groups())
+    unprunable: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,6 +216,7 @@ class GroupInfo:
     channels: int         # the root's output channels: what the group's ratio applies to
     members: List[str]    # every named layer whose channels the group touches (outputs or inputs), in order
     producers: List[str]  # the conv/linear layers whose *output* channels the group removes (root first)
+    channel_groups: int = 1  # >1: it touches grouped convs; each of this many equal channel slices loses as many
 
 
 def count(model: nn.Module, example_inputs: torch.Tensor) -> "tuple[int, int]":
@@ -250,9 +288,14 @@ def _graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                         customized_pruners=dict(_CUSTOMIZED_PRUNERS))
+        with torch.enable_grad(), _pg.OwnerHooks(model) as owners:
+            # a tensor is traced as ``model(x)``: Torch-Pruning would first try ``model(*x)``, which for a batch
+            # of one is an unbatched 3-D input that fully convolutional models accept (and trace differently)
+            forward = (lambda m, x: m(x)) if isinstance(example_inputs, torch.Tensor) else None
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
+                                                          customized_pruners=dict(_CUSTOMIZED_PRUNERS))
+        graph.edgeprune_owners = owners.found  # grad_fn → the module that returned it: names hidden couplings
+        return graph
     except (RuntimeError, TypeError, ValueError, AssertionError, IndexError) as e:
         raise PruneError(f"cannot trace {type(model).__name__} on example_inputs to build its dependency graph: "
                          f"{type(e).__name__}: {e}") from e
@@ -267,6 +310,7 @@ class _Group:
     handler: Callable
     order: int    # definition-order index of the root
     full: object  # the Torch-Pruning group over all of the root's channels (valid until the model is pruned)
+    slices: int = 1  # channel_groups of the GroupInfo
 
 
 def _signature(graph: tp.DependencyGraph, group) -> frozenset:
@@ -279,22 +323,24 @@ def _full_group(graph: tp.DependencyGraph, root: nn.Module):
     return graph.get_pruning_group(root, pruner.prune_out_channels, list(range(graph.get_out_channels(root))))
 
 
-def _collect(model: nn.Module, graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> List[_Group]:
-    """The prunable groups of ``graph``, each re-rooted at its first output layer in definition order."""
+def _collect(model: nn.Module, graph: tp.DependencyGraph,
+             ignored: Sequence[nn.Module]) -> Tuple[List[_Group], Dict[str, List[str]]]:
+    """The prunable groups of ``graph``, each re-rooted at its first output layer in definition order, and the
+    groups left whole with their reasons (by group name, in definition order)."""
     names = {m: n for n, m in model.named_modules()}
     position = {m: i for i, m in enumerate(names)}
     # nodes whose result is a model output (nothing consumes them); pruning their output channels, or any
     # channel of an element-wise op among them, changes the shape of the model's output
     sinks = {node for node in graph.module2node.values() if not node.outputs}
+    hidden = _pg.hidden_couplings(model, graph, getattr(graph, "edgeprune_owners", {}))
+    custom = _pg.custom_parameters(graph, model)
     groups: List[_Group] = []
+    whole: Dict[str, List[str]] = {}
     for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=list(_ROOT_TYPES)):
-        if any(dep.target.type == tp.ops.OPTYPE.OUTPUT
-               or (dep.target in sinks and graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group):
-            continue  # its channels are the model's output channels
-        if any(isinstance(dep.target.module, nn.Conv2d) and 1 < dep.target.module.groups
-               and not (dep.target.module.groups == dep.target.module.in_channels == dep.target.module.out_channels)
-               for dep, _ in group):
-            continue  # grouped (not depthwise) convolution
+        reasons = _pg.structural_reasons(graph, group, sinks, hidden, custom)
+        if reasons:
+            whole.setdefault(_pg.group_name(graph, group, names, position), reasons)
+            continue
         root = group[0].dep.target.module
         producers = [dep.target.module for dep, _ in group
                      if isinstance(dep.target.module, _ROOT_TYPES) and graph.is_out_channel_pruning_fn(dep.handler)]
@@ -306,40 +352,79 @@ def _collect(model: nn.Module, graph: tp.DependencyGraph, ignored: Sequence[nn.M
                 root, group = first, regrouped
         if root not in names:
             continue
+        slices = _pg.channel_slices(graph, group, names)
+        if isinstance(slices, str):
+            whole.setdefault(names[root], [slices])
+            continue
         producers = [root] + [m for m in producers if m is not root]
         members = sorted({dep.target.module for dep, _ in group if dep.target.module in names},
                          key=lambda m: position[m])
         n = graph.get_out_channels(root)
         info = GroupInfo(name=names[root], channels=int(n), members=[names[m] for m in members],
-                         producers=[names[m] for m in producers if m in names])
-        groups.append(_Group(info, root, graph.get_pruner_of_module(root).prune_out_channels, position[root], group))
+                         producers=[names[m] for m in producers if m in names], channel_groups=slices)
+        groups.append(_Group(info, root, graph.get_pruner_of_module(root).prune_out_channels, position[root], group,
+                             slices))
     groups.sort(key=lambda g: g.order)
-    return groups
+    if ignored:  # the groups get_all_groups left out because a protected layer produces some of their channels
+        protected = set(ignored)
+        taken = {g.info.name for g in groups} | set(whole)
+        for group in graph.get_all_groups(ignored_layers=[], root_module_types=list(_ROOT_TYPES)):
+            prot = [dep.target.module for dep, _ in group if dep.target.module in protected
+                    and dep.target.module in names and graph.is_out_channel_pruning_fn(dep.handler)]
+            prot = [names[m] for m in ([m for m in prot if isinstance(m, _ROOT_TYPES)] or prot)]
+            name = _pg.group_name(graph, group, names, position)
+            if prot and name not in taken:
+                whole[name] = ([f"{PROTECTED}: {', '.join(dict.fromkeys(prot))}"]
+                               + _pg.structural_reasons(graph, group, sinks, hidden, custom))
+    modules = dict(model.named_modules())
+    order = {n: i for i, n in enumerate(modules)}
+    return groups, {k: whole[k] for k in sorted(whole, key=lambda k: order.get(k, len(order)))}
 
 
-def _ignored(model: nn.Module, ignored_layers: Optional[Sequence[nn.Module]], prune_residual: bool) -> List[nn.Module]:
+def _ignored(model: nn.Module, ignored_layers: Optional[Sequence[nn.Module]], prune_residual: bool,
+             example_inputs: Optional[torch.Tensor] = None, extra: Sequence[nn.Module] = ()) -> List[nn.Module]:
+    mods = set(model.modules())
+    extra = list(extra or ())
+    bad = [type(m).__name__ for m in extra if not isinstance(m, nn.Module) or m not in mods]
+    if bad:
+        raise UsageError(f"extra_ignored: {', '.join(bad)} not module(s) of this model")
     if ignored_layers is None:
-        return protected_layers(model, prune_residual=prune_residual)
+        base = protected_layers(model, prune_residual=prune_residual, example_inputs=example_inputs)
+        return base + [m for m in extra if m not in set(base)]
     if prune_residual:
         raise UsageError("prune_residual: it selects the default protected layers; with ignored_layers given, "
                          "list exactly the layers to keep there instead")
     ignored = list(ignored_layers)
-    mods = set(model.modules())
     bad = [type(m).__name__ for m in ignored if not isinstance(m, nn.Module) or m not in mods]
     if bad:
         raise UsageError(f"ignored_layers: {', '.join(bad)} not module(s) of this model")
-    return ignored
+    return ignored + [m for m in extra if m not in set(ignored)]
 
 
 def prunable_groups(model: nn.Module, example_inputs: torch.Tensor,
                     ignored_layers: Optional[Sequence[nn.Module]] = None, *,
-                    prune_residual: bool = False) -> List[GroupInfo]:
-    """The groups :func:`prune` would prune with the same ``ignored_layers`` / ``prune_residual``, in definition
-    order of their root layers. Their ``name`` is what ``layer_ratios`` and the plan's layers refer to.
-    ``model`` is not changed."""
-    ignored = _ignored(model, ignored_layers, prune_residual)
+                    prune_residual: bool = False, extra_ignored: Sequence[nn.Module] = ()) -> List[GroupInfo]:
+    """The groups :func:`prune` would prune with the same ``ignored_layers`` / ``prune_residual`` /
+    ``extra_ignored``, in definition order of their root layers. Their ``name`` is what ``layer_ratios`` and the
+    plan's layers refer to. ``model`` is not changed."""
+    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
     graph = _graph(model, example_inputs)
-    return [g.info for g in _collect(model, graph, ignored)]
+    return [g.info for g in _collect(model, graph, ignored)[0]]
+
+
+def unprunable_groups(model: nn.Module, example_inputs: torch.Tensor,
+                      ignored_layers: Optional[Sequence[nn.Module]] = None, *,
+                      prune_residual: bool = False, extra_ignored: Sequence[nn.Module] = ()) -> Dict[str, str]:
+    """The groups :func:`prune` leaves whole whatever the ratio, ``{group name: reason(s)}`` in definition order.
+
+    A group is named after its first conv/linear producer in definition order. Reasons (joined by ``"; "``):
+    ``protected (stem/output/ignore-layers): <layers>``, ``its channels reach a model output``, ``an op
+    Torch-Pruning cannot trace couples it (e.g. a lambda or custom function): <module (Type: op)>``, ``custom
+    module <Type> without a pruner (parameter <name>)``, or a grouped conv that cannot be pruned consistently.
+    ``model`` is not changed."""
+    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
+    graph = _graph(model, example_inputs)
+    return {k: "; ".join(v) for k, v in _collect(model, graph, ignored)[1].items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -417,12 +502,17 @@ def _normalised(imp: torch.Tensor) -> torch.Tensor:
     return imp / mean if mean > 0 else torch.zeros_like(imp)
 
 
+def _step(round_to: int, slices: int) -> int:
+    """Channels a group keeps a multiple of: ``round_to`` and, with grouped convs, the number of slices."""
+    return round_to * slices // math.gcd(round_to, slices)
+
+
 def _global_keep(groups: List[_Group], scores: Dict[str, torch.Tensor], ratio: float, round_to: int,
                  min_channels: int) -> Dict[str, int]:
     """Keep counts from one ranking of all ``groups``' channels (scores normalised per group by their mean).
 
     Each group starts at its minimum (``min_channels`` rounded up to ``round_to``, at most its size) and then
-    grows in blocks of ``round_to`` channels (the last block of a group whose size is not a multiple of
+    grows in blocks of ``round_to`` channels (a multiple of its ``slices`` too, see :func:`_step`; the last block of a group whose size is not a multiple of
     ``round_to`` is the remainder), best block first by its mean normalised score, until ``1 - ratio`` of all
     the groups' channels are kept. So the total kept overshoots the target by less than one block, and by more
     only when the minimums alone exceed it.
@@ -433,23 +523,25 @@ def _global_keep(groups: List[_Group], scores: Dict[str, torch.Tensor], ratio: f
     ranked: Dict[str, torch.Tensor] = {}
     heap: List[Tuple[float, int, str]] = []
 
+    step = {g.info.name: _step(round_to, g.slices) for g in groups}
+
     def push(i: int, g: _Group) -> None:
-        k, n = keep[g.info.name], g.info.channels
+        k, n, r = keep[g.info.name], g.info.channels, step[g.info.name]
         if k < n:
-            nxt = min(n, (k // round_to + 1) * round_to)
+            nxt = min(n, (k // r + 1) * r)
             heapq.heappush(heap, (-float(ranked[g.info.name][k:nxt].mean()), i, g.info.name))
 
     for i, g in enumerate(groups):
-        n = g.info.channels
+        n, r = g.info.channels, step[g.info.name]
         ranked[g.info.name] = torch.sort(_normalised(scores[g.info.name]), descending=True, stable=True).values
-        keep[g.info.name] = min(n, int(math.ceil(max(1, min_channels) / round_to) * round_to))
+        keep[g.info.name] = min(n, int(math.ceil(max(1, min_channels) / r) * r))
         push(i, g)
     total = sum(keep.values())
     index = {g.info.name: (i, g) for i, g in enumerate(groups)}
     while total < target and heap:
         _, i, name = heapq.heappop(heap)
-        k, n = keep[name], index[name][1].info.channels
-        nxt = min(n, (k // round_to + 1) * round_to)
+        k, n, r = keep[name], index[name][1].info.channels, step[name]
+        nxt = min(n, (k // r + 1) * r)
         keep[name] = nxt
         total += nxt - k
         push(i, index[name][1])
@@ -464,7 +556,8 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
           global_ranking: bool = False,
           layer_ratios: Optional[Mapping[str, float]] = None,
           calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-          prune_residual: bool = False) -> PruneResult:
+          prune_residual: bool = False,
+          extra_ignored: Sequence[nn.Module] = ()) -> PruneResult:
     """Prune output channels of ``model``'s prunable groups in place; returns the model, the plan and the counts.
 
     Args:
@@ -476,8 +569,9 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
             is not a multiple may also stay whole).
         min_channels: each group keeps at least this many channels.
         ignored_layers: layers whose output channels are kept; a group containing one is not pruned at all.
-            Default: :func:`edgeprune.models.protected_layers` (stem conv and classifier). Given, it replaces
-            that default entirely (so it cannot be combined with ``prune_residual=True``).
+            Default: :func:`edgeprune.models.protected_layers` on ``example_inputs`` (the stem conv that runs
+            first and every layer producing a model output). Given, it replaces that default entirely (so it
+            cannot be combined with ``prune_residual=True``).
         global_ranking: rank the groups' channels together instead of pruning each group by ``ratio``.
         layer_ratios: ``{group root name: ratio}`` overrides (a group's other output conv/linear layers are
             accepted as aliases), see :func:`prunable_groups`. With ``ratio=0`` only the named groups are pruned.
@@ -488,10 +582,14 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
         prune_residual: option-A CIFAR ResNets only: also prune each stage's residual stream (the blocks'
             second convs, coupled through ShortcutA); see :func:`edgeprune.models.protected_layers`. Other
             models' residual streams are ordinary groups already.
+        extra_ignored: more layers to keep, *added* to the protected ones (default or ``ignored_layers``);
+            :func:`resolve_ignore_globs` turns ``--ignore-layers`` patterns into these.
 
     Raises:
         UsageError: a bad argument (the message names it).
-        PruneError: a criterion produced unusable scores.
+        PruneError: a criterion produced unusable scores, or the pruned model no longer runs on
+            ``example_inputs`` or returns outputs of other shapes than the dense model (the message names the
+            groups pruned; the model, pruned in place, is then unusable).
 
     ``random`` draws from torch's global RNG: seed it for a reproducible plan. The plan is always reproducible
     by replaying it (:func:`apply_plan`).
@@ -511,15 +609,21 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
             raise UsageError(f"calib: importance {importance!r} needs gradients; pass calib=(inputs, labels), "
                              "a labelled batch from the training or calibration split")
         calib = _check_calib(calib)
-    ignored = _ignored(model, ignored_layers, prune_residual)
+    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
 
     macs0, params0 = count(model, example_inputs)
     plan = PruningPlan(ratio=ratio, importance=importance, round_to=round_to, min_channels=min_channels,
                        ranking="global" if global_ranking else "uniform", prune_residual=bool(prune_residual))
     skipped: Dict[str, str] = {}
+    unprunable: Dict[str, str] = {}
     if ratio > 0 or layer_ratios:
+        dense_shapes = _pg.output_shapes(model, example_inputs)
         graph = _graph(model, example_inputs)
-        groups = _collect(model, graph, ignored)
+        groups, whole = _collect(model, graph, ignored)
+        unprunable = {k: "; ".join(v) for k, v in whole.items()}
+        if ratio > 0:  # left whole for a reason other than protection or the output shape: worth reporting
+            skipped.update({k: "; ".join(v) for k, v in whole.items()
+                            if any(not (r.startswith(PROTECTED) or r == REACHES_OUTPUT) for r in v)})
         plan.layer_ratios = _resolve_layer_ratios(model, groups, layer_ratios)
         grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         was_training = model.training
@@ -534,8 +638,10 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
                 for n, p in model.named_parameters():
                     p.grad = None
                     p.requires_grad_(grad_flags.get(n, True))
+        if plan.layers:
+            _pg.verify(model, example_inputs, dense_shapes, [l.name for l in plan.layers])
     macs1, params1 = count(model, example_inputs)
-    return PruneResult(model, plan, macs0, macs1, params0, params1, skipped)
+    return PruneResult(model, plan, macs0, macs1, params0, params1, skipped, unprunable)
 
 
 def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: List[_Group], plan: PruningPlan,
@@ -568,34 +674,39 @@ def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: List[_Gro
     for g in candidates:
         if g not in ranked_globally:
             keep_n[g.info.name] = kept_channels(g.info.channels, plan.layer_ratios.get(g.info.name, plan.ratio),
-                                                plan.round_to, plan.min_channels)
+                                                _step(plan.round_to, g.slices), plan.min_channels)
     if ranked_globally:
         keep_n.update(_global_keep(ranked_globally, scores, plan.ratio, plan.round_to, plan.min_channels))
     # 3. prune the lowest-scoring channels of each group
     for g in candidates:
         name, n, k = g.info.name, g.info.channels, keep_n[g.info.name]
         if k >= n:
+            if g.slices > 1 and g not in ranked_globally and kept_channels(
+                    n, plan.layer_ratios.get(name, plan.ratio), plan.round_to, plan.min_channels) < n:
+                skipped[name] = (f"grouped conv: each of its {g.slices} channel groups must lose the same number "
+                                 f"of channels, and {n // g.slices} per group cannot lose that ratio")
             continue
-        order = torch.argsort(scores[name], stable=True)
-        drop = sorted(int(i) for i in order[: n - k])
+        drop = _pg.slice_drop(scores[name], n, k, g.slices)
         group = graph.get_pruning_group(g.root, g.handler, idxs=drop)
         if not graph.check_pruning_group(group):
             skipped[name] = "Torch-Pruning refused the group (a member would lose all its channels)"
             continue
         with torch.no_grad():
-            group.prune()
+            _pg.execute(graph, group)
         plan.layers.append(LayerPlan(name=name, channels=n, keep=sorted(set(range(n)) - set(drop))))
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor) -> nn.Module:
     """Replay ``plan`` on ``model`` (a fresh copy of the model the plan was made from), in place.
 
-    Reads version-1 and version-2 plans. Raises :class:`PruneError` when the plan does not fit the model.
+    Reads version-1 and version-2 plans. Raises :class:`PruneError` when the plan does not fit the model, or
+    when the replayed model does not run on ``example_inputs`` with the unpruned model's output shapes.
     """
     if plan.version not in _READABLE_VERSIONS:
         raise PruneError(f"pruning plan version {plan.version!r} is not supported")
     if not plan.layers:
         return model
+    dense_shapes = _pg.output_shapes(model, example_inputs)
     graph = _graph(model, example_inputs)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -612,5 +723,6 @@ def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor
             drop = sorted(set(range(n)) - set(layer.keep))
             if drop:
                 handler = graph.get_pruner_of_module(root).prune_out_channels
-                graph.get_pruning_group(root, handler, idxs=drop).prune()
+                _pg.execute(graph, graph.get_pruning_group(root, handler, idxs=drop))
+    _pg.verify(model, example_inputs, dense_shapes, [l.name for l in plan.layers])
     return model

@@ -1,5 +1,11 @@
 """``edgeprune bench``: one artifact (or a reference model, exported on the fly) measured on many devices at
-once, one row per device, recorded under a run id in ``--out`` (default ``results/runs/<run id>/``)."""
+once, one row per device, recorded under a run id in ``--out`` (default ``results/runs/<run id>/``).
+
+Accuracy is measured by each device's agent on an eval set: the CIFAR-10 eval split by default, or every image of
+``--data`` (an image folder, npz or ``MODULE:CALLABLE``; :mod:`edgeprune.datasets`) brought to the artifact's input
+size with the preprocessing its manifest recorded (``--resize``/``--center-crop``/``--mean``/``--std`` override
+it). ``--reference ARTIFACT`` (a dense model's artifact or manifest) is run here on the same images and its outputs
+ship with the shards, so the agents also report label-free fidelity: top-1 agreement, SNR and max abs error."""
 from __future__ import annotations
 
 import csv
@@ -10,12 +16,14 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+
+import numpy as np
 
 import torch
 
 from agent import schema
-from edgeprune import data, export, models
+from edgeprune import data, datasets, export, models, shards
 from edgeprune.errors import ExportError, UsageError
 from host import state
 from host.devices import DeviceConfig
@@ -28,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
-           "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
+           "accuracy_top5", "agreement", "snr_db", "max_abs_err", "eval_n", "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
 
 
 def new_run_id() -> str:
@@ -88,19 +96,93 @@ def artifact_from(model: str, workdir: Path) -> Tuple[Path, export.Manifest]:
 
 
 @dataclass
+class BenchData:
+    """``--data`` for a bench: every sample of a user's source, and optionally a reference artifact."""
+
+    source: datasets.DataSource
+    reference: Optional[Tuple[Path, export.Manifest]] = None
+
+    @property
+    def name(self) -> str:
+        return "data"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+@dataclass
 class BenchInputs:
     """What ``--model`` names and the eval data, checked before a run starts (:func:`check_inputs`)."""
 
     artifact: Optional[Tuple[Path, export.Manifest]]   # None: a reference model, exported when the run starts
-    eval: data.Split
+    eval: Union[data.Split, BenchData]
 
 
-def check_inputs(model: str, eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS) -> BenchInputs:
+def input_hw(man: export.Manifest) -> Tuple[int, int]:
+    shape = [int(d) for d in man.input_shape]
+    return (shape[2], shape[3]) if man.layout == "NCHW" else (shape[1], shape[2])
+
+
+def bench_preprocess(man: export.Manifest, resize: Optional[str] = None, center_crop: Optional[str] = None,
+                     mean: Optional[str] = None, std: Optional[str] = None) -> datasets.Preprocess:
+    """The preprocessing the manifest recorded (what the model was exported with), each flag given overriding it."""
+    h, w = input_hw(man)
+    channels = int(man.input_shape[1] if man.layout == "NCHW" else man.input_shape[3])
+    flags = datasets.parse_preprocess(resize, center_crop, mean, std, (h, w), channels=channels)
+    rec = dict(man.preprocess or {})
+    base = datasets.Preprocess.default((h, w))
+    if "resize" in rec or "center_crop" in rec:   # recorded by edgeprune >= issue 15: the host's resize and crop
+        base.resize = None if rec.get("resize") is None else int(rec["resize"])
+        crop = rec.get("center_crop")
+        base.center_crop = None if crop is None else (int(crop[0]), int(crop[1]))
+    if rec.get("mean") is not None:
+        base.mean, base.std = tuple(float(v) for v in rec["mean"]), tuple(float(v) for v in rec["std"])
+    base.scale = float(rec.get("scale", base.scale))
+    for attr, flag in (("resize", resize), ("center_crop", center_crop), ("mean", mean), ("std", std)):
+        if flag is not None:
+            setattr(base, attr, getattr(flags, attr))
+    return base
+
+
+def check_inputs(model: str, eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS, *,
+                 data_path: Optional[str] = None, reference: Optional[str] = None, resize: Optional[str] = None,
+                 center_crop: Optional[str] = None, mean: Optional[str] = None,
+                 std: Optional[str] = None) -> BenchInputs:
     """Every input of a bench run, checked before anything is recorded or built: the artifact (its files against the
-    manifest, and that the primary file is the model the manifest describes) and the eval split (the CIFAR-10
-    test file of ``EDGEPRUNE_DATA`` when there is one). UsageError naming the argument, file and field."""
+    manifest, and that the primary file is the model the manifest describes) and the eval data (``data_path``, else
+    the CIFAR-10 eval split: the test file of ``EDGEPRUNE_DATA`` when there is one). UsageError naming the
+    argument, file and field."""
     artifact = None if model in models.MODELS else artifact_from(model, Path("."))
-    return BenchInputs(artifact, data.eval_split(eval_per_class))
+    if data_path is None:
+        if reference is not None:
+            raise UsageError("--reference: needs --data (the images both artifacts are run on)")
+        return BenchInputs(artifact, data.eval_split(eval_per_class))
+    if artifact is None:
+        raise UsageError(f"--data: give --model an exported artifact or manifest (a built-in name like {model} is "
+                         "exported at its own input size with the CIFAR preprocessing)")
+    art, man = artifact
+    src = datasets.open_source(data_path, input_hw=input_hw(man), preprocess=bench_preprocess(
+        man, resize, center_crop, mean, std), arg="--data")
+    if len(src) == 0:
+        raise UsageError(f"--data: {data_path}: holds no samples")
+    ref = None
+    if reference is not None:
+        ref = artifact_from(reference, Path("."))
+        if input_hw(ref[1]) != input_hw(man):
+            raise UsageError(f"--reference: {reference} takes input {ref[1].input_shape}, --model "
+                             f"{man.input_shape}; they must take the same images")
+    return BenchInputs(artifact, BenchData(src, ref))
+
+
+def _shard_batches(bd: BenchData, batch_size: int = 64):  # -> Iterator[shards.Batch]
+    """(data, labels, reference outputs) for every sample of ``bd``; the reference artifact run here, 1 thread."""
+    for batch, labels in bd.source.batches(np.arange(len(bd.source)), batch_size):
+        refs = None
+        if bd.reference is not None:
+            x = bd.source.to_tensor(batch)
+            refs = [np.asarray(o, dtype=np.float32) for o in
+                    export.run_artifact_outputs(bd.reference[0].parent / (bd.reference[1].file), x)]
+        yield batch, labels, refs
 
 
 @dataclass
@@ -129,8 +211,14 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
         inputs = check_inputs(model_or_dir, eval_per_class)
     art, man = inputs.artifact if inputs.artifact is not None else artifact_from(model_or_dir, out)
     ev = inputs.eval
-    shard = ev.save(out / f"{ev.name}-{len(ev)}.npz")
-    shard_sha = models.sha256_file(shard)
+    if isinstance(ev, BenchData):
+        shard_list = shards.write_shards(_shard_batches(ev), out / "eval", prefix=f"data-{len(ev)}")
+        shard: Union[Path, List[shards.ShardInfo]] = shard_list
+        shard_sha = shard_list[0].sha256 if len(shard_list) == 1 else export.sha256_text(
+            ",".join(x.sha256 for x in shard_list))
+    else:
+        shard = ev.save(out / f"{ev.name}-{len(ev)}.npz")
+        shard_sha = models.sha256_file(shard)
     if recorder is not None:
         for dev in devices:
             recorder.device(dev)
@@ -147,7 +235,8 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
                                     "eval_sha256": shard_sha, "eval_split": ev.name})
 
     outcomes = run_on_devices(
-        devices, lambda d: build_job(d, f"{run_id}-{d.id}", art, man, shard, shard_sha, ev.name, quick=quick,
+        devices, lambda d: build_job(d, f"{run_id}-{d.id}", art, man, shard,
+                                     shard_sha if isinstance(shard, Path) else "", ev.name, quick=quick,
                                      threads=threads),
         out / "jobs", events=events, on_outcome=record, **fleet_kw)  # type: ignore[arg-type]
     rows = []
@@ -168,7 +257,13 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
             row.update(latency_p50_ms=round(r.timing.latency_ms.median, 4), latency_p90_ms=round(r.timing.latency_ms.p90, 4),
                        throughput_ips=round(r.timing.throughput_ips, 2))
         if r is not None and r.accuracy is not None:
-            row["accuracy_top1"] = round(r.accuracy.top1, 4)
+            acc = r.accuracy
+            row["eval_n"] = acc.n
+            for key, v in (("accuracy_top1", acc.top1), ("accuracy_top5", acc.top5),
+                           ("agreement", getattr(acc, "agreement", None)), ("snr_db", getattr(acc, "snr_db", None)),
+                           ("max_abs_err", getattr(acc, "max_abs_err", None))):
+                if v is not None:
+                    row[key] = round(float(v), 6 if key == "max_abs_err" else 4)
         if r is not None and r.power is not None:
             row.update(power_w=round(r.power.mean_w, 3), power_source=r.power.source,
                        energy_mj=round(r.power.energy_mj_per_inference, 4))
@@ -180,6 +275,10 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
     write_text_atomic(out / "summary.csv", buf.getvalue())
     write_text_atomic(out / "run.json", json.dumps({
         "run_id": run_id, "artifact": str(art), "manifest": asdict(man), "devices": [d.id for d in devices],
-        "threads": threads, "eval": {"split": ev.name, "n": len(ev), "sha256": shard_sha},
+        "threads": threads, "eval": {"split": ev.name, "n": len(ev), "sha256": shard_sha,
+                                     "source": (f"{ev.source.kind} {ev.source.name}" if isinstance(ev, BenchData)
+                                                else ev.source),
+                                     "reference": (str(ev.reference[0]) if isinstance(ev, BenchData)
+                                                   and ev.reference else None)},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, default=str))
     return BenchResult(run_id, out, outcomes, rows)

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="prune, export and measure a reference model on the local device")
-    d.add_argument("--model", default="resnet20", help="resnet20 (bundled), resnet32/44/56 (need EDGEPRUNE_DATA)")
+    d.add_argument("--model", default="resnet20", help=MODEL_HELP + "; default resnet20 (bundled with CIFAR-10 "
+                   "test images; resnet32/44/56 need EDGEPRUNE_DATA)")
     d.add_argument("--ratios", type=_ratios, default=None, help="channel pruning ratios, e.g. 0,0.3,0.5,0.7")
     d.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default results/demo)")
     d.add_argument("--device", default=None, help="device config YAML (default: the built-in local device)")
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "another controller (a bench, a search, another demo) is measuring on it")
     d.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
     _db_arg(d)
+    _model_source_args(d)
+    _data_source_args(d, eval_help="eval data the agent scores (the dense model's outputs ship with it)")
     b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
     b.add_argument("--model", required=True, help="reference model name (exported dense), a manifest or artifact "
                    "file, or a folder holding exactly one manifest (as `edgeprune prune --out` writes)")
@@ -152,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="short timing windows")
     b.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
     _db_arg(b)
+    b.add_argument("--json", action="store_true", help="print one JSON document (per device: latency, metrics) on "
+                   "stdout instead of the table")
+    g = b.add_argument_group("data (default: the CIFAR-10 eval split)")
+    g.add_argument("--data", default=None, metavar="PATH", help="score every sample of an image folder (one subfolder "
+                   "per class), an .npz or MODULE:CALLABLE on the device, at the artifact's input size")
+    g.add_argument("--reference", default=None, metavar="ARTIFACT", help="a dense model's artifact or manifest, run "
+                   "here on the same data: its outputs ship with it and the device reports top-1 agreement, SNR and "
+                   "max abs error against them (label-free fidelity)")
+    g.add_argument("--resize", default=None, metavar="N", help="override the manifest's recorded resize")
+    g.add_argument("--center-crop", default=None, metavar="H[xW]", help="override the manifest's recorded crop")
+    g.add_argument("--mean", default=None, metavar="M,M,M", help="override the manifest's mean")
+    g.add_argument("--std", default=None, metavar="S,S,S", help="override the manifest's std")
 
     pr = sub.add_parser("prune", help="prune one model (channels and/or 2:4), recover it, export verified artifacts")
     pr.add_argument("--model", required=True, help=MODEL_HELP)
@@ -184,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_source_args(pr, eval_help="accuracy data (torch on the host; also the exports' check inputs)")
 
     se = sub.add_parser("sensitivity", help="accuracy drop per layer group when only it is pruned (CSV + PNG)")
-    se.add_argument("--model", required=True, help="reference model name or a checkpoint file")
+    se.add_argument("--model", required=True, help=MODEL_HELP)
     se.add_argument("--ratios", type=_ratios, default=[0.25, 0.5, 0.75], help="ratios to try per group (default "
                     "0.25,0.5,0.75)")
     se.add_argument("--importance", default="l1", help="channel importance: l1, l2, bn_scale, taylor, random")
@@ -193,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calib-per-class", type=int, default=100,
                     help="calib-split images per class (default 100: the shipped 1,000 images)")
     se.add_argument("--out", type=Path, required=True, help="output folder for sensitivity.csv and sensitivity.png")
+    _model_source_args(se)
+    _data_source_args(se, eval_help="data scored (a seeded part of it, at most 500 images, as calibration data)")
 
     sr = sub.add_parser("search", help="prune until each device meets its latency/power/energy/accuracy targets, "
                                        "measured on the devices")
@@ -281,7 +298,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     # the artifact (every file against its manifest, and that it is the model the manifest describes) and the eval
     # data, checked before the results store records a run: bad input leaves no trace there
-    inputs = check_inputs(args.model)
+    inputs = check_inputs(args.model, data_path=args.data, reference=args.reference, resize=args.resize,
+                          center_crop=args.center_crop, mean=args.mean, std=args.std)
+    if args.json:  # stdout carries the JSON document alone
+        console = Console(stderr=True)
     recorder = _recorder(args, run_id, "bench")
     console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
     with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -296,14 +316,21 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         result = run_bench(args.model, devices, out=args.out, run_id=run_id, threads=args.threads, quick=args.quick,
                            events=events, lease_wait_s=args.lease_wait, recorder=recorder, inputs=inputs)
         recorder.summary = {"rows": result.rows}
+    if args.json:
+        import json
+
+        print(json.dumps({"run_id": result.run_id, "model": args.model, "out": str(result.out),
+                          "artifact": str(inputs.artifact[0]) if inputs.artifact else args.model,
+                          "devices": result.rows}, indent=1, default=str))
+        return 0 if all(o.ok for o in result.outcomes) else 1
     table = Table(title=f"edgeprune bench {args.model} — run {result.run_id}")
-    for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "power W", "mJ/inf", "status"):
+    for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "agree", "power W", "mJ/inf", "status"):
         table.add_column(col, justify="left" if col in ("device", "runtime", "status") else "right")
     for r in result.rows:
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/] {r['error']}"
         table.add_row(str(r["device"]), str(r["runtime"]), str(r["threads"]), _fmt(r, "latency_p50_ms", ".3f"),
                       _fmt(r, "latency_p90_ms", ".3f"), _fmt(r, "accuracy_top1", ".2%"),
-                      _fmt(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
+                      _fmt(r, "agreement", ".1%"), _fmt(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
                       _fmt(r, "energy_mj", ".3f"), status)
     console.print(table)
     if any(r.get("power_source") == "model" for r in result.rows):
@@ -351,7 +378,7 @@ def _fmt(row: Dict[str, object], key: str, fmt: str) -> str:
 
 def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
     table = Table(title=title)
-    for col in ("ratio", "MMACs", "params", "p50 ms", "p90 ms", "speed-up", "top-1", "power W", "mJ/inf"):
+    for col in ("ratio", "MMACs", "params", "p50 ms", "p90 ms", "speed-up", "top-1", "agree", "power W", "mJ/inf"):
         table.add_column(col, justify="right")
     table.add_column("recovery")
     table.add_column("status")
@@ -361,7 +388,7 @@ def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
         speedup = f"{dense / p50:.2f}×" if isinstance(dense, float) and isinstance(p50, float) and p50 > 0 else "—"
         table.add_row(_fmt(r, "ratio", ".0%"), f"{int(str(r['macs'])) / 1e6:.1f}", f"{int(str(r['params'])):,}",
                       _fmt(r, "latency_p50_ms", ".3f"), _fmt(r, "latency_p90_ms", ".3f"), speedup,
-                      _fmt(r, "accuracy_top1", ".2%"),
+                      _fmt(r, "accuracy_top1", ".2%"), _fmt(r, "agreement", ".1%"),
                       _fmt(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
                       _fmt(r, "energy_mj", ".3f"), str(r["recovery"]),
                       "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]")
@@ -382,7 +409,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             raise UsageError("--round-to: must be >= 1")
         device = device.model_copy(update={"round_to": args.round_to})
     kw = dict(model=args.model, out=args.out, recovery=not args.no_recovery, seed=args.seed, device=device,
-              lease_wait_s=args.lease_wait)
+              lease_wait_s=args.lease_wait, **_source_kwargs(args))
     if args.ratios is not None:
         kw["ratios"] = tuple(args.ratios)
     for name in ("finetune_epochs", "finetune_seconds"):
@@ -393,11 +420,11 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             kw[name] = getattr(args, name)
     opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
     opts.validate()
-    from edgeprune import data
     from host.benchmark import check_run_id, new_run_id
+    from host.demo import open_demo_workload
 
     run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
-    data.eval_split(opts.eval_per_class)   # the eval data checked before the store records a run
+    workload = open_demo_workload(opts)   # the model and eval data checked before the store records a run
     recorder = _recorder(args, run_id, "demo", seeds={"seed": opts.seed})
     console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
 
@@ -420,13 +447,17 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 progress.update(overall, description="candidates measured", completed=done)
                 progress.console.print(("[green]" if msg.endswith(": ok") else "[red]") + f"done[/] {msg}")
 
-        result = run_demo(opts, events, recorder=recorder)
+        result = run_demo(opts, events, recorder=recorder, workload=workload)
         recorder.summary = {"rows": result.rows, "failures": result.failures}
 
-    console.print(_demo_table(result.rows, f"edgeprune demo — {opts.model} on device '{device.id}' "
+    console.print(_demo_table(result.rows, f"edgeprune demo — {workload.model.name} on device '{device.id}' "
                                            f"(onnxruntime, {device.runtime.threads} thread(s))"))
     modelled = any(r.get("power_source") == "model" for r in result.rows)
-    console.print(f"accuracy on split '{result.eval_split}' ({result.eval_n} images), measured by the agent.")
+    if result.eval_n:
+        console.print(f"accuracy on split '{result.eval_split}' ({result.eval_n} images), measured by the agent; "
+                      "agreement: top-1 agreement with the dense model's outputs, on the device.")
+    else:
+        console.print("no eval data (--data): accuracy not measured.")
     if modelled:
         console.print("* power is MODELLED (no power sensor on this device): idle/max watts from the device "
                       "config × CPU utilisation. Not a measurement.")
@@ -504,20 +535,31 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
 
 
 def _sensitivity(args: argparse.Namespace, console: Console) -> int:
-    import torch
-
     from edgeprune import data, sensitivity
-    from host.pruning import load_model
 
     if args.align < 1:
         raise UsageError("--align: must be >= 1")
     if args.calib_per_class < 1:
         raise UsageError("--calib-per-class: must be >= 1")
-    name, model, _meta = load_model(args.model)
-    cal = data.calib_split(args.calib_per_class)
+    from edgeprune.workload import DataOptions, open_workload
+    from host.pruning import model_spec
+
+    kw = _source_kwargs(args)
+    spec_kw = {k: kw.pop(k) for k in ("model_args", "weights", "trust_pickle", "input_shape", "ignore_layers")}
+    wl = open_workload(model_spec(argparse.Namespace(model=args.model, **spec_kw)), DataOptions(**kw))
+    name, model = wl.model.name, wl.model.model
+    if wl.reference_path:
+        cal = data.calib_split(args.calib_per_class)
+    else:
+        cal = wl.calib()
+        if cal is None:
+            raise UsageError("sensitivity: needs data to score on: give --data (or --calib-data)")
+        if (cal.labels < 0).any():
+            raise UsageError(f"--data: {wl.eval.description if wl.eval else ''}: sensitivity scores top-1 and needs "
+                             "labelled images (a class-subfolder image folder, or an npz with labels)")
     with _stage_progress(console) as progress:
         task = progress.add_task("sensitivity", total=None)
-        df = sensitivity.analyse(model, cal, torch.zeros(1, 3, 32, 32), ratios=args.ratios,
+        df = sensitivity.analyse(model, cal, wl.example, ratios=args.ratios,
                                  importance=args.importance, round_to=args.align, recalibrate=args.recalibrate,
                                  progress=lambda d, t, what: progress.update(task, description=what, completed=d,
                                                                              total=t))

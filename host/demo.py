@@ -5,6 +5,10 @@ reference model → channel pruning at several ratios (Torch-Pruning) → option
 process → latency percentiles, power (modelled here, and labelled so) and accuracy measured by the agent →
 ``summary.csv`` and one JSON report per candidate under ``--out``.
 
+The model and data are any :mod:`edgeprune.sources` / :mod:`edgeprune.workload` accept (default: the bundled
+CIFAR-10 ResNet-20 and its test images). The eval shards carry the dense model's outputs, so every candidate's
+label-free fidelity (top-1 agreement, SNR) is measured by the agent next to top-1 when there are labels.
+
 This module returns plain data and reports progress through a callback; the CLI does the printing.
 """
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 import torch
 
 from agent import schema
-from edgeprune import data, export, finetune, models, prune
+from edgeprune import data, export, finetune, prune, shards
 from edgeprune.errors import DeviceError, UsageError
+from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
 from host.devices import DeviceConfig, local_device
 from host.jobs import build_job
 from host.fleet import Lease, transport_for
@@ -33,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUMMARY_COLUMNS = [
     "model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_cv",
-    "accuracy_top1", "accuracy_top5", "eval_n", "power_w", "power_source", "energy_mj", "recovery", "status",
+    "accuracy_top1", "accuracy_top5", "agreement", "snr_db", "eval_n", "power_w", "power_source", "energy_mj", "recovery", "status",
     "warnings", "report",
 ]
 
@@ -56,6 +61,24 @@ class DemoOptions:
     seed: int = 0
     device: DeviceConfig = field(default_factory=local_device)
     lease_wait_s: float = 300.0                  # how long to wait for the device's lease (another controller's)
+    model_args: Dict[str, object] = field(default_factory=dict)   # model source (edgeprune.sources)
+    weights: Optional[str] = None
+    trust_pickle: bool = False
+    input_shape: Optional[tuple] = None
+    ignore_layers: Sequence[str] = ()
+    data: Optional[str] = None                   # data (edgeprune.workload); None: CIFAR-10 for the reference models
+    calib_data: Optional[str] = None
+    finetune_data: Optional[str] = None
+    resize: Optional[str] = None
+    center_crop: Optional[str] = None
+    mean: Optional[str] = None
+    std: Optional[str] = None
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(data=self.data, calib_data=self.calib_data, finetune_data=self.finetune_data,
+                           resize=self.resize, center_crop=self.center_crop, mean=self.mean, std=self.std,
+                           eval_per_class=self.eval_per_class, finetune_per_class=self.finetune_per_class,
+                           seed=self.seed)
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "DemoOptions":
@@ -64,8 +87,6 @@ class DemoOptions:
         return cls(**base)
 
     def validate(self) -> "DemoOptions":
-        if self.model not in models.MODELS:
-            raise UsageError(f"--model: unknown model {self.model!r}; known: {', '.join(sorted(models.MODELS))}")
         if not self.ratios:
             raise UsageError("--ratios: give at least one ratio")
         for r in self.ratios:
@@ -120,8 +141,11 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
         row.update(latency_p50_ms=round(lat.median, 4), latency_p90_ms=round(lat.p90, 4),
                    latency_p99_ms=round(lat.p99, 4), latency_cv=round(lat.cv, 4))
     if report.accuracy is not None:
-        row.update(accuracy_top1=round(report.accuracy.top1, 4), accuracy_top5=round(report.accuracy.top5, 4),
-                   eval_n=report.accuracy.n)
+        acc = report.accuracy
+        row.update(eval_n=acc.n, **{k: round(v, 4) for k, v in (("accuracy_top1", acc.top1),
+                                                                   ("accuracy_top5", acc.top5),
+                                                                   ("agreement", acc.agreement),
+                                                                   ("snr_db", acc.snr_db)) if v is not None})
     if report.power is not None:
         row.update(power_w=round(report.power.mean_w, 3), power_source=report.power.source,
                    energy_mj=round(report.power.energy_mj_per_inference, 4))
@@ -130,44 +154,66 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
     return row
 
 
+def open_demo_workload(opts: DemoOptions) -> Workload:
+    """The demo's model and data, opened (and so checked) before anything is recorded or built."""
+    from host.pruning import model_spec
+
+    return open_workload(model_spec(opts), opts.data_options())
+
+
 def run_demo(opts: DemoOptions, events: Optional[Events] = None,
-             recorder: Optional["RunRecorder"] = None) -> DemoResult:
+             recorder: Optional["RunRecorder"] = None, workload: Optional[Workload] = None) -> DemoResult:
     """Run the demo loop: build every candidate, then measure them back to back; each measured candidate is in
-    ``summary.csv`` (and, with ``recorder``, in the results store) before the next one is measured."""
+    ``summary.csv`` (and, with ``recorder``, in the results store) before the next one is measured. ``workload``:
+    :func:`open_demo_workload` of the same options, when the caller opened it already."""
     opts.validate()
     emit = events or (lambda *a: None)
     out = Path(opts.out)
     for sub in ("artifacts", "reports", "jobs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
+    from host.pruning import extra_ignored
 
-    ev = data.eval_split(opts.eval_per_class)
-    eval_path = ev.save(out / f"{ev.name}-{len(ev)}.npz")
-    eval_sha = models.sha256_file(eval_path)
-    emit("info", f"eval split: {ev.name}, {len(ev)} images from {ev.source}", None, None)
+    wl = workload if workload is not None else open_demo_workload(opts)
+    loaded = wl.model
+    name, base, meta = loaded.name, loaded.model, loaded.meta
+    for note in wl.notes:
+        emit("info", note, None, None)
+    ev = wl.eval
+    shard_list: List[shards.ShardInfo] = []
+    if ev is not None:
+        # the dense model's outputs ride along: the agent measures each candidate's agreement with it on the device
+        shard_list = shards.write_shards(shard_batches(wl, base), out / "eval", prefix=f"{ev.name}-{ev.n}")
+    eval_sha = shard_list[0].sha256 if len(shard_list) == 1 else export.sha256_text(
+        ",".join(s.sha256 for s in shard_list))
 
-    ft_split = None
+    ft_split = cal = None
     if opts.recovery and any(r > 0 for r in opts.ratios):
-        ft_split = data.finetune_split(opts.finetune_per_class)
-        cal = data.calib_split()
-        emit("info", f"recovery data: {ft_split.name}, {len(ft_split)} images; calib {len(cal)} images", None, None)
+        cal = wl.calib()
+        ft_split = wl.finetune()
+        emit("info", f"recovery data: {ft_split.name if ft_split else 'none (no --finetune-data)'}"
+                     f"{f', {len(ft_split)} images' if ft_split else ''}; calib {len(cal) if cal else 0} images",
+             None, None)
 
-    example = torch.zeros(1, 3, 32, 32)
-    check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
-    base, meta = models.pretrained(opts.model)
+    example = wl.example
+    check_inputs = wl.check_inputs()
+    keep = extra_ignored(loaded)
     dev = opts.device
     transport = transport_for(dev)
     # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,
     # so that their latencies are compared under the same machine conditions, not minutes and a fine-tune apart.
     built = []
     for ratio in opts.ratios:
-        tag = f"{opts.model}-r{int(round(ratio * 100)):03d}"
+        tag = f"{name}-r{int(round(ratio * 100)):03d}"
         emit("stage", f"{tag}: pruning {ratio:.0%} of channels", None, None)
         model = copy.deepcopy(base)
-        pr = prune.prune(model, ratio, example, importance=opts.importance, round_to=dev.round_to)
+        pr = prune.prune(model, ratio, example, importance=opts.importance, round_to=dev.round_to,
+                         extra_ignored=[dict(model.named_modules())[n] for n, m in base.named_modules() if m in keep])
         recovery = "none"
-        if ft_split is not None and ratio > 0:
+        if ratio > 0 and cal is not None and opts.recovery:
             finetune.recalibrate_bn(model, cal)
+            recovery = "bn"
+        if ft_split is not None and ratio > 0:
             emit("stage", f"{tag}: recovery fine-tune", 0, None)
             res = finetune.finetune(model, ft_split, epochs=opts.finetune_epochs, max_seconds=opts.finetune_seconds,
                                     seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
@@ -175,10 +221,13 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
         emit("stage", f"{tag}: export ONNX", None, None)
         write_text_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
         onnx_path = out / "artifacts" / f"{tag}.onnx"
-        man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=opts.model,
-                                 source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256())
+        man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=name,
+                                 source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256(),
+                                 input_shape=tuple(wl.input_shape))
+        man.preprocess = wl.manifest_preprocess()
         man.write(out / "artifacts" / f"{tag}.manifest.json")
-        job = build_job(dev, tag, onnx_path, man, eval_path, eval_sha, ev.name, quick=opts.quick, seed=opts.seed)
+        job = build_job(dev, tag, onnx_path, man, shard_list or None, eval_split=ev.name if ev else "eval",
+                        quick=opts.quick, seed=opts.seed)
         built.append((tag, ratio, pr, recovery, job, man))
         emit("built", tag, len(built), len(opts.ratios))
 
@@ -201,18 +250,22 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
             write_text_atomic(report_path, schema.dumps(report))
             if recorder is not None:
                 recorder.measurement(tag, device_id=dev.id, report=schema.to_dict(report), job=schema.to_dict(job),
-                                     label=f"ratio {ratio:g}", model=opts.model, manifest=asdict(man),
+                                     label=f"ratio {ratio:g}", model=name, manifest=asdict(man),
                                      extra={"ratio": ratio, "macs": pr.macs_after, "params": pr.params_after,
                                             "recovery": recovery, "plan_sha256": pr.plan.sha256(),
-                                            "eval_sha256": eval_sha, "eval_split": ev.name, "seed": opts.seed})
+                                            "eval_sha256": eval_sha, "eval_split": ev.name if ev else None,
+                                            "seed": opts.seed, "recipe": loaded.recipe})
             failures += report.status != "ok"
-            rows.append(_row(opts.model, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
+            rows.append(_row(name, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
             _write_summary(summary, rows)
             emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
     write_text_atomic(out / "demo.json", json.dumps({
-        "model": opts.model, "checkpoint": meta, "eval": {"split": ev.name, "n": len(ev), "sha256": eval_sha,
-                                                          "source": ev.source},
+        "model": name, "checkpoint": meta, "recipe": loaded.recipe, "notes": wl.notes,
+        "eval": None if ev is None else {"split": ev.name, "n": ev.n, "sha256": eval_sha, "source": ev.description,
+                                         "shards": [{"file": s.path.name, "sha256": s.sha256, "n": s.n}
+                                                    for s in shard_list]},
         "finetune_split": ft_split.name if ft_split is not None else None, "device": dev.model_dump(by_alias=True),
         "ratios": list(opts.ratios), "quick": opts.quick, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, indent=1, default=str))
-    return DemoResult(rows, out, summary, ev.name, len(ev), ft_split.name if ft_split else None, failures)
+    return DemoResult(rows, out, summary, ev.name if ev else "", ev.n if ev else 0,
+                      ft_split.name if ft_split else None, failures)

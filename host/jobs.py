@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from agent import schema
 
@@ -58,14 +58,36 @@ def runtime_options(dev: DeviceConfig, manifest: Manifest) -> Dict[str, Any]:
     return options
 
 
-def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest, eval_shard: Optional[Path],
+EvalShards = Union[None, str, Path, Sequence[Any]]
+
+
+def eval_shards(eval_shard: EvalShards, eval_sha256: str = "") -> Optional[list]:
+    """``[ShardSpec]`` (absolute paths) for ``build_job``'s ``eval_shard``: None; one path (with ``eval_sha256``);
+    or a list of ``edgeprune.shards.ShardInfo``, ``schema.ShardSpec`` or ``(path, sha256)`` pairs, in order."""
+    if eval_shard is None:
+        return None
+    if isinstance(eval_shard, (str, Path)):
+        items = [(eval_shard, eval_sha256)]
+    else:
+        if eval_sha256:
+            raise DeviceError("eval_sha256: give it for a single eval shard only; a list of shards carries each "
+                              "shard's own sha256")
+        items = [(s.path, s.sha256) if hasattr(s, "sha256") else tuple(s) for s in eval_shard]
+        if not items:
+            raise DeviceError("eval_shard: an empty list of eval shards; pass None for no accuracy")
+    return [schema.ShardSpec(path=str(Path(path).resolve()), sha256=str(sha)) for path, sha in items]
+
+
+def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest, eval_shard: EvalShards,
               eval_sha256: str = "", eval_split: str = "eval", *, quick: bool = False, seed: int = 0,
               threads: Optional[int] = None) -> schema.JobSpec:
     """The job for ``dev``; DeviceError when the device's runtime cannot load this artifact's format, is not the
     runtime it was exported for (``manifest.target_runtime``), or is configured against its ``runtime_options``.
 
     ``artifact`` is the primary file (``manifest.file``); the manifest's other files (``files``) go into the job's
-    ``artifact.files``, expected beside it (the transports ship and link them so)."""
+    ``artifact.files``, expected beside it (the transports ship and link them so). ``eval_shard`` is None (no
+    accuracy), one shard's path with its ``eval_sha256``, or a list of shards (``edgeprune.shards.write_shards``'s
+    ``ShardInfo`` list, or ``(path, sha256)`` pairs): the job (spec version 3) lists them in ``eval.shards``."""
     formats = RUNTIME_FORMATS.get(dev.runtime.name, ())
     if manifest.format not in formats:
         raise DeviceError(f"{dev.id}: runtime {dev.runtime.name} loads {', '.join(formats) or 'no known format'}; "
@@ -74,6 +96,7 @@ def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest
         raise DeviceError(f"{dev.id}: this artifact ({manifest.file}, {manifest.export_format}) was exported for "
                           f"runtime {manifest.target_runtime}, but the device runs {dev.runtime.name}")
     options = runtime_options(dev, manifest)
+    shards = eval_shards(eval_shard, eval_sha256)
     n_threads = dev.runtime.threads if threads is None else threads
     artifact = Path(os.path.abspath(artifact))  # not resolve(): a symlink keeps its name, its files stay beside it
     extra = {name: digest for name, digest in manifest.files.items() if name != manifest.file}
@@ -86,8 +109,7 @@ def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest
                                          mean=list(manifest.preprocess["mean"]), std=list(manifest.preprocess["std"])),
         runtime=schema.RuntimeSpec(name=dev.runtime.name, threads=n_threads, options=options),
         timing=timing_spec(dev, quick, seed, n_threads), power=power_spec(dev),
-        eval=(schema.EvalSpec(path=str(Path(eval_shard).resolve()), sha256=eval_sha256, split=eval_split,
-                              batch_size=100) if eval_shard is not None else None))
+        eval=(schema.EvalSpec(shards=shards, split=eval_split, batch_size=100) if shards is not None else None))
     try:
         return job.validate()
     except schema.SchemaError as e:  # a manifest this agent cannot take (a file name it refuses, ...)

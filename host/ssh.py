@@ -2,7 +2,7 @@
 
 ``SSHTransport(device).run_job(job, workdir)`` has :class:`host.transport.LocalTransport`'s semantics — a JSON
 job in, a validated report out, a report with ``status: "error"`` returned rather than raised, local copies of
-``job.json`` / ``report.json`` kept in ``workdir`` — with the artifact, the eval shard and the agent itself
+``job.json`` / ``report.json`` kept in ``workdir`` — with the artifact, the eval shards and the agent itself
 shipped to the device through a content-addressed cache.
 
 Connection
@@ -1107,8 +1107,8 @@ class SSHTransport:
         return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def run_job(self, job: schema.JobSpec, workdir: Path) -> schema.Report:
-        """Ship ``job``'s artifact (every file of it), eval shard and the agent (cached by sha256), run it, return
-        its report.
+        """Ship ``job``'s artifact (every file of it), eval shards (``eval.shards``, or v1/v2's ``eval.path``) and
+        the agent (cached by sha256), run it, return its report.
 
         Paths in ``job`` are local (absolute, or relative to ``workdir``); ``artifact.files`` are beside
         ``artifact.path``. On the device the artifact's files are linked into the job folder's ``artifact/`` under
@@ -1133,15 +1133,20 @@ class SSHTransport:
         sources: Dict[str, Union[Path, bytes]] = {}
         for _, path, digest in files:
             sources.setdefault(_check_sha(digest), path)        # same bytes under two names: one upload
-        if job.eval is not None:
-            sources[job.eval.sha256] = workdir / job.eval.path
+        if job.eval is not None:   # every eval shard, each by its sha256 (one upload for two of the same bytes)
+            for shard in job.eval.shard_list():
+                sources.setdefault(_check_sha(shard.sha256), workdir / shard.path)
         for path in sources.values():
             if isinstance(path, Path) and not path.is_file():
                 raise SSHError("job %s: %s does not exist" % (job.job_id, path), infrastructure=False)
         remote = schema.job_from_dict(schema.to_dict(job))      # the job as the device sees it
         remote.artifact.path = ARTIFACT_DIR + "/" + files[0][0]    # linked in the job folder, by the helper
-        if remote.eval is not None:
-            remote.eval.path = self.cache_path(remote.eval.sha256)
+        if remote.eval is not None:   # the device reads each shard from its cache entry
+            if remote.eval.shards is not None:
+                for shard in remote.eval.shards:
+                    shard.path = self.cache_path(shard.sha256)
+            else:
+                remote.eval.path = self.cache_path(str(remote.eval.sha256))
         data, bundle_sha = self.bundle()
         sources[bundle_sha] = data
         limit = job.timeout_s + self.grace_s

@@ -173,8 +173,12 @@ class LocalTransport:
             for name, path, _ in files:
                 link_file(path, links / name)
             agent_job.artifact.path = str(links / files[0][0])
-            if agent_job.eval is not None:
-                agent_job.eval.path = os.path.abspath(workdir / agent_job.eval.path)
+            if agent_job.eval is not None:   # every eval shard where it is, by absolute path
+                if agent_job.eval.shards is not None:
+                    for shard in agent_job.eval.shards:
+                        shard.path = os.path.abspath(workdir / shard.path)
+                else:
+                    agent_job.eval.path = os.path.abspath(workdir / str(agent_job.eval.path))
             job_path = write_text_atomic(jobdir / "job.json", schema.dumps(agent_job))
             return self._run(job, job_path, report_path)
         finally:

@@ -167,6 +167,82 @@ def bench_fleet(c: Ctx, fleet: Path) -> List[str]:
     return bench(c, "--model", "resnet20", "--fleet", str(fleet))
 
 
+def demo(c: Ctx, *args: str) -> List[str]:
+    return ["demo", "--quick", "--db", str(c.db), "--out", str(c.tmp / "out"), *args]
+
+
+USER_NET = """
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        if width <= 0:
+            raise ValueError("width must be > 0")
+        self.conv = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width * 16, num_classes)   # 32x32 input only: 4x4 after the pool
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.bn(self.conv(x)).relu(), 4) if x.shape[-1] == 32 else x.flatten(1)
+        return self.fc(x.flatten(1))
+
+
+def build(num_classes=10, width=16):
+    return Net(num_classes, width)
+
+
+def not_a_model():
+    return [1, 2]
+"""
+
+
+def user_net(c: Ctx) -> str:
+    """A user's model file (``net.py``) in the case's input folder; its path."""
+    p = c.tmp / "in" / "net.py"
+    if not p.is_file():
+        c.write("net.py", USER_NET)
+    return str(p)
+
+
+def user_weights(c: Ctx) -> Path:
+    import importlib.util
+
+    import torch
+
+    p = c.tmp / "in" / "net10.th"
+    if not p.is_file():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        spec = importlib.util.spec_from_file_location("bad_inputs_user_net", user_net(c))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        torch.save({"state_dict": {"module." + k: v for k, v in mod.build().state_dict().items()}}, p)
+    return p
+
+
+def user_pickle(c: Ctx) -> Path:
+    import torch
+
+    p = c.tmp / "in" / "whole.pt"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), p)
+    return p
+
+
+def image_folder(c: Ctx, name: str, classes: Sequence[str] = ("cat", "dog"), extra: Optional[str] = None) -> Path:
+    from PIL import Image
+
+    root = c.tmp / "in" / name
+    for k, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * k, 20 * i, 7)).save(root / cls / f"{i}.png")
+    if extra:
+        (root / classes[0] / extra).write_text("not an image\n")
+    return root
+
+
 def dev_file(c: Ctx, name: str = "dev") -> str:
     """The device file ``Ctx.fleet(name, ...)`` writes."""
     return str(c.tmp / "in" / f"fleet-{name}" / f"{name}.yaml")
@@ -397,6 +473,48 @@ CASES: List[Case] = [
          lambda c: search(c, "--fleet", str(c.fleet("dev", "id: a\n"
                                                        "targets: {latency_p50_ms: -1, accuracy_drop_pp: 1}\n"))),
          lambda c: [dev_file(c) + ":2: targets.latency_p50_ms: must be > 0"]),
+    # ---- the user's own model and data (issue 15): every source refused with the name it could not use
+    Case("model-module-missing", "--model MODULE:CALLABLE whose module does not import", "exit 2: --model, module",
+         lambda c: demo(c, "--model", "no_such_pkg_xyz.nets:build"),
+         lambda c: ["--model: cannot import module 'no_such_pkg_xyz.nets'"]),
+    Case("model-callable-missing", "--model FILE.py:CALLABLE without that callable", "exit 2: --model, callable",
+         lambda c: demo(c, "--model", f"{user_net(c)}:nothere"),
+         lambda c: [f"--model: module '{user_net(c)}' has no attribute 'nothere'"]),
+    Case("model-factory-raises", "--model factory that raises", "exit 2: --model, the call, the exception",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--model-arg", "width=-1"),
+         lambda c: [f"--model: {user_net(c)}:build(width=-1) raised ValueError: width must be > 0"]),
+    Case("model-not-a-module", "--model factory returning something else", "exit 2: --model, the type",
+         lambda c: demo(c, "--model", f"{user_net(c)}:not_a_model"),
+         lambda c: [f"--model: {user_net(c)}:not_a_model() returned list, not a torch nn.Module"]),
+    Case("weights-mismatch", "--weights that do not fit the model", "exit 2: --weights, file, keys",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--model-arg", "num_classes=7", "--weights",
+                        str(user_weights(c))),
+         lambda c: [f"--weights: {user_weights(c)}: weights do not fit Net: 2 shape mismatches: fc.weight (10, 256) "
+                    "vs model (7, 256)"]),
+    Case("pickle-untrusted", "--model a whole pickled model without --trust-pickle", "exit 2: --model, --trust-pickle",
+         lambda c: demo(c, "--model", str(user_pickle(c))),
+         lambda c: [f"--model: {user_pickle(c)}: holds pickled Python objects", "pass --trust-pickle"]),
+    Case("input-shape-rejected", "--input-size the model cannot take", "exit 2: --input-shape, the shape",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--input-size", "20"),
+         lambda c: ["--input-shape: the model rejects input shape [1, 3, 20, 20]", "--input-size"]),
+    Case("data-empty-folder", "--data an empty folder", "exit 2: --data, folder",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--input-size", "32", "--data", str(c.write("empty/.keep", "").parent)),
+         lambda c: ["--data:", str(c.tmp / "in" / "empty")]),
+    Case("data-non-image", "--data with a non-image file in a class folder", "exit 2: --data, the file",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--input-size", "32", "--data", str(image_folder(c, "imgs", extra="notes.txt"))),
+         lambda c: ["--data:", "notes.txt"]),
+    Case("data-classes-differ", "--data and --finetune-data with different class folders",
+         "exit 2: both arguments, the class",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--input-size", "32", "--data", str(image_folder(c, "ev", ("cat", "dog"))),
+                        "--finetune-data", str(image_folder(c, "ft", ("cat", "emu")))),
+         lambda c: ["--data and --finetune-data have different classes", "'dog'", "'emu'"]),
+    Case("mean-wrong-length", "--mean with two values for three channels", "exit 2: --mean",
+         lambda c: demo(c, "--model", f"{user_net(c)}:build", "--input-size", "32", "--data", str(image_folder(c, "imgs")),
+                        "--mean", "0.5,0.5"),
+         lambda c: ["--mean: expected 3 comma-separated numbers"]),
+    Case("model-file-unknown-field", "model file with an unknown field", "exit 2: file, field",
+         lambda c: demo(c, "--model", str(c.write("m.yaml", f"model: {user_net(c)}:build\ninput_sise: 32\n"))),
+         lambda c: [str(c.tmp / "in" / "m.yaml") + ": input_sise: unknown field"]),
     # ---- the results store
     Case("db-scheme", "--db with an unsupported scheme", "exit 2: --db, scheme",
          lambda c: ["bench", "--model", "resnet20", "--db", "mysql://bench@db.example/results"],

@@ -98,7 +98,7 @@ def test_demo_measures_under_the_device_lease(tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--ratios", "0,1.5"], "--ratios: 1.5 is not in [0, 1)"),
     (["--ratios", "a,b"], "argument --ratios: expected comma-separated numbers"),
-    (["--model", "vgg16"], "--model: unknown model 'vgg16'"),
+    (["--model", "vgg16"], "--model: 'vgg16' is neither a built-in model"),
     (["--threads", "0"], "--threads: must be >= 1"),
     (["--round-to", "0"], "--round-to: must be >= 1"),
     (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read"),

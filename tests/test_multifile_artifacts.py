@@ -71,7 +71,7 @@ def _ok(report: schema.Report) -> None:
 def test_job_lists_the_bin_beside_the_xml(ir: Dict[str, Any], tmp_path: Path) -> None:
     job = _job(local_ov(tmp_path), ir)
     man = ir["man"]
-    assert job.schema_version == 2 and job.artifact.format == "openvino-ir"
+    assert job.schema_version == schema.JOB_SCHEMA_VERSION and job.artifact.format == "openvino-ir"
     assert job.artifact.path == str(ir["xml"]) and job.artifact.sha256 == man.sha256
     assert job.artifact.files == {"r20.bin": man.files["r20.bin"]}
     assert schema.loads_job(schema.dumps(job)) == job

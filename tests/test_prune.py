@@ -269,12 +269,17 @@ def test_output_layer_is_never_pruned(model):
     assert "conv1" in {l.name for l in res.plan.layers}  # stem unprotected: stage 1's stream is one group
 
 
-def test_grouped_convolutions_are_left_alone():
+def test_grouped_convolutions_are_pruned_group_consistently():
+    # the groups feeding and leaving a groups=2 conv are cut in 2 slices, each losing the same number of channels
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3, groups=2),
                               torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
     net(X)
     net.eval()
-    assert [g.name for g in prune.prunable_groups(net, X, ignored_layers=[])] == ["4"]
+    groups = prune.prunable_groups(net, X, ignored_layers=[])
+    assert [(g.name, g.channel_groups) for g in groups] == [("0", 2), ("2", 2), ("4", 1)]
+    prune.prune(net, 0.5, X, ignored_layers=[])
+    assert (net[2].in_channels, net[2].out_channels, net[2].groups) == (4, 4, 2)
+    assert net(X).shape == (len(X), 4)
 
 
 @pytest.mark.parametrize("kw,match", [({"ignored_layers": [torch.nn.Conv2d(1, 1, 1)]}, "ignored_layers"),

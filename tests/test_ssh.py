@@ -75,6 +75,31 @@ def test_job_over_ssh_then_cache_hits_upload_nothing(fleet, tmp_path, job_inputs
     assert (cache / job_inputs[1].sha256).is_file() and not list(cache.glob("*.tmp.*"))
 
 
+def test_several_eval_shards_each_travel_through_the_cache(fleet, tmp_path, job_inputs):
+    """Job v3's ``eval.shards``: each shard uploaded once by its sha256, the device reads each from its cache entry,
+    and the accuracy is that of the one shard they were cut from."""
+    import numpy as np
+    from edgeprune.shards import write_shards
+
+    onnx_path, man, shard = job_inputs
+    with np.load(shard) as z:
+        images, labels = z["images"], z["labels"]
+    infos = write_shards([(images[:25], labels[:25], None), (images[25:], labels[25:], None)], tmp_path / "shards",
+                         max_bytes=images[:25].nbytes)
+    assert len(infos) == 2
+    job = _job(job_inputs, job_id="shards")
+    job.eval = schema.EvalSpec(shards=[schema.ShardSpec(path=str(i.path), sha256=i.sha256) for i in infos],
+                               split="eval")
+    with SSHTransport(fleet.device(1, cache_dir=str(tmp_path / "cache"))) as t:
+        report = t.run_job(job.validate(), tmp_path / "w")
+        assert report.status == "ok", report.error
+        assert report.accuracy.n == 50 and report.accuracy.shards == [i.sha256 for i in infos]
+        assert t.counters.as_dict()["files_uploaded"] == 4             # artifact, two shards, agent bundle
+        single = t.run_job(_job(job_inputs, job_id="single"), tmp_path / "w1")
+    assert (report.accuracy.top1, report.accuracy.top5) == (single.accuracy.top1, single.accuracy.top5)
+    assert all((tmp_path / "cache" / i.sha256).is_file() for i in infos)
+
+
 def test_error_report_is_returned_not_raised(fleet, tmp_path, job_inputs):
     job = _job(job_inputs)
     job.artifact.input_shape = [1, 3, 16, 16]       # the model wants 32x32: the agent fails at run time

@@ -21,7 +21,9 @@ def save(path: Path, **arrays: Any) -> Path:
 
 def test_inputs_are_loaded_checked_and_fed_as_they_are(tmp_path: Path) -> None:
     inputs = np.random.default_rng(0).standard_normal((5, 32, 32, 3)).astype(np.float32)
-    data, labels = accuracy.load_shard(save(tmp_path / "s.npz", inputs=inputs, labels=np.arange(5, dtype=np.int32)))
+    shard = accuracy.load_shard(save(tmp_path / "s.npz", inputs=inputs, labels=np.arange(5, dtype=np.int32)))
+    data, labels = shard.data, shard.labels
+    assert labels is not None and shard.references == []
     assert accuracy.is_inputs(data) and data.dtype == np.float32 and labels.dtype == np.int64
     accuracy.check_image_size(data, [1, 32, 32, 3], "NHWC")
     prepped = accuracy.preprocess(data[:2], PreprocessSpec(scale=1 / 255, mean=[0.5] * 3, std=[0.25] * 3), "NCHW")

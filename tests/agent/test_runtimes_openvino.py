@@ -400,3 +400,27 @@ def test_myriad_refuses_an_explicit_precision(myriad: List[Tuple[str, Dict[str, 
                                                   "INFERENCE_PRECISION_HINT; leave it unset"):
         load(tmp_path / "model.onnx", {"device": "MYRIAD", "precision": "f16"})
     assert myriad == []
+
+
+# ------------------------------------------------------------------------------------------ several outputs
+def test_run_all_returns_every_output_in_the_model_order(tmp_path: Path) -> None:
+    """A three-headed torch model, heads (12, 7, 3) named z, a, m: neither sorted by size nor by name. ONNX and IR
+    give every output in the torch forward's order; ``run`` is output 0."""
+    torch = pytest.importorskip("torch")
+    from .torch_models import Heads, export_onnx
+
+    model = Heads((12, 7, 3)).eval()
+    export_onnx(model, tmp_path / "model.onnx", output_names=["z", "a", "m"])
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = [t.numpy() for t in model(torch.from_numpy(x))]
+    for path in (tmp_path / "model.onnx", save_ir(tmp_path / "model.onnx")):
+        sess = load(path)
+        outs = sess.run_all(x)
+        assert [o.shape for o in outs] == [(4, 12), (4, 7), (4, 3)], path.name
+        assert all(o.dtype == np.float32 for o in outs)
+        for got, ref in zip(outs, want):
+            assert np.abs(got - ref).max() <= 1e-4 and np.abs(ref).max() > 0.1
+        assert np.array_equal(sess.run(x), outs[0])
+        again = sess.run_all(x[:1])
+        assert np.abs(again[2] - want[2][:1]).max() <= 1e-4 and np.abs(outs[2] - want[2]).max() <= 1e-4  # no aliasing

@@ -41,7 +41,7 @@ MakeJob = Callable[..., Path]
 NHWC = [1, 32, 32, 3]
 INFO_KEYS = {"module", "version", "delegate", "delegate_library", "delegate_options", "xnnpack", "op_resolver",
              "num_threads", "input_tensor", "input_dtype", "input_quantization", "quantized_in_agent",
-             "output_dtype", "output_quantization", "batch_mode"}
+             "output_dtype", "output_quantization", "outputs", "output_order", "batch_mode"}
 
 
 def onnx_weights(path: Path) -> Dict[str, np.ndarray]:
@@ -365,3 +365,59 @@ def test_tflite_runtime_is_used_when_litert_is_missing(monkeypatch: pytest.Monke
     sess = load(models["random"])
     assert sess.info["module"] == "tflite_runtime" and sess.info["version"] == "tflite-runtime 2.14.0"
     assert sess.run(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------------------ several outputs
+def convert_nchw(module: Any, path: Path) -> Path:
+    """litert-torch fp32 conversion of ``module`` as it is (NCHW input, batch 1)."""
+    shown = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            litert_torch.convert(module.eval(), (torch.zeros(1, 3, 32, 32),)).export(str(path))
+    finally:
+        if shown is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = shown
+    return path
+
+
+@pytest.mark.parametrize("sizes, keys", [
+    ((12, 7, 3), None),                          # a tuple: neither sorted by size nor by name
+    (tuple(range(2, 14)), None),                 # 12 outputs: the signature lists output_10 before output_2
+    ((5, 3), ("zeta", "alpha")),                 # a dict: the signature lists alpha before zeta
+], ids=["tuple", "twelve", "dict"])
+def test_run_all_gives_the_outputs_in_the_torch_order(tmp_path: Path, sizes: Any, keys: Any) -> None:
+    from .torch_models import Heads
+
+    model = Heads(sizes, keys=keys).eval()
+    path = convert_nchw(model, tmp_path / "heads.tflite")
+    sess = load(path, input_shape=[1, 3, 32, 32], layout="NCHW")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x))
+    want = [t.numpy() for t in (y.values() if isinstance(y, dict) else y)]
+    outs = sess.run_all(x)
+    assert [o.shape for o in outs] == [(1, n) for n in sizes]
+    assert all(np.abs(o - w).max() <= 1e-4 for o, w in zip(outs, want))
+    assert np.array_equal(sess.run(x), outs[0])
+    assert sess.info["output_order"] == ("subgraph" if keys else "signature output_N")
+    assert len(sess.info["outputs"]) == len(sizes)
+
+
+def test_output_order_from_tensor_names_and_from_the_subgraph() -> None:
+    """The TF converter's ``StatefulPartitionedCall:N`` names are ordered by N; other names keep the subgraph's
+    order (stand-in interpreters without signatures: what tflite_runtime without runners looks like)."""
+
+    class NoSignatures:
+        def get_signature_list(self) -> Dict[str, Any]:
+            raise ValueError("no signatures")
+
+    tf = [{"name": "StatefulPartitionedCall:1", "index": 7}, {"name": "StatefulPartitionedCall:0", "index": 9},
+          {"name": "StatefulPartitionedCall:10", "index": 3}, {"name": "StatefulPartitionedCall:2", "index": 4}]
+    ordered, how = runtimes.tfl_output_order(NoSignatures(), tf)
+    assert [d["index"] for d in ordered] == [9, 7, 4, 3] and how == "tensor StatefulPartitionedCall:N"
+    plain = [{"name": "b", "index": 2}, {"name": "a", "index": 1}]
+    assert runtimes.tfl_output_order(NoSignatures(), plain) == (plain, "subgraph")

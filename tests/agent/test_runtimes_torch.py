@@ -206,3 +206,18 @@ def test_export_torchscript_outside_tolerance_is_not_shipped(tmp_path: Path) -> 
                                   pruning_plan_sha256="p" * 64,
                                   tolerance=export.Tolerance(max_abs_err=-1.0))
     assert not (tmp_path / "r20.pt").exists()
+
+
+def test_run_all_flattens_tuple_outputs_in_order(tmp_path: Path) -> None:
+    from .torch_models import Heads
+
+    model = Heads((12, 7, 3)).eval()
+    path = script(model, tmp_path / "heads.pt")
+    sess = runtimes.get_runtime("torch").load(path, ArtifactSpec(path="m", sha256="a" * 64), 1, {})
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = [t.numpy() for t in model(torch.from_numpy(x))]
+    outs = sess.run_all(x)
+    assert [o.shape for o in outs] == [(2, 12), (2, 7), (2, 3)]
+    assert all(np.abs(o - w).max() <= 1e-5 for o, w in zip(outs, want))
+    assert np.array_equal(sess.run(x), outs[0])
