@@ -314,7 +314,8 @@ def _is_state(d: Mapping) -> bool:
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arg: str = "--weights") -> None:
     """Strict load; one DataError listing missing, unexpected and mis-shaped keys (first few, and counts)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm fills in a missing num_batches_tracked itself (checkpoints older than torch 0.4.1 lack it)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -445,12 +446,12 @@ def _resolve_source(spec: ModelSpec) -> LoadedModel:
     src = spec.source
     if src in models.MODELS and spec.weights is None and not spec.args:
         model, meta = models.pretrained(src)
-        return LoadedModel(src, model, (1, 3, 32, 32), dict(meta), {"kind": "builtin", "name": src,
+        return LoadedModel(src, model, (1, 3, 32, 32), dict(meta), {"kind": "builtin", "name": src,  # CIFAR reference
                            "weights_sha256": meta["sha256"]}, builtin=True)
     if src in models.MODELS or src in zoo.ARCHS:
         factory = models.MODELS.get(src) or zoo.ARCHS[src]
         model = _call_factory(factory, src, spec.args, "--model")
-        shape = (1, 3, 32, 32) if src in models.MODELS else (1, 3, zoo.INPUT_SIZE[src], zoo.INPUT_SIZE[src])
+        shape = (1, 3, 32, 32) if src in models.MODELS else (1, 3, zoo.INPUT_SIZE[src], zoo.INPUT_SIZE[src])  # reference
         return _finish(src, model, shape, spec, {"kind": "builtin", "name": src, "args": dict(spec.args)})
     if ":" in src and not Path(src).exists():
         factory, canon = import_callable(src)
@@ -486,7 +487,7 @@ def _resolve_source(spec: ModelSpec) -> LoadedModel:
         raise UsageError("--weights: a checkpoint given as --model already has its weights; give a factory "
                          "(built-in name or MODULE:CALLABLE) with --weights")
     name, model, meta = models.model_from_checkpoint(path)
-    return LoadedModel(name, model, (1, 3, 32, 32), dict(meta), {"kind": "checkpoint", "name": name,
+    return LoadedModel(name, model, (1, 3, 32, 32), dict(meta), {"kind": "checkpoint", "name": name,  # CIFAR reference
                        "path": str(path), "weights_sha256": meta["sha256"]}, builtin=True)
 
 

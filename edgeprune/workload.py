@@ -223,31 +223,39 @@ def _materialise(src: datasets.DataSource, idx: np.ndarray, name: str, prep: dat
 
 
 def _preprocess(opts: DataOptions, loaded: LoadedModel) -> datasets.Preprocess:
-    """Flags over the model file's ``preprocess`` over the defaults for the input size."""
+    """Flags over the model file's ``preprocess`` over the defaults for the input size (one parser for both)."""
     c, h, w = loaded.input_shape[1:]
-    parsed = datasets.parse_preprocess(opts.resize, opts.center_crop, opts.mean, opts.std, (h, w), channels=c)
-    if loaded.preprocess:
-        base = dict(datasets.Preprocess.default((h, w)).to_dict())
-        base.update({k: v for k, v in loaded.preprocess.items() if k in base})
-        if isinstance(base.get("center_crop"), int):
-            base["center_crop"] = [base["center_crop"], base["center_crop"]]
-        try:
-            file_prep = datasets.Preprocess.from_dict(base)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{loaded.meta.get('model_file', '--model')}: preprocess: {e}") from None
-        for attr, flag in (("resize", opts.resize), ("center_crop", opts.center_crop), ("mean", opts.mean),
-                           ("std", opts.std)):
-            if flag is None:
-                setattr(parsed, attr, getattr(file_prep, attr))
-        parsed.scale = file_prep.scale
-    return parsed
+    rec = dict(loaded.preprocess or {})
+    unknown = sorted(set(rec) - {"resize", "center_crop", "mean", "std"})
+    if unknown:
+        raise UsageError(f"{loaded.meta.get('model_file', '--model')}: preprocess.{unknown[0]}: unknown field "
+                         "(known: resize, center_crop, mean, std)")
+
+    def text(v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        if isinstance(v, (list, tuple)):
+            return ("x" if len(v) == 2 and all(isinstance(x, int) for x in v) and v is rec.get("center_crop")
+                    else ",").join(str(x) for x in v)
+        return str(v)
+
+    where = loaded.meta.get("model_file")
+    values = {k: getattr(opts, k) if getattr(opts, k) is not None else text(rec.get(k))
+              for k in ("resize", "center_crop", "mean", "std")}
+    try:
+        return datasets.parse_preprocess(values["resize"], values["center_crop"], values["mean"], values["std"],
+                                         (h, w), channels=c)
+    except UsageError as e:
+        if where and any(getattr(opts, k) is None and rec.get(k) is not None for k in values):
+            raise UsageError(f"{where}: preprocess: {e}") from None
+        raise
 
 
 def open_workload(spec: ModelSpec, opts: DataOptions) -> Workload:
     """Load the model and open its data (nothing is decoded yet); every bad input is one clear error."""
     loaded = resolve(spec)
     h, w = loaded.input_shape[2:]
-    if loaded.builtin and not opts.any_data and spec.input_shape in (None, (1, 3, 32, 32)):
+    if loaded.builtin and not opts.any_data and spec.input_shape in (None, (1, 3, 32, 32)):  # the CIFAR reference path
         return _reference_workload(loaded, opts)
     prep = _preprocess(opts, loaded)
     notes: List[str] = []
