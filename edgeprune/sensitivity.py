@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from . import prune
-from .data import Split
+from .data import Split, batches
 from .errors import UsageError
 from .finetune import evaluate, recalibrate_bn
 
@@ -54,12 +55,63 @@ def _modules(model: nn.Module, names: Optional[Sequence[str]]) -> Optional[List[
     return None if names is None else [model.get_submodule(n) for n in names]
 
 
+def reference_argmax(model: nn.Module, split: Split, batch_size: int = 500) -> List[np.ndarray]:
+    """The argmax of each logit-like output (N x C, C >= 2) of ``model`` on ``split``, in the order of its outputs:
+    what :func:`agreement` compares a pruned model against (the agent's ``agreement``, on the host)."""
+    from .sources import flatten_outputs
+
+    if len(split) == 0:
+        raise UsageError(f"split: {split.name!r} has no images")
+    was_training = model.training
+    model.eval()
+    parts: List[List[np.ndarray]] = []
+    try:
+        with torch.no_grad():
+            for sl in batches(len(split), batch_size):
+                outs = flatten_outputs(model(split.batch(sl)))
+                parts.append([o.argmax(1).numpy() if o.ndim == 2 and o.shape[1] >= 2 else None for o in outs])
+    finally:
+        model.train(was_training)
+    out = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0])) if parts[0][k] is not None]
+    if not out:
+        raise UsageError("agreement: the model has no logit-like output (N x C with C >= 2) to compare top-1 classes "
+                         "of; score it on labelled data, or use uniform allocation")
+    return out
+
+
+def agreement(model: nn.Module, split: Split, reference: Sequence[np.ndarray], batch_size: int = 500) -> float:
+    """Top-1 agreement of ``model`` with :func:`reference_argmax` of the dense model on the same ``split``: the
+    fraction of samples whose argmax equals the reference's, the worst over the logit-like outputs (as the agent
+    reports it)."""
+    from .sources import flatten_outputs
+
+    was_training = model.training
+    model.eval()
+    same = [0] * len(reference)
+    try:
+        with torch.no_grad():
+            for sl in batches(len(split), batch_size):
+                outs = [o for o in flatten_outputs(model(split.batch(sl))) if o.ndim == 2 and o.shape[1] >= 2]
+                for k, ref in enumerate(reference):
+                    same[k] += int((outs[k].argmax(1).numpy() == ref[sl]).sum())
+    finally:
+        model.train(was_training)
+    return min(same) / len(split)
+
+
 def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
             ratios: Sequence[float] = (0.25, 0.5, 0.75), importance: str = "l1", round_to: int = 1,
             min_channels: int = 1, recalibrate: bool = False, groups: Optional[Sequence[str]] = None,
             ignored_layers: Optional[Sequence[nn.Module]] = None, prune_residual: bool = False,
-            batch_size: int = 500, progress: Optional[Progress] = None) -> "pd.DataFrame":
+            batch_size: int = 500, progress: Optional[Progress] = None, metric: str = "top1",
+            extra_ignored: Sequence[nn.Module] = ()) -> "pd.DataFrame":
     """Accuracy drop per prunable group and ratio on ``split``. ``model`` itself is left untouched.
+
+    ``metric`` ``"top1"`` scores top-1 on the split's labels; ``"agreement"`` scores top-1 agreement with the dense
+    model's own outputs (:func:`agreement`; unlabelled data): the ``top1`` column then holds the agreement (the
+    dense model's is 1.0) and ``drop_pp`` the agreement lost, in percentage points; ``df.attrs["metric"]`` says
+    which. ``extra_ignored`` (modules of ``model``) are kept whole beside the default protected layers (as
+    :func:`edgeprune.prune.prune`'s ``extra_ignored``).
 
     ``groups`` restricts the analysis to the named group root layers (as listed by
     :func:`edgeprune.prune.prunable_groups`). ``ignored_layers`` are modules of ``model`` (they are mapped onto
@@ -69,6 +121,8 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
     """
     import pandas as pd
 
+    if metric not in ("top1", "agreement"):
+        raise UsageError(f"metric: 'top1' or 'agreement', got {metric!r}")
     if not ratios:
         raise UsageError("ratios: give at least one ratio")
     bad = [r for r in ratios if not 0.0 < r < 1.0]
@@ -76,8 +130,9 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
         raise UsageError(f"ratios: each must be in (0, 1), got {bad}")
     base_model = copy.deepcopy(model).eval()
     names = _module_names(model, ignored_layers)
+    extra = _module_names(model, list(extra_ignored)) or []
     all_groups = prune.prunable_groups(base_model, example_inputs, ignored_layers=_modules(base_model, names),
-                                       prune_residual=prune_residual)
+                                       prune_residual=prune_residual, extra_ignored=_modules(base_model, extra) or ())
     if groups is not None:
         known = {g.name for g in all_groups}
         unknown = [g for g in groups if g not in known]
@@ -89,7 +144,12 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
         raise UsageError("this model has no prunable groups outside its protected layers")
 
     dense_macs, _ = prune.count(base_model, example_inputs)
-    dense = evaluate(base_model, split, batch_size=batch_size, device="cpu")
+    if metric == "agreement":
+        ref = reference_argmax(base_model, split, batch_size)
+        score = lambda m: agreement(m, split, ref, batch_size)  # noqa: E731
+    else:
+        score = lambda m: evaluate(m, split, batch_size=batch_size, device="cpu")  # noqa: E731
+    dense = score(base_model)
     total = len(all_groups) * len(ratios)
     rows = []
     for g in all_groups:
@@ -97,12 +157,13 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
             candidate = copy.deepcopy(base_model)
             res = prune.prune(candidate, 0.0, example_inputs, importance=importance, round_to=round_to,
                               min_channels=min_channels, ignored_layers=_modules(candidate, names),
-                              prune_residual=prune_residual, layer_ratios={g.name: r})
+                              prune_residual=prune_residual, layer_ratios={g.name: r},
+                              extra_ignored=_modules(candidate, extra) or ())
             kept = next((l for l in res.plan.layers if l.name == g.name), None)
             kept_n = len(kept.keep) if kept is not None else g.channels
             if recalibrate and kept_n < g.channels:
                 recalibrate_bn(candidate, split, device="cpu")
-            top1 = evaluate(candidate, split, batch_size=batch_size, device="cpu") if kept_n < g.channels else dense
+            top1 = score(candidate) if kept_n < g.channels else dense
             rows.append({"group": g.name, "channels": g.channels, "ratio": float(r), "kept": kept_n,
                          "top1": top1, "drop_pp": 100.0 * (dense - top1), "macs": res.macs_after,
                          "macs_ratio": dense_macs / res.macs_after})
@@ -110,7 +171,8 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
                 progress(len(rows), total, f"{g.name} @ {r:g}")
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs.update({"dense_top1": dense, "dense_macs": dense_macs, "split": split.name, "n": len(split),
-                     "importance": importance, "round_to": round_to, "recalibrated": recalibrate})
+                     "importance": importance, "round_to": round_to, "recalibrated": recalibrate,
+                     "metric": metric})
     return df
 
 

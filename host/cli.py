@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sr = sub.add_parser("search", help="prune until each device meets its latency/power/energy/accuracy targets, "
                                        "measured on the devices")
-    sr.add_argument("--model", default=None, help="reference model name (resnet20 … resnet56) or a checkpoint file")
+    sr.add_argument("--model", default=None, help=MODEL_HELP)
     sr.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
     sr.add_argument("--devices", default=None, help="comma-separated device ids from the fleet")
     sr.add_argument("--target", action="append", default=[], metavar="[DEVICE_OR_CLASS:]METRIC=VALUE",
@@ -223,7 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--targets", type=Path, default=None, metavar="FILE",
                     help="targets file (YAML: default:, classes:, devices: -> {metric: value})")
     sr.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
-                    help="maximum top-1 drop in percentage points against dense on the same device and runtime")
+                    help="maximum top-1 drop in percentage points against dense on the same device and runtime "
+                         "(needs labelled eval data)")
+    sr.add_argument("--min-agreement", type=float, default=None, metavar="F",
+                    help="minimum top-1 agreement with the dense model's outputs, a fraction in (0, 1], measured on "
+                         "the device (no labels needed)")
+    sr.add_argument("--min-snr-db", type=float, default=None, metavar="DB",
+                    help="minimum SNR of the outputs against the dense model's, in dB, measured on the device")
+    sr.add_argument("--json", action="store_true", help="print one JSON document (per device: the chosen "
+                    "candidate, its MACs, params, artifacts, metrics, targets met) on stdout; progress on stderr")
     sr.add_argument("--algo", default=None, help="bisect (default) or netadapt")
     sr.add_argument("--max-evals", type=int, default=None, help="device evaluations per device, dense included "
                                                                 "(default 8)")
@@ -257,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default results/search/cache)")
     sr.add_argument("--lease-wait", type=float, default=None, help="seconds to wait for a busy device's lease")
     sr.add_argument("--seed", type=int, default=None)
+    _model_source_args(sr)
+    _data_source_args(sr, eval_help="eval data the agent scores (the dense model's outputs ship with it; without "
+                      "labels use --min-agreement / --min-snr-db)")
 
     from host import regress, report, results
     results.register(sub)
@@ -585,7 +596,10 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
 _SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop", "algo", "max_evals", "run_id",
                     "quick", "allocation", "importance", "prune_residual", "max_ratio", "probe_recovery",
                     "finetune_epochs",
-                    "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed")
+                    "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed",
+                    "min_agreement", "min_snr_db", "model_arg", "weights", "trust_pickle", "input_size",
+                    "input_shape", "ignore_layers", "data", "calib_data", "finetune_data", "resize", "center_crop",
+                    "mean", "std")
 
 
 def _search_options(args: argparse.Namespace) -> "object":
@@ -594,7 +608,7 @@ def _search_options(args: argparse.Namespace) -> "object":
 
     if not args.model:
         raise UsageError("--model: required (or --resume RUN_ID)")
-    opts = SearchOptions(model=args.model)
+    opts = SearchOptions(model=args.model, **_source_kwargs(args))
     for arg, name in (("algo", "algo"), ("max_evals", "max_evals"), ("importance", "importance"),
                       ("prune_residual", "prune_residual"), ("quick", "quick"), ("seed", "seed"),
                       ("lease_wait", "lease_wait_s")):
@@ -625,8 +639,10 @@ def _search_table(result: "object") -> Table:
     from host.targets import METRICS
 
     table = Table(title=f"edgeprune search ({result.algo}) — run {result.run_id}")  # type: ignore[attr-defined]
-    for col in ("device", "target", "achieved", "top-1 drop", "evaluations", "verdict"):
-        table.add_column(col, justify="right" if col in ("top-1 drop", "evaluations") else "left")
+    metrics = {r.accuracy_metric for r in result.devices}  # type: ignore[attr-defined]
+    acc_col = "top-1 drop" if metrics <= {"top1"} else "accuracy"
+    for col in ("device", "target", "achieved", acc_col, "evaluations", "verdict"):
+        table.add_column(col, justify="right" if col in (acc_col, "evaluations") else "left")
     for r in result.devices:  # type: ignore[attr-defined]
         pick = r.chosen or r.closest or {}
         limits = (r.bounds or {}).get("limits", {})
@@ -640,8 +656,14 @@ def _search_table(result: "object") -> Table:
                                        else "")
         colour = {"met": "green", "infeasible": "yellow"}.get(r.verdict, "red")
         verdict = f"[{colour}]{r.verdict}[/]" + ("" if r.verdict == "met" else " (closest shown)" if pick else "")
-        table.add_row(r.device_id, r.targets, "\n".join(achieved) or "—",
-                      f"{drop:.2f} pp" if isinstance(drop, (int, float)) else "—", evals, verdict)
+        acc = f"{drop:.2f} pp" if isinstance(drop, (int, float)) else "—"
+        if acc_col != "top-1 drop":   # label which metric each device was judged by
+            agree, snr = pick.get("agreement"), pick.get("snr_db")
+            parts = [f"top-1 drop {acc}"] if r.accuracy_metric == "top1" else []
+            parts += [f"agreement {agree:.2%}"] if isinstance(agree, (int, float)) else []
+            parts += [f"SNR {snr:.1f} dB"] if isinstance(snr, (int, float)) else []
+            acc = "\n".join(parts) or "—"
+        table.add_row(r.device_id, r.targets, "\n".join(achieved) or "—", acc, evals, verdict)
     return table
 
 
@@ -650,8 +672,10 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     from host.benchmark import check_run_id, new_run_id
     from host.targets import device_targets, parse_cli
 
+    if args.json:  # stdout carries the JSON document alone: progress and the table go to stderr
+        console = Console(stderr=True, width=console.width if console.is_terminal else 140)
     if args.resume is not None:
-        given = [a for a in _SEARCH_DEFINING if getattr(args, a, None) not in (None, False)]
+        given = [a for a in _SEARCH_DEFINING if getattr(args, a, None) not in (None, False, [])]
         given += [a for a in ("finetune_per_class", "eval_per_class") if hasattr(args, a)]
         given += ["target"] if args.target else []
         if given:
@@ -661,11 +685,20 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     else:
         opts = _search_options(args)
         devices = _select(args.fleet, args.devices)
-        targets = device_targets(devices, parse_cli(args.target, args.max_accuracy_drop, args.targets))
+        targets = device_targets(devices, parse_cli(args.target, args.max_accuracy_drop, args.targets,
+                                                    min_agreement=args.min_agreement, min_snr_db=args.min_snr_db))
         run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     folder = search.run_dir(run_id, args.out)
+    from host import search_data
+
+    # the model and data opened and checked (and the targets against them) before the store records anything
     if args.resume is not None:
-        search.read_run(folder)   # a run folder that is not there fails before the store records anything
+        _, opts, _, stored_targets = search.read_run(folder)   # a run folder that is not there fails here
+        workload = search.open_resumed_workload(folder, opts)
+        search_data.check_workload(workload, stored_targets)
+    else:
+        workload = search_data.open_search_workload(opts)
+        search_data.check_workload(workload, targets)
     resume_hint = f"edgeprune search --resume {run_id}" + (f" --out {args.out}" if args.out is not None else "")
     recorder = _recorder(args, run_id, "search", resume=args.resume is not None,
                          seeds={"seed": opts.seed} if args.resume is None else None)
@@ -695,16 +728,19 @@ def _search(args: argparse.Namespace, console: Console) -> int:
 
         try:
             if args.resume is not None:
-                result = search.resume(run_id, out=args.out, events=events, recorder=recorder)
+                result = search.resume(run_id, out=args.out, events=events, recorder=recorder, workload=workload)
             else:
                 result = search.start(opts, devices, targets, out=args.out, run_id=run_id,  # type: ignore[arg-type]
-                                      events=events, recorder=recorder)
+                                      events=events, recorder=recorder, workload=workload)
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"search interrupted; completed evaluations are in {folder / search.EVALUATIONS}; "
                           f"continue with: {resume_hint}")
             raise
     console.print(_search_table(result))
+    if any(r.accuracy_metric != "top1" for r in result.devices):
+        console.print("accuracy: top-1 agreement (and SNR) with the dense model's outputs, measured by the agent on "
+                      "the device; the eval data has no labels, or the targets are label-free")
     for r in result.devices:
         line = f"{r.device_id}: {r.reason}"
         if r.folder:
@@ -713,6 +749,10 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     if any((r.chosen or r.closest or {}).get("power_source") == "model" for r in result.devices):
         console.print("* power and energy of some devices are MODELLED (no power sensor there), not measured.")
     console.print(f"wrote {folder / 'summary.csv'}, per-device pareto.csv/json and {folder / search.EVALUATIONS}")
+    if args.json:
+        import json
+
+        print(json.dumps(search.result_document(result), indent=1, sort_keys=True, default=str))
     return 0 if result.all_met else 1
 
 

@@ -19,7 +19,13 @@ Run folder (``--out DIR``, default ``results/search/<run id>``)::
     <device>/pareto.json|csv  every candidate evaluated on the device, with the latency-vs-accuracy and
                               energy-vs-accuracy Pareto fronts marked
     <device>/result.json      the verdict, why the search stopped, the bounds, the counts
-    work/                     built artifacts (work/artifacts/<key>), agent job folders, the eval shard
+    work/                     built artifacts (work/artifacts/<key>), agent job folders, the eval shards
+                              (work/eval/, with the dense model's outputs: see host.search_data)
+
+The model and data are any :mod:`edgeprune.sources` / :mod:`edgeprune.workload` accept (the options' model-source
+and data fields, stored with the run); :mod:`host.search_data` opens them once per run. On unlabelled eval data the
+accuracy targets are label-free (``agreement``, ``snr_db`` against the dense model, measured by the agent), and
+candidates are ranked, and host-side proposals and sensitivities scored, by agreement instead of top-1.
 
 The cache folder (``results/search/cache`` unless given) holds what outlives a run: the per-model sensitivity
 table and each device's layer-latency table (netadapt).
@@ -55,10 +61,11 @@ from edgeprune.errors import DeviceError, EdgepruneError, ExportError, PruneErro
 from host.devices import DeviceConfig
 from host.search_algos import (AlgoOptions, Candidate, DeviceContext, DeviceEval, Group, HostEval, Layer,
                                LayerConfig, LayerLatency, Measurement, ModelSpace, get_algorithm)
-from host.targets import ACCURACY, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
+from host.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
 from host.transport import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
+    from edgeprune.workload import Workload
     from host.store import RunRecorder
 
 Events = Callable[[str, str, str], None]    # (kind, device id or "", message)
@@ -70,7 +77,8 @@ RECORD_VERSION = 1
 WORK = "work"
 RESERVED_IDS = {WORK, ".", ".."}
 DEFAULT_ROOT = Path("results") / "search"
-ROW_METRICS = ["latency_p50_ms", "latency_p90_ms", "throughput_ips", "power_w", "energy_mj", "memory_mb", "top1"]
+ROW_METRICS = ["latency_p50_ms", "latency_p90_ms", "throughput_ips", "power_w", "energy_mj", "memory_mb", "top1",
+               "top5", "agreement", "snr_db"]
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -118,6 +126,19 @@ class SearchOptions:
     lease_wait_s: float = 300.0
     cache_dir: Optional[str] = None             # default results/search/cache
     algo_options: AlgoOptions = field(default_factory=AlgoOptions)
+    # model source (edgeprune.sources) and data (edgeprune.workload): see host.search_data
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None
+    trust_pickle: bool = False
+    input_shape: Optional[Tuple[int, ...]] = None
+    ignore_layers: Tuple[str, ...] = ()
+    data: Optional[str] = None                  # None: CIFAR-10 for the reference models
+    calib_data: Optional[str] = None
+    finetune_data: Optional[str] = None
+    resize: Optional[str] = None
+    center_crop: Optional[str] = None
+    mean: Optional[str] = None
+    std: Optional[str] = None
 
     def validate(self) -> "SearchOptions":
         from edgeprune import prune
@@ -169,6 +190,10 @@ class SearchOptions:
                 kw["algo_options"] = build(AlgoOptions, raw.get("algo_options", {}), f"{path}.algo_options")
             if kind is AlgoOptions and "netadapt_levels" in kw:
                 kw["netadapt_levels"] = tuple(kw["netadapt_levels"])
+            if kind is SearchOptions:
+                for name in ("input_shape", "ignore_layers"):
+                    if kw.get(name) is not None:
+                        kw[name] = tuple(kw[name])
             return kind(**kw)
 
         return build(cls, d, "options")
@@ -217,6 +242,11 @@ def candidate_key(space: ModelSpace, opts: SearchOptions, profile: Profile, cand
         "round_to": profile.round_to if cand.kept else None, "kept": dict(cand.kept),
         "recovery": asdict(rec) if rec is not None and cand.kept else None, "seed": opts.seed,
     }
+    from host.search_data import source_key
+
+    src = source_key(opts)
+    if src:   # the user's model source and data (absent for the reference models: their keys are unchanged)
+        doc["source"] = src
     if kind == "device":
         doc.update(format=profile.fmt, export_options=dict(profile.export_options))
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -323,6 +353,7 @@ class DeviceResult:
     rows: List[Dict[str, Any]]
     folder: Optional[str] = None      # chosen/ or closest/, relative to the run folder
     round_to: int = 1
+    accuracy_metric: str = "top1"     # what candidates were ranked by: top1, agreement (unlabelled data) or snr_db
 
 
 @dataclass
@@ -464,11 +495,12 @@ class Search:
             key = candidate_key(self.space, self.opts, d.profile, cand, kind="host")
             rec = self.store.get("host", "", key)
             if rec is None:
+                metric = getattr(self.evaluator, "host_metric", "top1")
                 self.emit("stage", d.dev.id, f"proposal {i}/{len(work.candidates)}: {cand.note or 'candidate'} "
-                                             "(short fine-tune, top-1 on the host)")
+                                             f"(short fine-tune, {metric} on the host)")
                 top1 = float(self.evaluator.host_top1(d.profile, cand))
                 rec = {"v": RECORD_VERSION, "kind": "host", "device": "", "key": key, "at": _now(),
-                       "t": round(time.time(), 3),
+                       "t": round(time.time(), 3), "metric": metric,   # "top1": the score, whichever metric it is
                        "candidate": _cand_dict(cand), "macs": self.space.macs(cand.kept_map()), "top1": top1}
                 self.store.put(rec)
                 d.host_evals += 1
@@ -595,20 +627,21 @@ class Search:
                 bounds = d.targets.resolve(dense["metrics"])
             except UsageError:
                 d.failed = True   # the reason says which metric the report lacks
+        metric = d.targets.accuracy_metric
         rows = [self._row(r, bounds) for r in d.records]
-        _mark_fronts(rows)
+        _mark_fronts(rows, metric)
         chosen = closest = None
         meeting = [r for r in rows if r["meets"]]
         if meeting:
-            chosen = max(meeting, key=lambda r: (r.get("top1") or 0.0, -(r.get("latency_p50_ms") or math.inf)))
+            chosen = max(meeting, key=lambda r: (_quality(r, metric), -(r.get("latency_p50_ms") or math.inf)))
             verdict = "met"
         else:
             verdict = "error" if dense is None or d.failed else "infeasible"
             if rows:   # resource targets first (they are the device's), then accuracy
-                closest = min(rows, key=lambda r: (r["resource_violation"], r["violation"], -(r.get("top1") or 0.0)))
+                closest = min(rows, key=lambda r: (r["resource_violation"], r["violation"], -_quality(r, metric)))
         return DeviceResult(d.dev.id, verdict, d.reason, describe(d.targets, bounds),
                             bounds.to_dict() if bounds else None, chosen, closest, len(d.records), d.new_evals,
-                            d.host_evals, d.lut_jobs, rows, round_to=d.profile.round_to)
+                            d.host_evals, d.lut_jobs, rows, round_to=d.profile.round_to, accuracy_metric=metric)
 
     def _row(self, rec: Dict[str, Any], bounds: Optional[Bounds]) -> Dict[str, Any]:
         cand = rec["candidate"]
@@ -622,7 +655,7 @@ class Search:
         row["power_source"] = power.get("source") if isinstance(power, dict) else None
         if bounds is not None:
             a = bounds.assess(m)
-            res_v = max((v for k, v in a.violations.items() if k != ACCURACY), default=0.0)
+            res_v = max((v for k, v in a.violations.items() if k not in ACCURACY_METRICS), default=0.0)
             row.update(drop_pp=None if a.drop_pp is None else round(a.drop_pp, 3), meets=a.meets,
                        meets_resources=a.meets_resources, violation=_finite(a.score), resource_violation=_finite(res_v))
         else:
@@ -642,7 +675,7 @@ class Search:
                     self._export_candidate(rec, ddir / sub, r)
                     r.folder = f"{r.device_id}/{sub}"
             write_text_atomic(ddir / "pareto.json", json.dumps({
-                "device": r.device_id, "bounds": r.bounds,
+                "device": r.device_id, "bounds": r.bounds, "accuracy_metric": r.accuracy_metric,
                 "latency_vs_accuracy": [x["key"] for x in sorted(r.rows, key=lambda x: x.get("latency_p50_ms") or 0)
                                         if x["front_latency"]],
                 "energy_vs_accuracy": [x["key"] for x in sorted(r.rows, key=lambda x: x.get("energy_mj") or 0)
@@ -679,6 +712,7 @@ class Search:
             "macs": rec["macs"], "metrics": rec["metrics"], "plan_sha256": rec.get("plan_sha256"),
             "artifact_sha256": rec.get("artifact_sha256"), "targets": r.targets, "bounds": r.bounds,
             "round_to": r.round_to, "layer_ratios": self.space.layer_ratios(rec["candidate"]["kept"], r.round_to),
+            "accuracy_metric": r.accuracy_metric,
         }, indent=1, sort_keys=True))
 
 
@@ -686,23 +720,30 @@ PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "macs", *ROW_ME
                   "meets", "meets_resources", "violation", "resource_violation", "front_latency", "front_energy",
                   "note", "artifact_sha256"]
 SUMMARY_COLUMNS = ["device", "verdict", "targets", "latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w",
-                   "top1", "drop_pp", "device_evals", "host_evals", "lut_jobs", "folder", "reason"]
+                   "top1", "agreement", "snr_db", "drop_pp", "accuracy_metric", "device_evals", "host_evals",
+                   "lut_jobs", "folder", "reason"]
 
 
 def _finite(x: float) -> float:
     return round(x, 4) if math.isfinite(x) else 1e9
 
 
-def _mark_fronts(rows: List[Dict[str, Any]]) -> None:
-    """Mark the non-dominated rows: lower cost and higher top-1 (latency p50, and energy per inference)."""
+def _quality(row: Mapping[str, Any], metric: str) -> float:
+    v = row.get(metric)
+    return float(v) if isinstance(v, (int, float)) else -math.inf
+
+
+def _mark_fronts(rows: List[Dict[str, Any]], acc: str = "top1") -> None:
+    """Mark the non-dominated rows: lower cost and higher accuracy (``acc``: top1, or agreement/snr_db on unlabelled
+    data), for latency p50 and for energy per inference."""
     for metric, flag in (("latency_p50_ms", "front_latency"), ("energy_mj", "front_energy")):
         for r in rows:
             r[flag] = False
-        pts = [r for r in rows if r.get(metric) is not None and r.get("top1") is not None]
+        pts = [r for r in rows if r.get(metric) is not None and r.get(acc) is not None]
         best = -math.inf
-        for r in sorted(pts, key=lambda r: (r[metric], -r["top1"])):
-            if r["top1"] > best:
-                r[flag], best = True, r["top1"]
+        for r in sorted(pts, key=lambda r: (r[metric], -r[acc])):
+            if r[acc] > best:
+                r[flag], best = True, r[acc]
 
 
 def _csv(rows: List[Dict[str, Any]], columns: List[str]) -> str:
@@ -723,7 +764,8 @@ def _summary_row(r: DeviceResult) -> Dict[str, Any]:
     pick = r.chosen or r.closest or {}
     return {"device": r.device_id, "verdict": r.verdict, "targets": r.targets,
             **{k: pick.get(k) for k in ("latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w", "top1",
-                                        "drop_pp")},
+                                        "agreement", "snr_db", "drop_pp")},
+            "accuracy_metric": r.accuracy_metric,
             "device_evals": r.device_evals, "host_evals": r.host_evals, "lut_jobs": r.lut_jobs,
             "folder": r.folder or "", "reason": r.reason}
 
@@ -746,6 +788,10 @@ def _metrics_text(m: Mapping[str, float]) -> str:
         parts.append(f"{m['energy_mj']:.3f} mJ")
     if "top1" in m:
         parts.append(f"top-1 {m['top1']:.2%}")
+    if "agreement" in m:
+        parts.append(f"agreement {m['agreement']:.2%}")
+    if "snr_db" in m and "top1" not in m:
+        parts.append(f"SNR {m['snr_db']:.1f} dB")
     return ", ".join(parts)
 
 
@@ -779,16 +825,19 @@ def layer_shapes(model: Any, example: Any) -> Dict[str, Tuple[Tuple[int, int], T
 
 
 def build_space(name: str, model: Any, meta: Mapping[str, Any], *, prune_residual: bool = False,
-                min_channels: int = 1, sensitivities: Optional[Mapping[str, float]] = None) -> ModelSpace:
+                min_channels: int = 1, sensitivities: Optional[Mapping[str, float]] = None,
+                example: Any = None, extra_ignored: Sequence[Any] = ()) -> ModelSpace:
     """The :class:`ModelSpace` of a torch model: its prunable groups (as :func:`edgeprune.prune.prune` prunes
-    them) and every conv/linear layer with the groups that set its input and output channels."""
+    them, ``extra_ignored`` modules kept whole) and every conv/linear layer with the groups that set its input and
+    output channels. ``example``: an input of the model's shape (default 1 x 3 x 32 x 32)."""
     import torch
     import torch.nn as nn
 
     from edgeprune import prune
 
-    example = torch.zeros(1, 3, 32, 32)
-    infos = prune.prunable_groups(model, example, prune_residual=prune_residual)
+    if example is None:
+        example = torch.zeros(1, 3, 32, 32)
+    infos = prune.prunable_groups(model, example, prune_residual=prune_residual, extra_ignored=extra_ignored)
     shapes = layer_shapes(model, example)
     modules = dict(model.named_modules())
     side: Dict[str, Dict[str, str]] = {}
@@ -819,38 +868,53 @@ def build_space(name: str, model: Any, meta: Mapping[str, Any], *, prune_residua
         s = side.get(lname, {})
         layers.append(Layer(lname, cfg, shapes[lname][1], s.get("in"), s.get("out")))
     sens = dict(sensitivities or {})
-    groups = [Group(g.name, g.channels, sens.get(g.name)) for g in infos]
+    groups = [Group(g.name, g.channels, sens.get(g.name), getattr(g, "channel_groups", 1)) for g in infos]
     return ModelSpace(name, str(meta.get("sha256", "")), groups, layers, min_channels)
 
 
 def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: SearchOptions,
-                      emit: Events) -> Dict[str, float]:
+                      emit: Events, *, workload: Optional["Workload"] = None,
+                      extra_ignored: Sequence[Any] = ()) -> Dict[str, float]:
     """Per-group top-1 drop (pp) with only that group pruned at ``opts.sensitivity_ratio``, BatchNorm
-    recalibrated, on the calib split (:func:`edgeprune.sensitivity.analyse`); cached per model and settings."""
+    recalibrated, on the calib split (:func:`edgeprune.sensitivity.analyse`); on unlabelled calibration data the
+    drop of top-1 agreement with the dense model instead. Cached per model, settings, data (a fingerprint of the
+    images scored) and input shape."""
     import torch
 
     from edgeprune import data, sensitivity
+    from host import search_data
 
+    if workload is None or workload.reference_path:
+        cal = data.calib_split(opts.sensitivity_per_class)
+        example = torch.zeros(1, 3, 32, 32) if workload is None else workload.example
+    else:
+        cal = workload.calib()
+        example = workload.example
+        if cal is None or len(cal) == 0:
+            raise UsageError("--allocation sensitivity: needs calibration images (--data or --calib-data); or use "
+                             "--allocation uniform")
+    metric = "top1" if search_data.is_labelled(cal) else "agreement"
     doc = {"model": name, "checkpoint": str(meta.get("sha256", "")), "importance": opts.importance,
            "ratio": opts.sensitivity_ratio, "per_class": opts.sensitivity_per_class,
-           "prune_residual": opts.prune_residual, "min_channels": opts.min_channels, "v": 1}
-    h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+           "prune_residual": opts.prune_residual, "min_channels": opts.min_channels, "v": 2,
+           "input_shape": list(example.shape), "data": search_data.split_fingerprint(cal), "metric": metric,
+           "ignore_layers": list(opts.ignore_layers), "model_args": opts.model_args}
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = opts.cache() / f"sensitivity-{name}-{h}.json"
     try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == doc:
+        if cached.get("key") == json.loads(json.dumps(doc, default=str)):
             return {str(k): float(v) for k, v in cached["drop_pp"].items()}
     except (OSError, ValueError, AttributeError, KeyError):
         pass
-    cal = data.calib_split(opts.sensitivity_per_class)
-    emit("stage", "", f"sensitivity of {name}'s groups on {cal.name} ({len(cal)} images), once per model")
-    df = sensitivity.analyse(model, cal, torch.zeros(1, 3, 32, 32), ratios=(opts.sensitivity_ratio,),
+    emit("stage", "", f"sensitivity of {name}'s groups on {cal.name} ({len(cal)} images, {metric}), once per model")
+    df = sensitivity.analyse(model, cal, example, ratios=(opts.sensitivity_ratio,),
                              importance=opts.importance, min_channels=opts.min_channels, recalibrate=True,
-                             prune_residual=opts.prune_residual,
+                             prune_residual=opts.prune_residual, metric=metric, extra_ignored=extra_ignored,
                              progress=lambda d, t, what: emit("progress", "", f"sensitivity {d}/{t}: {what}"))
     table = {str(r.group): float(r.drop_pp) for r in df.itertuples()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"key": doc, "drop_pp": table}, indent=1, sort_keys=True))
+    write_text_atomic(path, json.dumps({"key": doc, "drop_pp": table}, indent=1, sort_keys=True, default=str))
     return table
 
 
@@ -868,38 +932,40 @@ class FleetEvaluator:
     """Builds candidates on the host (prune → recover → export, verified) and measures them through the agents."""
 
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, name: str, model: Any, meta: Mapping[str, Any],
-                 space: ModelSpace, events: Optional[Events] = None) -> None:
-        import torch
-
-        from edgeprune import data, models
+                 space: ModelSpace, events: Optional[Events] = None, *,
+                 workload: Optional["Workload"] = None) -> None:
+        from host import search_data
+        from host.pruning import extra_ignored
 
         self.out, self.run_id, self.opts, self.name = Path(out), run_id, opts, name
         self.base, self.meta, self.space = model, dict(meta), space
         self.emit = events or (lambda *a: None)
         self.work = self.out / WORK
         (self.work / "artifacts").mkdir(parents=True, exist_ok=True)
-        self.example = torch.zeros(1, 3, 32, 32)
-        ev = data.eval_split(opts.eval_per_class)
-        self.eval_name = ev.name
-        self.shard = self.work / f"{ev.name}-{len(ev)}.npz"
-        if not self.shard.is_file():
-            ev.save(self.shard)
-        self.shard_sha = models.sha256_file(self.shard)
-        self.check_inputs = data.to_tensor_batch(ev.images[:: max(1, len(ev) // 32)][:32])
-        self._calib = None
+        wl = workload if workload is not None else search_data.open_search_workload(opts)
+        self.workload = wl
+        self.example = wl.example
+        # --ignore-layers / the model file's ignore_layers, as modules of self.base (wl.model.model may be another
+        # instance of the same model when the caller loaded its own)
+        names = {id(m): n for n, m in wl.model.model.named_modules()}
+        mods = dict(self.base.named_modules())
+        self.keep_names = [names[id(m)] for m in extra_ignored(wl.model) if names.get(id(m)) in mods]
+        self.data = search_data.SearchData(wl, self.work, self.base, self.emit)
+        self.eval_name = self.data.eval_name
+        self.shards = self.data.shards
+        self.shard_sha = self.data.eval_sha
+        self.check_inputs = wl.check_inputs()
+        self.host_metric = self.data.metric
 
     @property
     def calib(self) -> Any:
-        from edgeprune import data
-
-        if self._calib is None:
-            self._calib = data.calib_split()
-        return self._calib
+        return self.data.calib()
 
     # -- building
     def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path],
                tag: str) -> Tuple[Any, Dict[str, Any]]:
-        from edgeprune import data, finetune, prune
+        from edgeprune import finetune, prune
+        from host.search_data import is_labelled
 
         model = copy.deepcopy(self.base).eval()
         info: Dict[str, Any] = {"plan": None, "plan_sha256": "", "recovery": None}
@@ -907,11 +973,16 @@ class FleetEvaluator:
             return model, info
         calib = None
         if self.opts.importance in prune.NEEDS_CALIB:
+            if self.calib is None or not is_labelled(self.calib):
+                raise PruneError(f"--importance {self.opts.importance}: needs labelled calibration images "
+                                 "(--calib-data or --finetune-data with labels); or use l1, l2 or bn_scale")
             calib = self.calib.tensors(256)
         self.emit("stage", "", f"{tag}: pruning ({len(cand.kept)} groups, align {profile.round_to})")
+        mods = dict(model.named_modules())
         pr = prune.prune(model, 0.0, self.example, importance=self.opts.importance, round_to=profile.round_to,
                          min_channels=self.opts.min_channels, prune_residual=self.opts.prune_residual,
-                         layer_ratios=self.space.layer_ratios(cand.kept_map(), profile.round_to), calib=calib)
+                         layer_ratios=self.space.layer_ratios(cand.kept_map(), profile.round_to), calib=calib,
+                         extra_ignored=[mods[n] for n in self.keep_names])
         got = {layer.name: len(layer.keep) for layer in pr.plan.layers}
         if got != cand.kept_map():
             raise PruneError(f"{tag}: the plan keeps {got}, the candidate asked for {cand.kept_map()} "
@@ -919,10 +990,10 @@ class FleetEvaluator:
         info.update(plan=pr.plan, plan_sha256=pr.plan.sha256(), macs_counted=pr.macs_after, params=pr.params_after)
         rec = self.opts.recovery_for(cand.recovery)
         if rec is not None:
-            if rec.recalibrate:
+            if rec.recalibrate and self.calib is not None:
                 finetune.recalibrate_bn(model, self.calib)
-            if rec.finetune_epochs > 0:
-                ft = data.finetune_split(rec.finetune_per_class)
+            ft = self.data.finetune(rec.finetune_per_class, self.opts.seed) if rec.finetune_epochs > 0 else None
+            if ft is not None:
                 self.emit("stage", "", f"{tag}: fine-tune ({cand.recovery}: {rec.finetune_epochs} epoch(s) on "
                                        f"{len(ft)} images)")
                 res = finetune.finetune(
@@ -936,7 +1007,7 @@ class FleetEvaluator:
 
     def build(self, profile: Profile, cand: Candidate, key: str) -> Dict[str, Any]:
         """The candidate's artifact under ``work/artifacts/<key>``: reused when its files match its manifest."""
-        from edgeprune import data, export
+        from edgeprune import export
 
         folder = self.work / "artifacts" / key[:16]
         built = folder / "built.json"
@@ -952,14 +1023,20 @@ class FleetEvaluator:
         folder.mkdir(parents=True, exist_ok=True)
         tag = f"{self.name}-{key[:12]}"
         model, info = self._model(profile, cand, folder / "finetune.ckpt", tag)
+        if info.get("params") is None:   # the dense model: counted here (a pruned one was counted by prune())
+            from edgeprune import prune
+
+            info["macs_counted"], info["params"] = prune.count(model, self.example)
         calib_inputs = None
         if export.get_format(profile.fmt).calibration or "int8" in dict(profile.export_options).get("precision", ""):
-            calib_inputs = data.to_tensor_batch(self.calib.images[:200])
+            calib_inputs = self.workload.calib_inputs(200)
         self.emit("stage", "", f"{tag}: export {profile.fmt} (verified against torch)")
         man = export.export(model, profile.fmt, folder, tag=tag, check_inputs=self.check_inputs,
                             calib_inputs=calib_inputs, model_name=self.name,
                             source_checkpoint_sha256=str(self.meta.get("sha256", "")),
-                            pruning_plan_sha256=info["plan_sha256"], **dict(profile.export_options))
+                            pruning_plan_sha256=info["plan_sha256"], input_shape=tuple(self.workload.input_shape),
+                            preprocess=None if self.workload.reference_path else self.workload.manifest_preprocess(),
+                            **dict(profile.export_options))
         if info["plan"] is not None:
             write_text_atomic(folder / "plan.json", info["plan"].to_json())
         out = {"key": key, "tag": tag, "manifest": export.manifest_path(folder, tag, profile.fmt).name,
@@ -972,10 +1049,11 @@ class FleetEvaluator:
         return out
 
     def host_top1(self, profile: Profile, candidate: Candidate) -> float:
-        from edgeprune import finetune
-
+        """The candidate's score on the calib split: top-1 (labelled), else agreement with the dense model."""
         model, _ = self._model(profile, candidate, None, f"{self.name}-proposal")
-        return float(finetune.evaluate(model, self.calib))
+        if self.calib is None:
+            raise PruneError("netadapt scores proposals on calibration images: give --data or --calib-data")
+        return self.data.score(model, self.calib)
 
     # -- measuring
     def measure(self, requests: Sequence[Request], done: DeviceDone) -> None:
@@ -993,7 +1071,8 @@ class FleetEvaluator:
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])
                 job = build_job(req.device, f"{self.run_id}-{req.key[:12]}", folder / info["artifact"], man,
-                                self.shard, self.shard_sha, self.eval_name, quick=self.opts.quick, seed=self.opts.seed)
+                                self.shards or None, "", self.eval_name, quick=self.opts.quick,
+                                seed=self.opts.seed)
                 runnable.append((req, info, job))
             except (PruneError, ExportError, DeviceError) as e:
                 done(req, Measurement(False, error=f"{type(e).__name__}: {e}"), {})
@@ -1136,13 +1215,20 @@ def run_dir(run_id: str, out: Optional[Path]) -> Path:
 
 
 def _write_run(out: Path, run_id: str, opts: SearchOptions, devices: Sequence[DeviceConfig],
-               targets: Mapping[str, TargetSet]) -> None:
+               targets: Mapping[str, TargetSet], workload: Optional[Dict[str, Any]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RUN_FILE, json.dumps({
         "version": RUN_VERSION, "run_id": run_id, "created_at": _now(), "status": "running",
-        "options": opts.to_dict(),
+        "options": opts.to_dict(), "workload": workload,
         "devices": [dict(d.model_dump(by_alias=True, mode="json"), source=d.source) for d in devices],
         "targets": {k: v.to_dict() for k, v in targets.items()}}, indent=1, sort_keys=True, default=str))
+
+
+def _stored_workload(out: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((Path(out) / RUN_FILE).read_text()).get("workload")
+    except (OSError, ValueError):
+        return None
 
 
 def read_run(out: Path) -> Tuple[str, SearchOptions, List[DeviceConfig], Dict[str, TargetSet]]:
@@ -1169,9 +1255,12 @@ def read_run(out: Path) -> Tuple[str, SearchOptions, List[DeviceConfig], Dict[st
 def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping[str, TargetSet], *,
           out: Optional[Path] = None, run_id: Optional[str] = None, events: Optional[Events] = None,
           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
-          recorder: Optional["RunRecorder"] = None) -> SearchResult:
-    """A new search. ``space``/``evaluator`` replace the real ones (tests); UsageError before anything runs for
-    bad options, devices or a run folder that already holds a search."""
+          recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
+    """A new search. ``space``/``evaluator`` replace the real ones (tests); ``workload``: the run's model and data
+    when the caller opened them already (:func:`host.search_data.open_search_workload` of ``opts``). UsageError
+    before anything runs for bad options, devices, model or data, targets the data cannot judge, or a run folder
+    that already holds a search."""
+    from host import search_data
     from host.benchmark import check_run_id, new_run_id
 
     opts.validate()
@@ -1185,13 +1274,18 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
         prev = json.loads((folder / RUN_FILE).read_text()).get("run_id", "?")
         raise UsageError(f"--out: {folder} already holds search run {prev}; continue it with --resume {prev}"
                          f"{f' --out {folder}' if out is not None else ''}, or choose another folder")
-    _write_run(folder, run_id, opts, devices, targets)
-    return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder)
+    if space is None or evaluator is None:
+        workload = workload if workload is not None else search_data.open_search_workload(opts)
+        search_data.check_workload(workload, targets)
+    _write_run(folder, run_id, opts, devices, targets,
+               search_data.fingerprint(workload) if workload is not None else None)
+    return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder,
+                    workload)
 
 
 def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] = None,
            space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
-           recorder: Optional["RunRecorder"] = None) -> SearchResult:
+           recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
     """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated."""
     from host.benchmark import check_run_id
 
@@ -1201,30 +1295,64 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     if stored_id != run_id:
         raise UsageError(f"--resume: {folder} holds run {stored_id}, not {run_id}")
     opts.validate()
-    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder)
+    if workload is None and (space is None or evaluator is None):
+        workload = open_resumed_workload(folder, opts)
+    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload)
+
+
+def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
+    """The stored run's model and data, reopened from its options; UsageError when the data is not what the run
+    started with (another --data under the same path, another input shape)."""
+    from host import search_data
+
+    wl = search_data.open_search_workload(opts)
+    stored = _stored_workload(folder)
+    now = search_data.fingerprint(wl)
+    if stored is not None:
+        for part in ("input_shape", "eval"):
+            if json.loads(json.dumps(stored.get(part))) != json.loads(json.dumps(now.get(part))):
+                raise UsageError(f"--resume: the run's {'eval data' if part == 'eval' else part.replace('_', ' ')} "
+                                 f"changed since it started ({stored.get(part)} then, {now.get(part)} now); start a "
+                                 "new search instead")
+    return wl
 
 
 def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
              targets: Dict[str, TargetSet], events: Optional[Events], space: Optional[ModelSpace],
-             evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None) -> SearchResult:
+             evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None,
+             workload: Optional["Workload"] = None) -> SearchResult:
     emit = events or (lambda *a: None)
     if space is None or evaluator is None:
         import torch
 
-        from host.pruning import load_model
+        from host import search_data
+        from host.pruning import extra_ignored
 
         torch.manual_seed(opts.seed)
-        name, model, meta = load_model(opts.model)
+        wl = workload if workload is not None else search_data.open_search_workload(opts)
+        search_data.check_workload(wl, targets)
+        for note in wl.notes:
+            emit("info", "", note)
+        if not wl.has_finetune_data and any(r.finetune_epochs > 0 for r in (opts.recovery, opts.short_recovery)):
+            emit("info", "", "recovery: BatchNorm recalibration only (no --finetune-data: fine-tuning needs labelled "
+                             "training images)")
+        if not search_data.eval_labelled(wl):
+            emit("info", "", "eval data has no labels: candidates are judged and ranked by top-1 agreement / SNR "
+                             "against the dense model's outputs, measured on the device")
+        loaded = wl.model
+        name, model, meta = loaded.name, loaded.model, dict(loaded.meta)
+        keep = extra_ignored(loaded)
         sens = None
         ao = opts.algo_options
         if (opts.algo == "bisect" and ao.allocation == "sensitivity") or \
                 (opts.algo == "netadapt" and ao.netadapt_max_proposals is not None):
-            sens = sensitivity_table(model, name, meta, opts, emit)
+            sens = sensitivity_table(model, name, meta, opts, emit, workload=wl, extra_ignored=keep)
         if space is None:
             space = build_space(name, model, meta, prune_residual=opts.prune_residual,
-                                min_channels=opts.min_channels, sensitivities=sens)
+                                min_channels=opts.min_channels, sensitivities=sens, example=wl.example,
+                                extra_ignored=keep)
         if evaluator is None:
-            evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit)
+            evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
     return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder).run()
@@ -1233,3 +1361,40 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
 def iter_records(out: Path) -> Iterator[Dict[str, Any]]:
     """The evaluation records of a run folder, in the order they completed."""
     yield from Store(Path(out) / EVALUATIONS).records
+
+
+JSON_METRICS = ("top1", "top5", "agreement", "snr_db", "latency_p50_ms", "latency_p90_ms", "throughput_ips",
+                "power_w", "energy_mj", "memory_mb")
+
+
+def result_document(res: SearchResult) -> Dict[str, Any]:
+    """The search's outcome as one JSON-able document (``edgeprune search --json``): per device the chosen candidate
+    (or, when the targets were not met, the closest), its MACs, parameters, artifact files (paths under the run
+    folder's ``<device>/chosen|closest/``), the metrics measured on the device and whether the targets are met."""
+    store = Store(Path(res.out) / EVALUATIONS)
+    devices = []
+    for r in res.devices:
+        pick = r.chosen or r.closest
+        cand: Optional[Dict[str, Any]] = None
+        if pick is not None:
+            rec = store.get("device", r.device_id, pick["key"]) or {}
+            folder = Path(res.out) / r.folder if r.folder else None
+            files = [str(folder / f) for f in rec.get("artifact_files", [])] if folder is not None else []
+            cand = {"key": pick["key"], "ratio": pick.get("ratio"), "pruned_fraction": pick.get("pruned_fraction"),
+                    "recovery": pick.get("recovery"), "macs": rec.get("macs", pick.get("macs")),
+                    "macs_counted": rec.get("macs_counted"), "params": rec.get("params"),
+                    "folder": str(folder) if folder is not None else None,
+                    "artifact": str(folder / rec["artifact"]) if folder is not None and rec.get("artifact") else None,
+                    "artifact_files": files,
+                    "manifest": str(folder / rec["manifest"]) if folder is not None and rec.get("manifest") else None,
+                    "artifact_sha256": rec.get("artifact_sha256"), "plan_sha256": rec.get("plan_sha256"),
+                    "metrics": {k: pick.get(k) for k in JSON_METRICS}, "drop_pp": pick.get("drop_pp"),
+                    "meets": bool(pick.get("meets")), "meets_resources": bool(pick.get("meets_resources"))}
+        devices.append({"device": r.device_id, "verdict": r.verdict, "targets_met": r.verdict == "met",
+                        "targets": r.targets, "bounds": r.bounds, "accuracy_metric": r.accuracy_metric,
+                        "reason": r.reason, "device_evals": r.device_evals, "host_evals": r.host_evals,
+                        "candidate_kind": "chosen" if r.chosen else "closest" if r.closest else None,
+                        "candidate": cand})
+    return {"run_id": res.run_id, "algo": res.algo, "out": str(res.out), "all_met": res.all_met,
+            "summary_csv": str(Path(res.out) / "summary.csv"), "evaluations": str(Path(res.out) / EVALUATIONS),
+            "devices": devices}

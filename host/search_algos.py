@@ -62,6 +62,12 @@ class Group:
     name: str
     channels: int
     sensitivity_pp: Optional[float] = None   # top-1 drop (pp) with only this group pruned (see allocate())
+    channel_groups: int = 1                  # >1: it touches grouped convs and keeps a multiple of this many
+
+    def step(self, round_to: int) -> int:
+        """Channels it keeps a multiple of: ``round_to`` and its grouped convs' slices (as edgeprune.prune)."""
+        g = max(1, self.channel_groups)
+        return round_to * g // math.gcd(round_to, g)
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ class ModelSpace:
         for g in self.groups:
             r = layer_ratios.get(g.name, 0.0)
             if r > 0:
-                k = kept_channels(g.channels, r, round_to, self.min_channels)
+                k = kept_channels(g.channels, r, g.step(round_to), self.min_channels)
                 if k < g.channels:
                     out[g.name] = k
         return out
@@ -162,7 +168,7 @@ class ModelSpace:
         for name, k in kept.items():
             n = self.group(name).channels
             r = (n - k) / n
-            if kept_channels(n, r, round_to, self.min_channels) != k:
+            if kept_channels(n, r, self.group(name).step(round_to), self.min_channels) != k:
                 raise UsageError(f"group {name}: {k} of {n} channels is not reachable with round_to={round_to} "
                                  f"and min_channels={self.min_channels}")
             out[name] = r
@@ -172,12 +178,13 @@ class ModelSpace:
         """The kept counts group ``name`` can have, largest first (the dense count first), pruning at most
         ``max_ratio`` of it."""
         n = self.group(name).channels
-        floor = kept_channels(n, max_ratio, round_to, self.min_channels)
+        step = self.group(name).step(round_to)
+        floor = kept_channels(n, max_ratio, step, self.min_channels)
         counts = {n}
         k = n
         while k > floor:
             k -= 1
-            counts.add(kept_channels(n, (n - k) / n, round_to, self.min_channels))
+            counts.add(kept_channels(n, (n - k) / n, step, self.min_channels))
         return sorted((c for c in counts if c >= floor), reverse=True)
 
     def pruned_fraction(self, kept: Mapping[str, int]) -> float:
@@ -601,7 +608,8 @@ def lut_configs(space: ModelSpace, round_to: int, levels: Sequence[float], max_r
 
 def level_counts(space: ModelSpace, group: str, round_to: int, levels: Sequence[float], max_ratio: float) -> List[int]:
     n = space.group(group).channels
-    ks = {kept_channels(n, min(1.0 - f, max_ratio), round_to, space.min_channels) for f in levels}
+    ks = {kept_channels(n, min(1.0 - f, max_ratio), space.group(group).step(round_to), space.min_channels)
+          for f in levels}
     return sorted((k for k in ks if k < n), reverse=True)
 
 

@@ -3,8 +3,17 @@
 A target bounds one metric of the agent's report (:data:`METRICS`); all of them are *at most* bounds except
 ``throughput_ips`` (*at least*). A value is absolute (``latency_p50_ms=12.5``) or relative to the dense model
 measured on the same device and runtime (``latency_p50_ms=0.5x``: at most half of dense; ``throughput_ips=2x``: at
-least twice dense). The accuracy bound is separate: the maximum top-1 drop in percentage points against that same
-dense measurement (``--max-accuracy-drop``, or ``accuracy_drop_pp`` in a mapping).
+least twice dense). The accuracy bounds are separate (:data:`ACCURACY_METRICS`), all measured by the agent on the
+device, at least one of them per device:
+
+* ``accuracy_drop_pp`` (``--max-accuracy-drop``): the maximum top-1 drop in percentage points against that same
+  dense measurement; needs labelled eval data;
+* ``agreement`` (``--min-agreement``): the minimum top-1 agreement with the dense model's outputs (a fraction in
+  (0, 1]; the eval shards carry the dense outputs, so it needs no labels);
+* ``snr_db`` (``--min-snr-db``): the minimum signal-to-noise ratio of the outputs against the dense ones, in dB.
+
+Agreement and SNR are label-free and absolute (the dense model agrees with itself: a multiple of dense means
+nothing).
 
 Where targets come from, lowest precedence first (a later layer replaces a metric an earlier one set):
 
@@ -17,7 +26,7 @@ Where targets come from, lowest precedence first (a later layer replaces a metri
        devices: {pi-kitchen: {latency_p90_ms: 40}}
 
 3. the command line: ``--target [SCOPE:]METRIC=VALUE`` (SCOPE: a device id or a device class) and
-   ``--max-accuracy-drop PP``.
+   ``--max-accuracy-drop PP``, ``--min-agreement F``, ``--min-snr-db DB``.
 
 Within one source a device's own entry beats its class's, which beats the default. Contradictory or impossible
 targets (a metric given twice with different values in one place, a non-positive bound, a relative accuracy, a
@@ -58,18 +67,22 @@ METRICS: Dict[str, Metric] = {m.name: m for m in (
     Metric("memory_mb", "peak memory (RSS)", "MB"),
 )}
 ACCURACY = "accuracy_drop_pp"
+AGREEMENT = "agreement"
+SNR = "snr_db"
+ACCURACY_METRICS = (ACCURACY, AGREEMENT, SNR)   # accuracy bounds: not resources, never in Bounds.limits
 POWER_METRICS = ("power_w", "energy_mj")
 ALIASES = {
     "latency_ms": "latency_p50_ms", "p50_ms": "latency_p50_ms", "p90_ms": "latency_p90_ms",
     "throughput": "throughput_ips", "power": "power_w", "energy": "energy_mj",
     "energy_mj_per_inference": "energy_mj", "memory": "memory_mb", "peak_memory_mb": "memory_mb",
     "max_accuracy_drop_pp": ACCURACY, "max_accuracy_drop": ACCURACY, "accuracy_drop": ACCURACY,
+    "min_agreement": AGREEMENT, "top1_agreement": AGREEMENT, "snr": SNR, "min_snr_db": SNR,
 }
 _SPEC = re.compile(r"^\s*(?:(?P<scope>[A-Za-z0-9._-]+)\s*:\s*)?(?P<metric>[A-Za-z0-9_]+)\s*=\s*(?P<value>\S+)\s*$")
 
 
 def known_metrics() -> str:
-    return ", ".join(list(METRICS) + [ACCURACY])
+    return ", ".join(list(METRICS) + list(ACCURACY_METRICS))
 
 
 @dataclass(frozen=True)
@@ -101,17 +114,35 @@ class Target:
 
 @dataclass
 class TargetSet:
-    """One device's targets: resource bounds by metric, and the maximum accuracy drop (pp)."""
+    """One device's targets: resource bounds by metric, and the accuracy bounds: the maximum top-1 drop (pp), the
+    minimum agreement with dense (fraction), the minimum SNR against dense (dB); at least one of those three."""
 
     targets: Dict[str, Target] = field(default_factory=dict)
     max_accuracy_drop_pp: Optional[float] = None
     accuracy_source: str = ""
+    min_agreement: Optional[float] = None
+    agreement_source: str = ""
+    min_snr_db: Optional[float] = None
+    snr_source: str = ""
 
     def text(self) -> str:
         parts = [t.text() for t in self.targets.values()]
-        if self.max_accuracy_drop_pp is not None:
-            parts.append(f"top-1 drop <= {self.max_accuracy_drop_pp:g} pp")
+        parts += _accuracy_texts(self.max_accuracy_drop_pp, self.min_agreement, self.min_snr_db)
         return ", ".join(parts)
+
+    @property
+    def accuracy_metric(self) -> str:
+        """The metric candidates are ranked by: ``top1`` with a top-1 drop bound, else ``agreement``, else
+        ``snr_db``."""
+        if self.max_accuracy_drop_pp is not None:
+            return "top1"
+        if self.min_agreement is not None:
+            return AGREEMENT
+        return SNR if self.min_snr_db is not None else "top1"
+
+    @property
+    def has_accuracy_bound(self) -> bool:
+        return any(v is not None for v in (self.max_accuracy_drop_pp, self.min_agreement, self.min_snr_db))
 
     def resolve(self, dense: Mapping[str, float]) -> "Bounds":
         """Absolute bounds from the dense model's measured metrics (relative targets need theirs)."""
@@ -122,16 +153,35 @@ class TargetSet:
             except KeyError:
                 raise UsageError(f"{t.source or 'target'}: {m}: relative to dense, but the dense measurement has no "
                                  f"{m} (the device's report lacks it)") from None
-        return Bounds(out, float(self.max_accuracy_drop_pp or 0.0), dense.get("top1"))
+        drop = self.max_accuracy_drop_pp
+        if drop is None and not self.has_accuracy_bound:
+            drop = 0.0   # (a TargetSet checked by check_device_targets always has one)
+        return Bounds(out, None if drop is None else float(drop), dense.get("top1"), self.min_agreement,
+                      self.min_snr_db, self.accuracy_metric)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"targets": [t.to_dict() for t in self.targets.values()],
-                "max_accuracy_drop_pp": self.max_accuracy_drop_pp, "accuracy_source": self.accuracy_source}
+                "max_accuracy_drop_pp": self.max_accuracy_drop_pp, "accuracy_source": self.accuracy_source,
+                "min_agreement": self.min_agreement, "agreement_source": self.agreement_source,
+                "min_snr_db": self.min_snr_db, "snr_source": self.snr_source}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TargetSet":
         ts = [Target.from_dict(t) for t in d.get("targets", [])]
-        return cls({t.metric: t for t in ts}, d.get("max_accuracy_drop_pp"), str(d.get("accuracy_source", "")))
+        return cls({t.metric: t for t in ts}, d.get("max_accuracy_drop_pp"), str(d.get("accuracy_source", "")),
+                   d.get("min_agreement"), str(d.get("agreement_source", "")), d.get("min_snr_db"),
+                   str(d.get("snr_source", "")))
+
+
+def _accuracy_texts(drop: Optional[float], agreement: Optional[float], snr: Optional[float]) -> List[str]:
+    parts = []
+    if drop is not None:
+        parts.append(f"top-1 drop <= {drop:g} pp")
+    if agreement is not None:
+        parts.append(f"agreement >= {agreement:g}")
+    if snr is not None:
+        parts.append(f"SNR >= {snr:g} dB")
+    return parts
 
 
 @dataclass
@@ -153,11 +203,16 @@ class Assessment:
 
 @dataclass
 class Bounds:
-    """Absolute bounds for one device (relative targets resolved against its dense measurement)."""
+    """Absolute bounds for one device (relative targets resolved against its dense measurement). ``limits`` are the
+    resource bounds; the accuracy bounds are ``max_drop_pp``, ``min_agreement`` and ``min_snr_db`` (None: not
+    bounded); ``accuracy_metric`` is the metric candidates are ranked by (``top1``, ``agreement`` or ``snr_db``)."""
 
     limits: Dict[str, float]
-    max_drop_pp: float
+    max_drop_pp: Optional[float]
     dense_top1: Optional[float]
+    min_agreement: Optional[float] = None
+    min_snr_db: Optional[float] = None
+    accuracy_metric: str = "top1"
 
     def violation(self, metric: str, value: Optional[float]) -> float:
         """Relative distance past the bound: 0 when met, inf when the value is missing."""
@@ -169,23 +224,37 @@ class Bounds:
         return max(0.0, bound / value - 1.0) if value > 0 else math.inf
 
     def assess(self, metrics: Mapping[str, float]) -> Assessment:
+        """Resource violations (relative) and accuracy violations: a drop past its bound, in units of the bound (at
+        least 1 pp); agreement the same, as its drop from 1.0 in pp; SNR in units of the bound (at least 1 dB);
+        inf when the report lacks the metric (no labels for top-1, no logit-like output for agreement)."""
         viol = {m: self.violation(m, metrics.get(m)) for m in self.limits}
         top1 = metrics.get("top1")
         drop = None if top1 is None or self.dense_top1 is None else 100.0 * (self.dense_top1 - top1)
-        if drop is None:
-            acc_v = math.inf
-        else:
-            acc_v = max(0.0, drop - self.max_drop_pp) / max(1.0, self.max_drop_pp)
-        viol[ACCURACY] = acc_v
-        res_ok = all(v == 0.0 for m, v in viol.items() if m != ACCURACY)
-        return Assessment(res_ok, acc_v == 0.0, drop, viol)
+        if self.max_drop_pp is not None:
+            viol[ACCURACY] = math.inf if drop is None else \
+                max(0.0, drop - self.max_drop_pp) / max(1.0, self.max_drop_pp)
+        agree = metrics.get(AGREEMENT)
+        if self.min_agreement is not None:
+            allowed = 100.0 * (1.0 - self.min_agreement)
+            viol[AGREEMENT] = math.inf if agree is None or not math.isfinite(agree) else \
+                max(0.0, 100.0 * (1.0 - agree) - allowed) / max(1.0, allowed)
+        snr = metrics.get(SNR)
+        if self.min_snr_db is not None:
+            viol[SNR] = math.inf if snr is None or not math.isfinite(snr) else \
+                max(0.0, self.min_snr_db - snr) / max(1.0, abs(self.min_snr_db))
+        res_ok = all(v == 0.0 for m, v in viol.items() if m not in ACCURACY_METRICS)
+        acc_ok = all(v == 0.0 for m, v in viol.items() if m in ACCURACY_METRICS)
+        return Assessment(res_ok, acc_ok, drop, viol)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"limits": dict(self.limits), "max_drop_pp": self.max_drop_pp, "dense_top1": self.dense_top1}
+        return {"limits": dict(self.limits), "max_drop_pp": self.max_drop_pp, "dense_top1": self.dense_top1,
+                "min_agreement": self.min_agreement, "min_snr_db": self.min_snr_db,
+                "accuracy_metric": self.accuracy_metric}
 
 
 def metrics_from_report(report: schema.Report) -> Dict[str, float]:
-    """The target metrics (and ``top1``) of an agent report; a metric the report lacks is absent."""
+    """The target metrics (and ``top1``, ``top5``, ``agreement``, ``snr_db``) of an agent report; a metric the
+    report lacks is absent (``top1`` without labels, ``agreement`` without a logit-like output)."""
     out: Dict[str, float] = {}
     if report.timing is not None:
         lat = report.timing.latency_ms
@@ -196,7 +265,11 @@ def metrics_from_report(report: schema.Report) -> Dict[str, float]:
     if report.peak_rss_mb is not None:
         out["memory_mb"] = float(report.peak_rss_mb)
     if report.accuracy is not None:
-        out["top1"] = float(report.accuracy.top1)
+        acc = report.accuracy
+        for name in ("top1", "top5", AGREEMENT, SNR):
+            v = getattr(acc, name, None)
+            if v is not None:
+                out[name] = float(v)
     return out
 
 
@@ -205,7 +278,7 @@ def metrics_from_report(report: schema.Report) -> Dict[str, float]:
 def canonical_metric(name: str, where: str) -> str:
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
-    if key not in METRICS and key != ACCURACY:
+    if key not in METRICS and key not in ACCURACY_METRICS:
         raise UsageError(f"{where}: unknown metric {name!r}; known: {known_metrics()}")
     return key
 
@@ -233,6 +306,15 @@ def parse_value(metric: str, raw: Any, where: str) -> Tuple[float, bool]:
                              f"a multiple of dense ({raw!r}) means nothing")
         if not 0.0 <= value < 100.0:
             raise UsageError(f"{where}: {ACCURACY}: must be in [0, 100) percentage points, got {value:g}")
+        return value, False
+    if metric in (AGREEMENT, SNR):
+        if relative:
+            raise UsageError(f"{where}: {metric}: is measured against the dense model's outputs (dense is "
+                             f"{'1.0' if metric == AGREEMENT else 'exact'}); a multiple of dense ({raw!r}) means "
+                             "nothing: give an absolute value")
+        if metric == AGREEMENT and not 0.0 < value <= 1.0:
+            raise UsageError(f"{where}: {AGREEMENT}: a fraction in (0, 1] (0.99 = 99 % of the samples' top-1 "
+                             f"classes as dense), got {value:g}")
         return value, False
     if value <= 0:
         raise UsageError(f"{where}: {metric}: must be > 0, got {raw!r}")
@@ -278,7 +360,8 @@ class TargetSources:
 
 
 def parse_cli(targets: Sequence[str], max_accuracy_drop: Optional[float],
-              targets_file: Optional[Path] = None) -> TargetSources:
+              targets_file: Optional[Path] = None, *, min_agreement: Optional[float] = None,
+              min_snr_db: Optional[float] = None) -> TargetSources:
     src = TargetSources()
     for text in targets:
         scope, metric, value, relative = parse_target_arg(text)
@@ -293,6 +376,13 @@ def parse_cli(targets: Sequence[str], max_accuracy_drop: Optional[float],
             raise UsageError(f"--max-accuracy-drop: {value:g} contradicts --target {ACCURACY}="
                              f"{src.cli_global[ACCURACY][0]:g}")
         src.cli_global[ACCURACY] = (value, False, "--max-accuracy-drop")
+    for metric, given, flag in ((AGREEMENT, min_agreement, "--min-agreement"), (SNR, min_snr_db, "--min-snr-db")):
+        if given is None:
+            continue
+        value, _ = parse_value(metric, given, flag)
+        if metric in src.cli_global and src.cli_global[metric][0] != value:
+            raise UsageError(f"{flag}: {value:g} contradicts --target {metric}={src.cli_global[metric][0]:g}")
+        src.cli_global[metric] = (value, False, flag)
     if targets_file is not None:
         _read_file(Path(targets_file), src)
     return src
@@ -346,6 +436,10 @@ def device_targets(devices: Sequence[Any], src: TargetSources) -> Dict[str, Targ
         for metric, (value, relative, where) in merged.items():
             if metric == ACCURACY:
                 ts.max_accuracy_drop_pp, ts.accuracy_source = value, where
+            elif metric == AGREEMENT:
+                ts.min_agreement, ts.agreement_source = value, where
+            elif metric == SNR:
+                ts.min_snr_db, ts.snr_source = value, where
             else:
                 ts.targets[metric] = Target(metric, value, relative, where)
         check_device_targets(dev, ts)
@@ -355,9 +449,10 @@ def device_targets(devices: Sequence[Any], src: TargetSources) -> Dict[str, Targ
 
 def check_device_targets(dev: Any, ts: TargetSet) -> None:
     """UsageError for targets this device cannot be searched for."""
-    if ts.max_accuracy_drop_pp is None:
+    if not ts.has_accuracy_bound:
         raise UsageError(f"--max-accuracy-drop: no maximum accuracy drop for device {dev.id} (give "
-                         f"--max-accuracy-drop PP, or {ACCURACY} in a targets file or the device config's targets:)")
+                         f"--max-accuracy-drop PP, --min-agreement F or --min-snr-db DB, or {ACCURACY}, {AGREEMENT} "
+                         "or snr_db in a targets file or the device config's targets:)")
     if not ts.targets:
         raise UsageError(f"--target: no latency, throughput, power, energy or memory target for device {dev.id}; "
                          "give at least one (e.g. --target latency_p50_ms=0.5x, or targets: in the device config)")
@@ -401,6 +496,22 @@ def describe(ts: TargetSet, bounds: Optional[Bounds] = None) -> str:
         op = "<=" if METRICS[m].at_most else ">="
         rel = f" ({t.value:g}x)" if t.relative else ""
         parts.append(f"{m} {op} {bounds.limits[m]:.4g}{rel}")
-    parts.append(f"drop <= {bounds.max_drop_pp:g} pp")
+    if bounds.max_drop_pp is not None:
+        parts.append(f"drop <= {bounds.max_drop_pp:g} pp")
+    parts += _accuracy_texts(None, bounds.min_agreement, bounds.min_snr_db)
     return ", ".join(parts)
+
+
+def check_labelled(targets: Mapping[str, TargetSet], labelled: bool, what: str = "the eval data") -> None:
+    """UsageError when a device has a top-1 drop bound but the eval data has no labels (top-1 cannot be measured):
+    the label-free bounds are agreement and SNR against the dense model."""
+    if labelled:
+        return
+    for dev_id, ts in targets.items():
+        if ts.max_accuracy_drop_pp is not None:
+            src = ts.accuracy_source or "--max-accuracy-drop"
+            where = "" if src == "--max-accuracy-drop" else f" ({src}, device {dev_id})"
+            raise UsageError(f"--max-accuracy-drop needs labelled eval data; use --min-agreement{where}: {what} has "
+                             "no labels, so top-1 cannot be measured (agreement and SNR against the dense model's "
+                             "outputs need none)")
 

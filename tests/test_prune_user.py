@@ -22,7 +22,7 @@ from edgeprune import models, prune
 from edgeprune.data import ASSETS
 from edgeprune.errors import PruneError, UsageError
 
-from .user_models import cifar_resnet_user, senet
+from .user_models import cifar_resnet_user, senet  # cifar_resnet_user: examples/cifar_resnet.py
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 XB = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -706,3 +706,129 @@ def test_results_store_gets_every_evaluation_once_across_a_crash_and_resume(tmp_
     assert len(store.measurements("r1")) == len(lines)
     run = store.run("r1")
     assert run["status"] == "complete" and [d["device_id"] for d in run["summary"]["devices"]] == ["d1", "d2"]
+
+
+# ------------------------------------------------------------------------------------------ label-free targets
+
+def test_label_free_targets_from_flags_file_and_config(tmp_path):
+    assert tg.parse_target_arg("agreement=0.95") == (None, "agreement", 0.95, False)
+    assert tg.parse_target_arg("min_snr_db=20") == (None, "snr_db", 20.0, False)
+    with pytest.raises(UsageError, match="agreement: is measured against the dense model's outputs"):
+        tg.parse_target_arg("agreement=0.9x")
+    with pytest.raises(UsageError, match=r"agreement: a fraction in \(0, 1\]"):
+        tg.parse_target_arg("agreement=95")
+    with pytest.raises(UsageError, match="--min-agreement: 0.8 contradicts --target agreement=0.9"):
+        tg.parse_cli(["agreement=0.9"], None, min_agreement=0.8)
+    f = tmp_path / "t.yaml"
+    f.write_text("default: {latency_p50_ms: 0.5x, agreement: 0.9}\ndevices: {b: {snr_db: 25, min_agreement: 0.97}}\n")
+    a, b = device("a"), device("b")
+    ts = targets_for([a, b], drop=None, targets_file=f)
+    assert (ts["a"].min_agreement, ts["a"].min_snr_db, ts["a"].max_accuracy_drop_pp) == (0.9, None, None)
+    assert (ts["b"].min_agreement, ts["b"].min_snr_db) == (0.97, 25.0)
+    assert ts["a"].accuracy_metric == "agreement" and "agreement >= 0.9" in ts["a"].text()
+    cli = tg.device_targets([a], tg.parse_cli(["latency_p50_ms=2"], None, min_snr_db=30.0))["a"]
+    assert cli.accuracy_metric == "snr_db" and cli.snr_source == "--min-snr-db"
+    assert tg.TargetSet.from_dict(ts["b"].to_dict()) == ts["b"]
+    # a device config's targets: take the label-free metrics too
+    c = device("c").model_copy(update={"targets": {"latency_ms": "0.5x", "min_agreement": 0.99}})
+    assert targets_for([c], drop=None)["c"].min_agreement == 0.99
+
+
+def test_label_free_bounds_assess_agreement_and_snr():
+    ts = tg.device_targets([device()], tg.parse_cli(["latency_p50_ms=0.5x"], None, min_agreement=0.9,
+                                                    min_snr_db=20.0))["local"]
+    b = ts.resolve({"latency_p50_ms": 4.0, "agreement": 1.0, "snr_db": 300.0})
+    assert b.max_drop_pp is None and b.accuracy_metric == "agreement"
+    a = b.assess({"latency_p50_ms": 1.9, "agreement": 0.95, "snr_db": 25.0})
+    assert a.meets and a.drop_pp is None and set(a.violations) == {"latency_p50_ms", "agreement", "snr_db"}
+    a = b.assess({"latency_p50_ms": 1.9, "agreement": 0.85, "snr_db": 25.0})
+    assert a.meets_resources and not a.meets_accuracy
+    assert a.violations["agreement"] == pytest.approx(0.5)      # 15 pp lost, 10 pp allowed
+    a = b.assess({"latency_p50_ms": 1.9, "agreement": 0.95, "snr_db": 15.0})
+    assert not a.meets_accuracy and a.violations["snr_db"] == pytest.approx(0.25)
+    assert not b.assess({"latency_p50_ms": 1.9}).meets_accuracy     # a report without them: not met
+    assert "agreement >= 0.9" in tg.describe(ts, b) and "drop <=" not in tg.describe(ts, b)
+
+
+def test_metrics_from_a_label_free_report():
+    from agent import schema
+
+    rep = schema.Report(job_id="j", status="ok", accuracy=schema.AccuracyResult(
+        split="data", n=10, agreement=0.9, snr_db=21.5, metric="agreement"))
+    assert tg.metrics_from_report(rep) == {"agreement": 0.9, "snr_db": 21.5}
+
+
+def test_search_on_agreement_ranks_by_agreement(tmp_path):
+    """The fake evaluator's candidates carry agreement (no top-1): a search with --min-agreement alone meets the
+    latency target and records which metric it used."""
+    space = resnet_like_space()
+
+    class Unlabelled(FakeEvaluator):
+        def metrics(self, dev_id, cand, key):
+            m = super().metrics(dev_id, cand, key)
+            m["agreement"] = round(1.0 - 0.5 * (0.93 - m.pop("top1")), 4)
+            return m
+
+    devs = [device()]
+    tset = tg.device_targets(devs, tg.parse_cli(["latency_p50_ms=0.5x"], None, min_agreement=0.9))
+    res = run(tmp_path, devs, tset, Unlabelled(space), space)
+    r = res.devices[0]
+    assert r.verdict == "met" and r.accuracy_metric == "agreement" and r.chosen["agreement"] >= 0.9
+    assert r.chosen["top1"] is None and r.chosen["drop_pp"] is None
+    assert any(x["front_latency"] for x in r.rows)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["devices"][0]["accuracy_metric"] == "agreement"
+    cand = json.loads((tmp_path / "run" / "local" / "chosen" / "candidate.json").read_text())
+    assert cand["accuracy_metric"] == "agreement"
+    doc = hs.result_document(res)
+    assert doc["devices"][0]["candidate"]["metrics"]["agreement"] == r.chosen["agreement"]
+
+
+def test_options_with_model_source_and_data_round_trip(tmp_path):
+    opts = options(tmp_path, model_args={"width": 0.5}, weights="w.pt", input_shape=(1, 3, 64, 64),
+                   ignore_layers=("aux",), data="d.npz", finetune_data="ft", mean="0.5,0.5,0.5")
+    hs._write_run(tmp_path / "r", "r", opts, [device()], targets_for([device()], "latency_p50_ms=1"))
+    _, back, _, _ = hs.read_run(tmp_path / "r")
+    assert back == opts and back.input_shape == (1, 3, 64, 64) and back.ignore_layers == ("aux",)
+    from host.search_data import source_key
+
+    plain = options(tmp_path)
+    assert source_key(plain) == {}
+    space = resnet_like_space()
+    prof = hs.Profile(1, "onnx")
+    cand = sa.Candidate.of(space, {space.groups[0].name: 8}, "full")
+    # the reference path's keys are what they were; any model-source or data option changes them
+    assert hs.candidate_key(space, plain, prof, cand) != hs.candidate_key(space, opts, prof, cand)
+    assert hs.candidate_key(space, plain, prof, cand) == hs.candidate_key(space, options(tmp_path), prof, cand)
+
+
+def test_grouped_conv_groups_keep_multiples_of_their_slices():
+    g = sa.Group("g", 64, None, 4)
+    space = sa.ModelSpace("m", "", [g], [sa.Layer("g", sa.LayerConfig("conv", 16, 64), (4, 4), None, "g")])
+    assert g.step(1) == 4 and g.step(8) == 8 and sa.Group("h", 48, None, 3).step(8) == 24
+    kept = space.kept_for({"g": 0.1}, 1)
+    assert kept == {"g": 60}                     # 58 rounded up to a multiple of 4, as edgeprune.prune keeps it
+    assert all(k % 4 == 0 for k in space.valid_kept("g", 1, 0.9))
+    assert space.layer_ratios(kept, 1) == {"g": pytest.approx(4 / 64)}
+
+
+def test_sensitivity_on_unlabelled_data_scores_agreement_with_dense():
+    import numpy as np
+
+    from edgeprune import data, sensitivity
+    from tests.user_models import senet
+
+    model = senet.two_head_net()
+    rng = np.random.default_rng(0)
+    split = data.Split("calib", (rng.random((6, 32, 32, 3)) * 255).astype(np.uint8), np.full(6, -1, np.int64), "t")
+    ref = sensitivity.reference_argmax(model, split)
+    assert len(ref) == 2 and sensitivity.agreement(model, split, ref) == 1.0   # both heads are logit-like
+    import torch
+
+    first = sensitivity.prune.prunable_groups(model, torch.zeros(1, 3, 32, 32))[0].name
+    df = sensitivity.analyse(model, split, torch.zeros(1, 3, 32, 32), ratios=(0.5,), groups=[first],
+                             metric="agreement")
+    assert df.attrs["metric"] == "agreement" and df.attrs["dense_top1"] == 1.0
+    assert 0.0 <= df["top1"].iloc[0] <= 1.0 and df["drop_pp"].iloc[0] == pytest.approx(100 * (1 - df["top1"].iloc[0]))
+    with pytest.raises(UsageError, match="metric: 'top1' or 'agreement'"):
+        sensitivity.analyse(model, split, torch.zeros(1, 3, 32, 32), metric="f1")

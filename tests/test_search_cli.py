@@ -31,7 +31,7 @@ def fake(monkeypatch):
     made = []
     real = hs._execute
 
-    def execute(folder, run_id, opts, devices, targets, events, _space, _evaluator, recorder=None):
+    def execute(folder, run_id, opts, devices, targets, events, _space, _evaluator, recorder=None, workload=None):
         ev = FakeEvaluator(space)
         made.append(ev)
         return real(folder, run_id, opts, devices, targets, events, space, ev, recorder)
@@ -117,7 +117,7 @@ def test_interrupt_prints_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     space = resnet_like_space()
     real = hs._execute
-    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v, rec: real(
+    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v, rec, wl=None: real(
         f, r, o, d, t, e, space, FakeEvaluator(space, crash_after=1), rec))
     code, out, err = search("--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "5",
                             "--run-id", "ctrl-c", capsys=capsys)
@@ -149,3 +149,168 @@ def test_search_cli_end_to_end_on_the_local_device(tmp_path, monkeypatch, capsys
     assert "edgeprune search (bisect) — run real" in out and " met " in out
     chosen = tmp_path / "results" / "search" / "real" / "local8" / "chosen"
     assert (chosen / "report.json").is_file() and list(chosen.glob("*.onnx"))
+
+
+# ------------------------------------------------------------------------------------------ user model, user data
+
+SENET = str(__import__("pathlib").Path(__file__).parent / "user_models" / "senet.py") + ":two_head_net"
+
+
+def _unlabelled_npz(path, n=40, hw=64, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=(rng.random((n, hw, hw, 3)) * 255).astype(np.uint8))
+    return path
+
+
+def _calibrated_weights(npz, path):
+    """two_head_net with its BatchNorm statistics estimated on the images (as a trained model has them): the search's
+    BN recalibration then changes a pruned model, not the dense one's untrained statistics."""
+    import numpy as np
+    import torch
+
+    from .user_models import senet
+
+    x = torch.from_numpy(np.load(npz)["images"]).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    m = senet.two_head_net()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    with torch.no_grad():
+        m.train()(x)
+    torch.save(m.eval().state_dict(), path)
+    return path
+
+
+def _image_folder(root, per_class=3, hw=40):
+    from PIL import Image
+
+    for c, colour in enumerate(((200, 30, 30), (30, 200, 30))):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (hw, hw), tuple(min(255, v + 10 * i) for v in colour)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_unlabelled_data_with_max_accuracy_drop_is_one_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    npz = _unlabelled_npz(tmp_path / "unl.npz", n=8)
+    code, out, err = search("--model", SENET, "--input-size", "64", "--data", str(npz), "--target",
+                            "latency_p50_ms=0.9x", "--max-accuracy-drop", "1", capsys=capsys)
+    assert code == 2 and "--max-accuracy-drop needs labelled eval data; use --min-agreement" in err, (out, err)
+    assert not (tmp_path / "results").exists()
+    # a user model without any eval data cannot be judged at all
+    code, out, err = search("--model", SENET, "--input-size", "64", "--target", "latency_p50_ms=0.9x",
+                            "--min-agreement", "0.9", capsys=capsys)
+    assert code == 2 and "--data: a search judges every candidate's accuracy on the device and needs eval data" in err
+    # label-free bounds are absolute fractions / dB
+    code, _, err = search("--model", SENET, "--input-size", "64", "--data", str(npz), "--target",
+                          "latency_p50_ms=0.9x", "--min-agreement", "1.5", capsys=capsys)
+    assert code == 2 and "--min-agreement: agreement: a fraction in (0, 1]" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_labelled_folder_passes_the_data_check_and_agreement_works_on_labelled_data_too(tmp_path):
+    from host import search_data
+    from host import targets as tg
+
+    from .test_search import device
+
+    folder = _image_folder(tmp_path / "imgs")
+    opts = hs.SearchOptions(model=SENET, input_shape=(1, 3, 32, 32), data=str(folder))
+    wl = search_data.open_search_workload(opts)
+    assert wl.eval.labelled and not wl.reference_path and tuple(wl.input_shape) == (1, 3, 32, 32)
+    ts = tg.device_targets([device()], tg.parse_cli(["latency_p50_ms=0.9x"], 1.0, min_agreement=0.9))
+    search_data.check_workload(wl, ts)     # labelled: a top-1 drop bound is fine, next to agreement
+    assert ts["local"].accuracy_metric == "top1" and ts["local"].min_agreement == 0.9
+    assert search_data.source_key(opts) == {"input_shape": [1, 3, 32, 32], "data": str(folder)}
+
+
+def test_resume_refuses_data_flags_and_json_output_with_the_fake_evaluator(tmp_path, monkeypatch, capsys, fake):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = search("--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "5",
+                            "--run-id", "j1", "--json", capsys=capsys)
+    assert code == 0, err
+    assert out.startswith("{") and out.endswith("}")   # stdout holds the JSON document alone
+    doc = json.loads(out)
+    assert doc["run_id"] == "j1" and doc["all_met"] is True
+    dev = doc["devices"][0]
+    assert dev["device"] == "local" and dev["targets_met"] and dev["accuracy_metric"] == "top1"
+    assert dev["candidate_kind"] == "chosen" and dev["candidate"]["macs"] > 0
+    assert set(dev["candidate"]["metrics"]) >= {"top1", "agreement", "snr_db", "latency_p50_ms", "latency_p90_ms"}
+    assert "edgeprune search (bisect)" in err     # the table and progress went to stderr
+    code, _, err = search("--resume", "j1", "--data", "x.npz", "--min-agreement", "0.5", capsys=capsys)
+    assert code == 2 and "drop --min-agreement, --data" in err
+
+
+@pytest.mark.slow
+def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_resume(tmp_path, monkeypatch, capsys):
+    """A MODULE:CALLABLE model (two heads, squeeze-excitation, a grouped conv) at 64x64 with its own weights, an
+    unlabelled npz, label-free targets: measured on the local device, reported with agreement; --json names the
+    artifacts; --resume restores the model-source and data options and measures nothing again."""
+    monkeypatch.chdir(tmp_path)
+    npz = _unlabelled_npz(tmp_path / "unl.npz")
+    weights = _calibrated_weights(npz, tmp_path / "w.pt")
+    (tmp_path / "fleet8").mkdir()
+    (tmp_path / "fleet8" / "local8.yaml").write_text(f"id: local8\nclass: local\nround_to: 8\ncache_dir: "
+                                                     f"{tmp_path / 'dc'}\n")
+    code, out, err = search("--model", SENET, "--weights", str(weights), "--input-size", "64", "--data", str(npz),
+                            "--fleet", str(tmp_path / "fleet8"), "--min-agreement", "0.5", "--target",
+                            "latency_p50_ms=0.9x", "--quick", "--max-evals", "3", "--run-id", "u1",
+                            "--cache-dir", str(tmp_path / "cache"), "--json", capsys=capsys)
+    assert code in (0, 1), err
+    doc = json.loads(out)
+    dev = doc["devices"][0]
+    assert dev["accuracy_metric"] == "agreement" and dev["verdict"] in ("met", "infeasible"), dev
+    assert dev["bounds"]["min_agreement"] == 0.5 and dev["bounds"]["max_drop_pp"] is None
+    cand = dev["candidate"]
+    assert cand["metrics"]["top1"] is None and 0.0 <= cand["metrics"]["agreement"] <= 1.0
+    assert cand["metrics"]["snr_db"] is not None and cand["metrics"]["latency_p50_ms"] > 0
+    assert cand["macs"] > 0 and cand["params"] > 0
+    from pathlib import Path
+
+    assert Path(cand["artifact"]).is_file() and Path(cand["manifest"]).is_file()
+    assert all(Path(f).is_file() for f in cand["artifact_files"])
+    man = json.loads(Path(cand["manifest"]).read_text())
+    assert man["input_shape"][1:] == [3, 64, 64]
+    run = tmp_path / "results" / "search" / "u1"
+    lines = [json.loads(x) for x in (run / hs.EVALUATIONS).read_text().splitlines()]
+    assert 2 <= len(lines) <= 3
+    assert all(x["report"]["accuracy"]["agreement"] is not None and x["report"]["accuracy"]["top1"] is None
+               for x in lines)
+    assert lines[0]["metrics"]["agreement"] == 1.0    # dense against its own outputs
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["devices"][0]["accuracy_metric"] == "agreement"
+    assert "agreement" in err   # the table labels the metric
+    stored = json.loads((run / "search.json").read_text())
+    assert stored["options"]["data"] == str(npz) and stored["options"]["weights"] == str(weights)
+    assert stored["options"]["input_shape"] == [1, 3, 64, 64] and stored["workload"]["eval"]["labelled"] is False
+    # --resume: the stored model source and data are reopened; everything is served from the store
+    code2, out2, err2 = search("--resume", "u1", "--json", capsys=capsys)
+    assert code2 in (0, 1) and "(from the store)" in err2, err2
+    assert len((run / hs.EVALUATIONS).read_text().splitlines()) == len(lines)
+    doc2 = json.loads(out2)
+    assert doc2["devices"][0]["candidate"]["key"] == cand["key"]
+    _, opts, _, _ = hs.read_run(run)
+    assert opts.data == str(npz) and opts.input_shape == (1, 3, 64, 64) and opts.weights == str(weights)
+
+
+def test_resume_reopens_the_stored_data_and_refuses_changed_data(tmp_path):
+    from host import search_data
+    from host import targets as tg
+
+    from .test_search import device
+
+    npz = _unlabelled_npz(tmp_path / "unl.npz", n=8)
+    opts = hs.SearchOptions(model=SENET, input_shape=(1, 3, 64, 64), data=str(npz))
+    wl = search_data.open_search_workload(opts)
+    tset = tg.device_targets([device()], tg.parse_cli(["latency_p50_ms=1"], None, min_agreement=0.5))
+    hs._write_run(tmp_path / "r", "r", opts, [device()], tset, search_data.fingerprint(wl))
+    again = hs.open_resumed_workload(tmp_path / "r", hs.read_run(tmp_path / "r")[1])
+    assert again.eval.fingerprint == wl.eval.fingerprint and not again.eval.labelled
+    _unlabelled_npz(npz, n=8, seed=1)                       # other images under the same path
+    with pytest.raises(hs.UsageError, match="--resume: the run's eval data changed since it started"):
+        hs.open_resumed_workload(tmp_path / "r", hs.read_run(tmp_path / "r")[1])

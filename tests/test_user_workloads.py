@@ -23,6 +23,7 @@ from host.pruning import PruneOptions, run_prune
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_MODELS = ROOT / "tests" / "user_models"
+EXAMPLE_RESNET = ROOT / "examples" / "cifar_resnet.py"   # the akamaster ResNet as its users write it
 FAST = TimingConfig(warmup_iters=2, warmup_s=0.05, min_iters=10, min_duration_s=0.2, cpu_affinity=None)
 
 
@@ -73,7 +74,7 @@ def test_user_written_cifar_resnet_matches_the_built_in(tmp_path: Path) -> None:
     npz = cifar_npz(tmp_path / "eval.npz")
     common = dict(ratio=0.5, formats=("onnx",), seed=0, data=str(npz), input_shape=(1, 3, 32, 32))
     builtin = run_prune(PruneOptions(model="resnet56", out=tmp_path / "builtin", **common))
-    user = run_prune(PruneOptions(model=f"{USER_MODELS / 'cifar_resnet_user.py'}:resnet56", weights=str(ck),
+    user = run_prune(PruneOptions(model=f"{EXAMPLE_RESNET}:resnet56", weights=str(ck),
                                   out=tmp_path / "user", **common))
     assert (user.macs_before, user.macs_after) == (builtin.macs_before, builtin.macs_after)
     plan_b = json.loads((tmp_path / "builtin" / "plan.json").read_text())
@@ -166,7 +167,7 @@ def test_int8_calibrated_on_a_user_image_folder(tmp_path: Path) -> None:
     ev = cifar_png_folder(tmp_path / "eval", 200)
     cal = tmp_path / "calib.npz"
     np.savez(cal, images=data.calib_split(20).images)
-    kw = dict(model=f"{USER_MODELS / 'cifar_resnet_user.py'}:resnet20", weights=str(data.ASSETS / "resnet20-12fca82f.th"),
+    kw = dict(model=f"{EXAMPLE_RESNET}:resnet20", weights=str(data.ASSETS / "resnet20-12fca82f.th"),
               input_shape=(1, 3, 32, 32), data=str(ev), calib_data=str(cal), seed=0)
     dense = run_prune(PruneOptions(out=tmp_path / "dense", ratio=0.0, formats=("onnx", "tflite-int8"), **kw))
     assert dense.notes[1] == f"calibration data: --calib-data {cal}, 200 images"
@@ -182,7 +183,7 @@ def test_int8_calibrated_on_a_user_image_folder(tmp_path: Path) -> None:
 def test_model_file_reproduces_a_run_and_records_its_hash(tmp_path: Path) -> None:
     ck = data.ASSETS / "resnet20-12fca82f.th"
     mf = tmp_path / "model.yaml"
-    mf.write_text(f"model: {USER_MODELS / 'cifar_resnet_user.py'}:resnet20\nweights: {ck}\ninput_size: 32\n"
+    mf.write_text(f"model: {EXAMPLE_RESNET}:resnet20\nweights: {ck}\ninput_size: 32\n"
                   "preprocess: {resize: none, center_crop: none}\ntask: classification\nclasses: [a, b, c, d, e, f, g, h, i, j]\n")
     npz = cifar_npz(tmp_path / "eval.npz", 100)
     runs = [run_prune(PruneOptions(model=str(mf), out=tmp_path / f"r{i}", ratio=0.3, data=str(npz)))
@@ -192,7 +193,7 @@ def test_model_file_reproduces_a_run_and_records_its_hash(tmp_path: Path) -> Non
         (tmp_path / "r1" / runs[1].artifacts[0]["file"]).read_bytes()
     rec = json.loads((tmp_path / "r0" / "prune.json").read_text())["recipe"]
     assert rec["model_file_sha256"] == sources.models.sha256_file(mf)
-    assert rec["weights_sha256"].startswith("12fca82f") and rec["factory"].endswith("cifar_resnet_user.py:resnet20")
+    assert rec["weights_sha256"].startswith("12fca82f") and rec["factory"].endswith("cifar_resnet.py:resnet20")
     assert runs[0].metrics_dense["top1"] > 0.85
 
 
