@@ -124,25 +124,24 @@ class Workload:
     # --------------------------------------------------------------------------------------------- data side
     def calib(self) -> Optional[data.Split]:
         """Calibration images (BN recalibration, int8 calibration, Taylor importance), read once; None without data."""
-        if self._calib is None and self._calib_from is not None:
-            kind, *rest = self._calib_from
-            if kind == "split":
-                self._calib = rest[0]()
-            else:
-                src, idx, name = rest
-                self._calib = _materialise(src, idx, name, self.preprocess)
+        if self._calib is None:
+            self._calib = self._read(self._calib_from)
         return self._calib
 
     def finetune(self) -> Optional[data.Split]:
         """Fine-tune images with labels, read once; None when no fine-tune data was given."""
-        if self._finetune is None and self._finetune_from is not None:
-            kind, *rest = self._finetune_from
-            if kind == "split":
-                self._finetune = rest[0]()
-            else:
-                src, idx, name = rest
-                self._finetune = _materialise(src, idx, name, self.preprocess)
+        if self._finetune is None:
+            self._finetune = self._read(self._finetune_from)
         return self._finetune
+
+    def _read(self, where: Optional[Tuple[Any, ...]]) -> Optional[data.Split]:
+        """A part's Split from ``("split", factory)`` (reference path) or ``("source", src, indices, name)``."""
+        if where is None:
+            return None
+        if where[0] == "split":
+            return where[1]()
+        _, src, idx, name = where
+        return _materialise(src, idx, name, self.preprocess)
 
     @property
     def has_finetune_data(self) -> bool:

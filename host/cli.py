@@ -559,18 +559,21 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     spec_kw = {k: kw.pop(k) for k in ("model_args", "weights", "trust_pickle", "input_shape", "ignore_layers")}
     wl = open_workload(model_spec(argparse.Namespace(model=args.model, **spec_kw)), DataOptions(**kw))
     name, model = wl.model.name, wl.model.model
+    metric = "top1"
     if wl.reference_path:
         cal = data.calib_split(args.calib_per_class)
     else:
         cal = wl.calib()
         if cal is None:
             raise UsageError("sensitivity: needs data to score on: give --data (or --calib-data)")
-        if (cal.labels < 0).any():
-            raise UsageError(f"--data: {wl.eval.description if wl.eval else ''}: sensitivity scores top-1 and needs "
-                             "labelled images (a class-subfolder image folder, or an npz with labels)")
+        if (cal.labels < 0).any():   # unlabelled: the drop in top-1 agreement with the dense model's own outputs
+            metric = "agreement"
+    from host.pruning import extra_ignored
+
     with _stage_progress(console) as progress:
         task = progress.add_task("sensitivity", total=None)
-        df = sensitivity.analyse(model, cal, wl.example, ratios=args.ratios,
+        df = sensitivity.analyse(model, cal, wl.example, ratios=args.ratios, metric=metric,
+                                 extra_ignored=extra_ignored(wl.model),
                                  importance=args.importance, round_to=args.align, recalibrate=args.recalibrate,
                                  progress=lambda d, t, what: progress.update(task, description=what, completed=d,
                                                                              total=t))
@@ -581,7 +584,8 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     write_text_atomic(csv_path, df.to_csv(index=False, float_format="%.6g"))
     png = sensitivity.plot(df, args.out / "sensitivity.png", title=f"{name}: pruning sensitivity ({args.importance})")
     worst = df.sort_values("drop_pp", ascending=False).head(5)
-    table = Table(title=f"{name}: most sensitive groups (dense top-1 {df.attrs['dense_top1']:.2%} on "
+    what = "top-1" if metric == "top1" else "agreement with dense (unlabelled data)"
+    table = Table(title=f"{name}: most sensitive groups (dense {what} {df.attrs['dense_top1']:.2%} on "
                         f"{df.attrs['split']}, n={df.attrs['n']})")
     for col in ("group", "channels", "ratio", "kept", "top-1", "drop pp"):
         table.add_column(col, justify="left" if col == "group" else "right")

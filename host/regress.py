@@ -45,7 +45,20 @@ idle/max watts × whole-machine CPU utilisation, so it follows whatever else the
 No power on either side: the energy check is ``not measured`` (skipped, not a failure).
 
 Accuracy: fails iff candidate top-1 < baseline top-1 − ``--accuracy-tol`` (percentage points; top-1 is a fraction
-in the store); a different number of evaluated images is noted.
+in the store); a different number of evaluated images is noted. Top-1 null on either side (report schema 2 on
+unlabelled eval data) makes the check ``not measured``; its message says why, and which fidelity the agent
+measured instead.
+
+Label-free fidelity (report schema 2, ``accuracy.agreement`` and ``accuracy.snr_db`` of the stored report JSON,
+see :mod:`agent.schema`): only with ``--min-agreement F`` (a fraction in (0, 1]: top-1 agreement with the dense
+model's outputs) and/or ``--min-snr-db DB`` (min over the model's outputs of the SNR against the dense model's
+outputs), each adding a check per pair (metrics ``agreement`` and ``snr``). These are *absolute* floors on the
+candidate, not comparisons with the baseline: agreement is already relative to the dense model, and a baseline at
+99.9 % does not make 99.5 % a regression nor 97 % a pass. The check fails (``regression``) iff the candidate's
+worst trial is below the floor, and passes otherwise (never ``improved``); the baseline's value is shown for
+reading only. A candidate whose reports carry no such value (no eval data, a version-1 report, shards without
+reference outputs, no logit-like output for agreement) is ``not measured`` (skipped in JUnit, not a failure),
+the reason given. A missing, failed or incomparable pair gives these checks that verdict too, as for the others.
 
 Exit codes: 0 pass; 1 at least one regression or a missing/failed candidate result; 2 usage error, no pairs at all,
 or an incomparable pair not overridden by ``--compare-anyway`` (2 wins over 1: the comparison itself is invalid).
@@ -71,7 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_TEST_SAMPLES = 1000
 N_BOOT = 2000
-METRICS = ("latency", "energy", "accuracy")
+METRICS = ("latency", "energy", "accuracy", "agreement", "snr")
 COMPARABLE = ("artifact_sha256", "runtime", "format", "batch_size")
 FAILING = ("regression", "missing", "failed")
 VERDICTS = ("pass", "improved", "regression", "not measured", "missing", "failed", "incomparable")
@@ -198,9 +211,41 @@ def parse_alpha(text: Any, arg: str = "--alpha") -> float:
     return v
 
 
+def parse_fraction(text: Any, arg: str = "--min-agreement") -> float:
+    """``0.99`` or ``99%`` -> 0.99: a fraction in (0, 1]. Bad values raise UsageError naming ``arg``."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(" + _NUMBER + r")\s*(%)?", s)
+    v = float(m.group(1)) / (100.0 if m.group(3) else 1.0) if m else math.nan
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise UsageError(f"{arg}: expected a fraction in (0, 1] such as 0.99 (or a percentage such as 99%), "
+                         f"got {text!r}")
+    return v
+
+
+def parse_db(text: Any, arg: str = "--min-snr-db") -> float:
+    """``30``, ``30dB`` or ``-3.5 dB`` -> decibels. Bad values raise UsageError naming ``arg``."""
+    s = str(text).strip()
+    m = re.fullmatch(r"([-+]?" + _NUMBER + r")\s*(db)?", s, flags=re.IGNORECASE)
+    v = float(m.group(1)) if m else math.nan
+    if not math.isfinite(v):
+        raise UsageError(f"{arg}: expected a signal-to-noise ratio in decibels such as 30 (or 30dB), got {text!r}")
+    return v
+
+
 def _check_tolerance(v: float, arg: str) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
         raise UsageError(f"{arg}: must be a non-negative number, got {v!r}")
+    return float(v)
+
+
+def _check_bound(v: Optional[float], arg: str, fraction: bool) -> Optional[float]:
+    if v is None:
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if fraction and not (ok and 0.0 < v <= 1.0):
+        raise UsageError(f"{arg}: must be a fraction in (0, 1] such as 0.99, got {v!r}")
+    if not ok:
+        raise UsageError(f"{arg}: must be a finite number of decibels, got {v!r}")
     return float(v)
 
 
@@ -213,17 +258,19 @@ class Check:
     device_id: str
     model: Optional[str]
     label: str
-    metric: str                                   # latency | energy | accuracy | result
+    metric: str                                   # latency | energy | accuracy | agreement | snr | result
     verdict: str                                  # one of VERDICTS
     message: str
-    unit: str = ""                                # ms | mJ | top-1 | ""
-    baseline: Optional[float] = None              # median latency / energy, or top-1 (fraction)
+    unit: str = ""                                # ms | mJ | top-1 | agreement | dB | ""
+    baseline: Optional[float] = None              # median latency / energy, top-1 or agreement (fraction), SNR (dB)
     candidate: Optional[float] = None
-    change: Optional[float] = None                # latency/energy: candidate/baseline - 1; accuracy: pp difference
+    change: Optional[float] = None                # latency/energy: candidate/baseline - 1; accuracy, agreement: pp
+                                                  # difference; snr: dB difference (agreement/snr: for reading)
     ci: Optional[Tuple[float, float]] = None      # bootstrap 95 % CI of the median ratio (candidate/baseline)
     p: Optional[float] = None                     # one-sided p that the candidate is slower / costs more
     p_faster: Optional[float] = None              # one-sided p that it is faster / costs less
     tol: Optional[float] = None                   # fraction (latency/energy) or pp (accuracy)
+    bound: Optional[float] = None                 # agreement (fraction) / snr (dB): the candidate's minimum
     n_baseline: int = 0                           # samples in the test (or trials, for accuracy)
     n_candidate: int = 0
     trials_baseline: int = 0
@@ -273,6 +320,8 @@ class Comparison:
     alpha: float
     compare_anyway: bool
     gate_modelled_energy: bool = False
+    min_agreement: Optional[float] = None         # --min-agreement (fraction), None: not gated
+    min_snr_db: Optional[float] = None            # --min-snr-db, None: not gated
     checks: List[Check] = field(default_factory=list)
     incomparable: List[Incomparable] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
@@ -330,11 +379,15 @@ def _json_safe(obj: Any) -> Any:
 
 def compare(store: "Store", baseline: str, candidate: str, *, latency_tol: float = 0.05, energy_tol: float = 0.05,
             accuracy_tol_pp: float = 0.5, alpha: float = 0.01, compare_anyway: bool = False,
-            gate_modelled_energy: bool = False) -> Comparison:
-    """Judge run ``candidate`` against run ``baseline`` (see the module docstring for the rule)."""
+            gate_modelled_energy: bool = False, min_agreement: Optional[float] = None,
+            min_snr_db: Optional[float] = None) -> Comparison:
+    """Judge run ``candidate`` against run ``baseline`` (see the module docstring for the rule). ``min_agreement``
+    (fraction) / ``min_snr_db`` add the label-free fidelity checks; None leaves them out."""
     latency_tol = _check_tolerance(latency_tol, "--latency-tol")
     energy_tol = _check_tolerance(energy_tol, "--energy-tol")
     accuracy_tol_pp = _check_tolerance(accuracy_tol_pp, "--accuracy-tol")
+    min_agreement = _check_bound(min_agreement, "--min-agreement", fraction=True)
+    min_snr_db = _check_bound(min_snr_db, "--min-snr-db", fraction=False)
     if not isinstance(alpha, (int, float)) or not (0.0 < float(alpha) < 1.0):
         raise UsageError(f"--alpha: must be between 0 and 1 exclusive, got {alpha!r}")
     if baseline == candidate:
@@ -342,14 +395,14 @@ def compare(store: "Store", baseline: str, candidate: str, *, latency_tol: float
     store.run(baseline, where="--baseline")
     store.run(candidate, where="--candidate")
     comp = Comparison(baseline, candidate, latency_tol, energy_tol, accuracy_tol_pp, float(alpha),
-                      bool(compare_anyway), bool(gate_modelled_energy))
+                      bool(compare_anyway), bool(gate_modelled_energy), min_agreement, min_snr_db)
     base = _group(store.measurements(baseline))
     cand = _group(store.measurements(candidate))
 
     for ident, b_rows in base.items():
         c_rows = cand.get(ident)
         if c_rows is None:
-            comp.checks.extend(_missing(ident, b_rows))
+            comp.checks.extend(_missing(ident, b_rows, _gated(comp)))
             continue
         comp.pairs += 1
         _judge_pair(comp, ident, b_rows, c_rows)
@@ -382,13 +435,18 @@ def _ok(rows: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
     return [r for r in rows if r.get("status") == "ok"]
 
 
-def _metrics_measured(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+def _gated(comp: Comparison) -> List[str]:
+    """The fidelity metrics asked for (--min-agreement, --min-snr-db): checked on every pair, measured or not."""
+    return [m for m, bound in (("agreement", comp.min_agreement), ("snr", comp.min_snr_db)) if bound is not None]
+
+
+def _metrics_measured(rows: Sequence[Mapping[str, Any]], gated: Sequence[str] = ()) -> List[str]:
     out = ["latency"]
     if any(r.get("power_w") is not None for r in rows):
         out.append("energy")
     if any(r.get("top1") is not None for r in rows):
         out.append("accuracy")
-    return out
+    return out + list(gated)
 
 
 def _errors(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -396,9 +454,9 @@ def _errors(rows: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(errs)
 
 
-def _missing(ident: Identity, b_rows: Sequence[Mapping[str, Any]]) -> List[Check]:
+def _missing(ident: Identity, b_rows: Sequence[Mapping[str, Any]], gated: Sequence[str] = ()) -> List[Check]:
     return [Check(ident[0], ident[1], ident[2], m, "missing", "missing in the candidate run",
-                  trials_baseline=len(b_rows)) for m in _metrics_measured(_ok(b_rows))]
+                  trials_baseline=len(b_rows)) for m in _metrics_measured(_ok(b_rows), gated)]
 
 
 def _short(field_name: str, v: Any) -> str:
@@ -469,7 +527,8 @@ def _judge_pair(comp: Comparison, ident: Identity, b_rows: List[Mapping[str, Any
     dev, model, label = ident
     b_ok, c_ok = _ok(b_rows), _ok(c_rows)
     c_failed = len(c_rows) - len(c_ok)
-    metrics = _metrics_measured(b_ok + c_ok)
+    gated = _gated(comp)
+    metrics = _metrics_measured(b_ok + c_ok, gated)
 
     def base_check(metric: str, verdict: str, message: str) -> Check:
         return Check(dev, model, label, metric, verdict, message, trials_baseline=len(b_rows),
@@ -477,7 +536,7 @@ def _judge_pair(comp: Comparison, ident: Identity, b_rows: List[Mapping[str, Any
 
     if not c_ok:
         msg = f"candidate failed ({c_failed} of {len(c_rows)} trials): {_errors(c_rows)}"
-        comp.checks.extend(base_check(m, "failed", msg) for m in _metrics_measured(b_ok))
+        comp.checks.extend(base_check(m, "failed", msg) for m in _metrics_measured(b_ok, gated))
         return
     if not b_ok:
         reasons = [f"every baseline trial failed ({_errors(b_rows)}): nothing to compare with"]
@@ -503,8 +562,12 @@ def _judge_pair(comp: Comparison, ident: Identity, b_rows: List[Mapping[str, Any
                        comp.latency_tol, comp.alpha, "ms"),
         _energy_check(base_check("energy", "pass", ""), b_ok, c_ok, comp.energy_tol, comp.alpha,
                       comp.gate_modelled_energy),
-        _accuracy_check(base_check("accuracy", "pass", ""), b_ok, c_ok, comp.accuracy_tol_pp),
+        _accuracy_check(base_check("accuracy", "pass", ""), b_ok, c_ok, comp.accuracy_tol_pp, gated),
     ]
+    if comp.min_agreement is not None:
+        checks.append(_fidelity_check(base_check("agreement", "pass", ""), b_ok, c_ok, comp.min_agreement))
+    if comp.min_snr_db is not None:
+        checks.append(_fidelity_check(base_check("snr", "pass", ""), b_ok, c_ok, comp.min_snr_db))
     if c_failed:
         checks.append(base_check("result", "failed", f"{c_failed} of {len(c_rows)} candidate trials failed: "
                                                     f"{_errors(c_rows)}"))
@@ -618,13 +681,23 @@ def _energy_check(c: Check, b_ok: Sequence[Mapping[str, Any]], c_ok: Sequence[Ma
 
 
 def _accuracy_check(c: Check, b_ok: Sequence[Mapping[str, Any]], c_ok: Sequence[Mapping[str, Any]],
-                    tol_pp: float) -> Check:
+                    tol_pp: float, gated: Sequence[str] = ()) -> Check:
     c.unit, c.tol = "top-1", tol_pp
-    b_rows = [r for r in b_ok if isinstance(r.get("top1"), (int, float))]
-    c_rows = [r for r in c_ok if isinstance(r.get("top1"), (int, float))]
+    b_rows = [r for r in b_ok if _number(r.get("top1")) is not None]
+    c_rows = [r for r in c_ok if _number(r.get("top1")) is not None]
     if not b_rows or not c_rows:
         side = " and ".join(s for s, rows in (("baseline", b_rows), ("candidate", c_rows)) if not rows)
-        c.verdict, c.message = "not measured", f"accuracy not measured on the {side}"
+        c.verdict, c.message = "not measured", f"accuracy (top-1) not measured on the {side}"
+        which = "candidate" if not c_rows else "baseline"
+        unlabelled = [r for r in (c_ok if not c_rows else b_ok) if isinstance(_accuracy(r), Mapping)]
+        if unlabelled:
+            found = _fidelity_text(unlabelled)
+            c.message += " (unlabelled eval data" + (f"; label-free fidelity on the {which}: {found}" if found
+                                                     else "") + ")"
+            if gated:
+                c.message += ": decided by the " + " and ".join(gated) + " check" + ("s" if len(gated) > 1 else "")
+            elif found:
+                c.message += ": gate it with --min-agreement / --min-snr-db"
         return c
     bt = float(np.mean([r["top1"] for r in b_rows]))
     ct = float(np.mean([r["top1"] for r in c_rows]))
@@ -643,6 +716,92 @@ def _accuracy_check(c: Check, b_ok: Sequence[Mapping[str, Any]], c_ok: Sequence[
         c.verdict, c.message = "improved", f"top-1 {delta:+.2f} pp: {values}"
     else:
         c.verdict, c.message = "pass", f"top-1 {delta:+.2f} pp within the {tol_pp:g} pp tolerance: {values}"
+    return c
+
+
+_FIDELITY = {"agreement": ("agreement", "top-1 agreement with the dense model", "agreement"),
+             "snr": ("snr_db", "SNR against the dense model's outputs", "dB")}
+
+
+def _number(v: Any) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _accuracy(r: Mapping[str, Any]) -> Any:
+    rep = r.get("report")
+    return rep.get("accuracy") if isinstance(rep, Mapping) else None
+
+
+def _fidelity(r: Mapping[str, Any], key: str) -> Optional[float]:
+    """``report.accuracy.<key>`` (agreement, snr_db) of a measurement row, or None (not reported, null, not finite)."""
+    acc = _accuracy(r)
+    return _number(acc.get(key)) if isinstance(acc, Mapping) else None
+
+
+def _fidelity_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What label-free fidelity ``rows`` report (their worst trial), such as ``agreement 99.80%, SNR 41.7 dB``."""
+    parts = []
+    for key, fmt in (("agreement", "agreement {:.2%}"), ("snr_db", "SNR {:.1f} dB")):
+        vals = [v for v in (_fidelity(r, key) for r in rows) if v is not None]
+        if vals:
+            parts.append(fmt.format(min(vals)))
+    return ", ".join(parts)
+
+
+def _why_unmeasured(r: Mapping[str, Any], key: str) -> str:
+    """Why a measurement row has no ``accuracy.<key>``, from its report."""
+    acc = _accuracy(r)
+    if not isinstance(acc, Mapping):
+        return "its reports have no accuracy section (the job had no eval data)"
+    if "agreement" not in acc and "snr_db" not in acc:
+        version = (r.get("report") or {}).get("schema_version")
+        return (f"its reports (schema version {version}) predate label-free fidelity: an agent that writes "
+                "version 2 reports measures it")
+    if key == "agreement" and _fidelity(r, "snr_db") is not None:
+        return "the model has no logit-like output (shape (N, C), C >= 2) to compare top-1 on"
+    return "its eval shards carry no reference outputs of the dense model"
+
+
+def _fidelity_check(c: Check, b_ok: Sequence[Mapping[str, Any]], c_ok: Sequence[Mapping[str, Any]],
+                    bound: float) -> Check:
+    """An absolute floor on the candidate's label-free fidelity (``c.metric`` agreement or snr): it fails iff its worst
+    trial is below ``bound``; the baseline's value is shown for reading, not used."""
+    key, what, unit = _FIDELITY[c.metric]
+    c.unit, c.bound = unit, bound
+    agreement = c.metric == "agreement"
+
+    def show(v: float) -> str:
+        return f"{v:.2%}" if agreement else f"{v:.1f} dB"
+    b_vals = [v for v in (_fidelity(r, key) for r in b_ok) if v is not None]
+    c_vals = [v for v in (_fidelity(r, key) for r in c_ok) if v is not None]
+    c.n_baseline, c.n_candidate = len(b_vals), len(c_vals)
+    if b_vals:
+        c.baseline = min(b_vals)
+    floor = f"the minimum {show(bound)} (--min-{'agreement' if agreement else 'snr-db'})"
+    if not c_vals:
+        reasons = list(dict.fromkeys(_why_unmeasured(r, key) for r in c_ok))
+        c.verdict = "not measured"
+        c.message = f"{what} not measured on the candidate: {'; '.join(reasons)}; not gated against {floor}"
+        return c
+    ct = c.candidate = min(c_vals)
+    if c.baseline is not None:
+        c.change = (ct - c.baseline) * (100.0 if agreement else 1.0)
+    if len(c_vals) < len(c_ok):
+        c.notes.append(f"{c.metric} measured in {len(c_vals)} of {len(c_ok)} candidate trials")
+    worst = f" (worst of {len(c_vals)} trials)" if len(c_vals) > 1 else ""
+    base = f"; baseline {show(c.baseline)}" if c.baseline is not None else ""
+    b_eval = list(dict.fromkeys(_accuracy(r).get("eval_sha256") for r in b_ok if _fidelity(r, key) is not None))
+    c_eval = list(dict.fromkeys(_accuracy(r).get("eval_sha256") for r in c_ok if _fidelity(r, key) is not None))
+    if c.baseline is not None and None not in b_eval + c_eval and sorted(b_eval) != sorted(c_eval):
+        c.notes.append(f"eval data {', '.join(_short('artifact_sha256', v) for v in b_eval)} {ARROW} "
+                       f"{', '.join(_short('artifact_sha256', v) for v in c_eval)}: {c.metric} measured on "
+                       "different eval shards")
+    if ct < bound:
+        c.verdict = "regression"
+        c.message = f"{what} {show(ct)}{worst} is below {floor}{base}"
+    else:
+        c.verdict = "pass"
+        c.message = f"{what} {show(ct)}{worst} meets {floor}{base}"
     return c
 
 
@@ -666,8 +825,10 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
     for k, v in (("baseline", comparison.baseline), ("candidate", comparison.candidate),
                  ("latency_tol", f"{comparison.latency_tol:g}"), ("energy_tol", f"{comparison.energy_tol:g}"),
                  ("accuracy_tol_pp", f"{comparison.accuracy_tol_pp:g}"), ("alpha", f"{comparison.alpha:g}"),
-                 ("compare_anyway", str(comparison.compare_anyway).lower())):
-        ET.SubElement(props, "property", name=k, value=_xml_text(v))
+                 ("compare_anyway", str(comparison.compare_anyway).lower()),
+                 ("min_agreement", _opt(comparison.min_agreement)), ("min_snr_db", _opt(comparison.min_snr_db))):
+        if v is not None:
+            ET.SubElement(props, "property", name=k, value=_xml_text(v))
     for c in comparison.checks:
         case = ET.SubElement(suite, "testcase", classname=_xml_text(c.classname), name=_xml_text(c.name), time="0")
         details = _xml_text(_details(c))
@@ -690,6 +851,10 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
     # ASCII with character references (→ as &#8594;): the file is the same whatever the locale's encoding
     text = ET.tostring(root, encoding="us-ascii", xml_declaration=False).decode("ascii")
     return write_text_atomic(Path(path), '<?xml version="1.0" encoding="UTF-8"?>\n' + text + "\n")
+
+
+def _opt(v: Optional[float]) -> Optional[str]:
+    return None if v is None else f"{v:g}"
 
 
 _XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -723,8 +888,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
         description="Compare the results of run CANDIDATE with run BASELINE in the results store, per device, "
                     "model and label. Latency/energy regress when a one-sided Mann-Whitney test is significant at "
                     "--alpha AND the median grew by more than the tolerance; accuracy when top-1 fell by more "
-                    "than --accuracy-tol. Exit 0 pass, 1 regression (or a missing/failed candidate result), "
-                    "2 bad usage or incomparable results.")
+                    "than --accuracy-tol; label-free fidelity (unlabelled eval data) when the candidate's top-1 "
+                    "agreement with the dense model or its SNR is below --min-agreement / --min-snr-db. Exit 0 "
+                    "pass, 1 regression (or a missing/failed candidate result), 2 bad usage or incomparable "
+                    "results.")
     p.add_argument("--baseline", required=True, metavar="RUN", help="run id of the reference results")
     p.add_argument("--candidate", required=True, metavar="RUN", help="run id of the results to judge")
     p.add_argument("--latency-tol", default="5%", metavar="PCT",
@@ -733,6 +900,13 @@ def register(sub: "argparse._SubParsersAction") -> None:
                    help="smallest median energy-per-inference increase that fails the gate (default 5%%)")
     p.add_argument("--accuracy-tol", default="0.5pp", metavar="PP",
                    help="largest allowed top-1 drop in percentage points: 0.5pp or 0.5 (default 0.5pp)")
+    p.add_argument("--min-agreement", default=None, metavar="F",
+                   help="fail when the candidate's on-device top-1 agreement with the dense model's outputs (label-"
+                        "free; a fraction, e.g. 0.99 or 99%%) is below F: an absolute bound, not relative to the "
+                        "baseline; not measured (skipped) when its reports have no agreement")
+    p.add_argument("--min-snr-db", default=None, metavar="DB",
+                   help="fail when the candidate's output SNR against the dense model's outputs (dB, min over "
+                        "outputs) is below DB; not measured (skipped) when its reports have no SNR")
     p.add_argument("--alpha", default="0.01",
                    help="significance level of the one-sided Mann-Whitney tests (default 0.01)")
     p.add_argument("--gate-modelled-energy", action="store_true",
@@ -756,10 +930,13 @@ def main_regress(args: argparse.Namespace, console: "Console") -> int:
     energy_tol = parse_percent(args.energy_tol, "--energy-tol")
     accuracy_tol = parse_pp(args.accuracy_tol, "--accuracy-tol")
     alpha = parse_alpha(args.alpha, "--alpha")
+    min_agreement = None if args.min_agreement is None else parse_fraction(args.min_agreement, "--min-agreement")
+    min_snr_db = None if args.min_snr_db is None else parse_db(args.min_snr_db, "--min-snr-db")
     with Store(args.db, create=False) as store:
         comp = compare(store, args.baseline, args.candidate, latency_tol=latency_tol, energy_tol=energy_tol,
                        accuracy_tol_pp=accuracy_tol, alpha=alpha, compare_anyway=args.compare_anyway,
-                       gate_modelled_energy=args.gate_modelled_energy)
+                       gate_modelled_energy=args.gate_modelled_energy, min_agreement=min_agreement,
+                       min_snr_db=min_snr_db)
     junit: Optional[Path] = None
     if args.junit:
         try:
@@ -782,8 +959,10 @@ _COLOURS = {"pass": "green", "improved": "cyan", "regression": "red", "missing":
 def _value(c: Check, v: Optional[float]) -> str:
     if v is None:
         return "—"
-    if c.metric == "accuracy":
+    if c.metric in ("accuracy", "agreement"):
         return f"{v:.2%}"
+    if c.metric == "snr":
+        return f"{v:.1f} dB"
     return f"{v:.4g} {c.unit}" + ("*" if c.modelled else "")
 
 
@@ -791,6 +970,19 @@ def _p_text(p: Optional[float]) -> str:
     if p is None:
         return "—"
     return "<1e-300" if p < 1e-300 else f"{p:.2g}"
+
+
+def _fidelity_rule(comp: Comparison) -> str:
+    parts = []
+    if comp.min_agreement is not None:
+        parts.append(f"agreement when the candidate's top-1 agreement with the dense model is below "
+                     f"{comp.min_agreement:.2%}")
+    if comp.min_snr_db is not None:
+        parts.append(f"snr when the candidate's SNR against the dense model's outputs is below {comp.min_snr_db:g} dB")
+    if not parts:
+        return "; label-free fidelity (agreement, SNR) not gated (--min-agreement, --min-snr-db)"
+    return ("; " + "; ".join(parts) + " (absolute bounds on the candidate's worst trial; not measured when its "
+            "reports lack them)")
 
 
 def print_summary(comp: Comparison, console: "Console") -> None:
@@ -806,8 +998,10 @@ def print_summary(comp: Comparison, console: "Console") -> None:
     for c in comp.checks:
         if c.change is None:
             change = "—"
-        elif c.metric == "accuracy":
+        elif c.metric in ("accuracy", "agreement"):
             change = f"{c.change:+.2f} pp"
+        elif c.metric == "snr":
+            change = f"{c.change:+.1f} dB"
         else:
             change = _pct(c.change)
         ci = f"{_pct(c.ci[0] - 1)}…{_pct(c.ci[1] - 1)}" if c.ci and all(map(math.isfinite, c.ci)) else "—"
@@ -827,8 +1021,12 @@ def print_summary(comp: Comparison, console: "Console") -> None:
         extra = []
         if c.changes:
             extra.append("changed: " + ", ".join(c.changes))
-        pair_notes = [n for cc in comp.checks if (cc.device_id, cc.model, cc.label) == key for n in cc.notes]
-        extra.extend(dict.fromkeys(pair_notes))
+        pair = [cc for cc in comp.checks if (cc.device_id, cc.model, cc.label) == key]
+        # what decided fidelity: the agreement/SNR checks' reading, and why top-1 was not measured
+        extra.extend(f"{cc.metric}: {cc.message}" for cc in pair
+                     if cc.message and cc.verdict in ("pass", "regression", "not measured")
+                     and (cc.metric in _FIDELITY or (cc.metric == "accuracy" and cc.verdict == "not measured")))
+        extra.extend(dict.fromkeys(n for cc in pair for n in cc.notes))
         for line in extra:
             console.print(f"{c.device_id} {c.model or '-'}/{c.label}: {line}", highlight=False, markup=False)
     for i in comp.incomparable:
@@ -842,7 +1040,8 @@ def print_summary(comp: Comparison, console: "Console") -> None:
     console.print(f"rule: latency/energy regress when a one-sided Mann-Whitney test (<= {MAX_TEST_SAMPLES} "
                   f"thinned samples) gives p < {comp.alpha:g} AND the median grew by more than the tolerance "
                   f"(latency {comp.latency_tol:.1%}, energy {comp.energy_tol:.1%}); accuracy when top-1 fell by "
-                  f"more than {comp.accuracy_tol_pp:g} pp. p shown in the direction of the change.",
+                  f"more than {comp.accuracy_tol_pp:g} pp (not measured without labels on both sides)"
+                  + _fidelity_rule(comp) + ". p shown in the direction of the change.",
                   highlight=False, style="dim")
     counts = comp.counts()
     tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)

@@ -39,10 +39,12 @@ def ar1_lognormal(rng: np.random.Generator, n: int, median_ms: float, sigma: flo
 def make_report(samples: Optional[Sequence[float]], *, status: str = "ok", power_w: Optional[float] = 5.0,
                 modelled: bool = False, top1: Optional[float] = 0.9, n: int = 1000, runtime: str = "onnxruntime",
                 runtime_version: str = "1.17.0", kernel: str = "6.1.0", firmware: Optional[Dict[str, str]] = None,
-                batch: int = 1, error: str = "boom") -> Dict[str, Any]:
+                batch: int = 1, error: str = "boom", fidelity: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """An agent report; ``fidelity`` (``agreement``, ``snr_db``, ...) makes it a schema-2 report whose accuracy has
+    label-free fidelity (``top1`` then may be None: unlabelled eval data)."""
     s = [float(x) for x in (samples if samples is not None else [])]
     rep: Dict[str, Any] = {
-        "schema_version": 1, "job_id": "j", "status": status, "warnings": [],
+        "schema_version": 1 if fidelity is None else 2, "job_id": "j", "status": status, "warnings": [],
         "identity": {"device_id": "jetson", "hostname": "h", "os": "Linux", "kernel": kernel, "machine": "aarch64",
                      "cpu_model": "cortex-a78", "cpu_count": 6, "python": "3.10", "agent_version": "0.1.0",
                      "runtime": runtime, "runtime_version": runtime_version, "artifact_sha256": SHA_A,
@@ -59,7 +61,14 @@ def make_report(samples: Optional[Sequence[float]], *, status: str = "ok", power
     if power_w is not None:
         rep["power"] = {"mean_w": power_w, "modelled": modelled, "source": "model" if modelled else "ina3221",
                         "energy_mj_per_inference": power_w * (float(np.mean(s)) if s else 1.0) / batch}
-    if top1 is not None:
+    if fidelity is not None:
+        acc = {"split": "eval", "n": n, "top1": top1, "top5": None if top1 is None else 0.99, "agreement": None,
+               "snr_db": None, "max_abs_err": None, "outputs": [], "eval_sha256": "e" * 64, "shards": ["e" * 64]}
+        acc.update(fidelity)
+        acc.setdefault("metric", "top1" if top1 is not None else "agreement" if acc["agreement"] is not None
+                       else "snr_db")
+        rep["accuracy"] = acc
+    elif top1 is not None:
         rep["accuracy"] = {"split": "eval", "n": n, "top1": top1, "top5": 0.99}
     return rep
 
@@ -461,3 +470,150 @@ def test_main_regress_usage_errors(store, tmp_path):
     with pytest.raises(UsageError, match="^--db: "):
         regress.main_regress(args, _console())
     assert not (tmp_path / "none.db").exists()
+
+
+# ------------------------------------------------------------------------------------------ label-free fidelity
+
+
+def _fid(agreement: Optional[float] = None, snr_db: Optional[float] = None, **kw: Any) -> Dict[str, Any]:
+    return dict(fidelity=dict(agreement=agreement, snr_db=snr_db, **kw), top1=kw.pop("top1", None))
+
+
+def test_agreement_floor_pass_and_regression(store):
+    make_run(store, "base", [dict(samples=lat(1), **_fid(0.999, 45.0))])
+    make_run(store, "good", [dict(samples=lat(2), **_fid(0.995, 38.0))])
+    make_run(store, "bad", [dict(key="t1", samples=lat(3), **_fid(0.995, 38.0)),
+                            dict(key="t2", samples=lat(4), **_fid(0.985, 31.0))])
+    comp = compare(store, "base", "good", min_agreement=0.99)
+    agr = by(comp, "agreement")
+    assert agr.verdict == "pass" and comp.exit_code == 0
+    assert agr.candidate == pytest.approx(0.995) and agr.baseline == pytest.approx(0.999) and agr.bound == 0.99
+    assert agr.change == pytest.approx(-0.4)                 # pp, for reading: the floor is absolute
+    assert "99.50% meets the minimum 99.00% (--min-agreement)" in agr.message
+    assert [c.metric for c in comp.checks] == ["latency", "energy", "accuracy", "agreement"]   # no snr unless asked
+    acc = by(comp, "accuracy")                                # top-1 null on both sides: not measured, no crash
+    assert acc.verdict == "not measured" and "unlabelled eval data" in acc.message
+    assert "decided by the agreement check" in acc.message
+
+    comp = compare(store, "base", "bad", min_agreement=0.99, min_snr_db=30)
+    agr, snr = by(comp, "agreement"), by(comp, "snr")
+    assert comp.exit_code == 1 and agr.verdict == "regression" and agr.failed
+    assert agr.candidate == pytest.approx(0.985) and "(worst of 2 trials) is below the minimum 99.00%" in agr.message
+    assert snr.verdict == "pass" and snr.candidate == pytest.approx(31.0) and snr.unit == "dB"
+    assert snr.change == pytest.approx(-14.0)
+    assert by(compare(store, "base", "bad", min_snr_db=32), "snr").verdict == "regression"
+    # a baseline below the floor does not make the candidate pass, nor a baseline far above it fail it
+    assert compare(store, "bad", "good", min_agreement=0.99).exit_code == 0
+    assert compare(store, "good", "bad", min_agreement=0.98).exit_code == 0
+
+
+def test_fidelity_in_cli_table_json_and_junit(store, tmp_path):
+    make_run(store, "base", [dict(samples=lat(1), **_fid(0.999, 45.0))])
+    make_run(store, "cand", [dict(samples=lat(2), **_fid(0.97, 25.0))])
+    db = str(tmp_path / "r.db")
+    argv = ["regress", "--baseline", "base", "--candidate", "cand", "--db", db]
+    console = _console()
+    args = _parser().parse_args(argv + ["--min-agreement", "99%", "--min-snr-db", "20dB",
+                                        "--junit", str(tmp_path / "gate.xml")])
+    assert args.handler(args, console) == 1
+    out = " ".join(console.file.getvalue().split())          # the legend wraps
+    assert "FAIL" in out and "agreement" in out and "97.00%" in out and "25.0 dB" in out
+    assert "agreement: top-1 agreement with the dense model 97.00% is below the minimum 99.00%" in out
+    assert "accuracy: accuracy (top-1) not measured on the baseline and candidate" in out
+    assert "agreement when the candidate's top-1 agreement with the dense model is below 99.00%" in out   # legend
+    suite = ET.parse(tmp_path / "gate.xml").getroot().find("testsuite")
+    fail = suite.find("testcase[@name='dense agreement']/failure")
+    assert fail is not None and fail.get("type") == "regression" and "97.00%" in fail.get("message")
+    assert suite.find("testcase[@name='dense snr']/system-out") is not None          # passed
+    assert suite.find("testcase[@name='dense accuracy']/skipped") is not None
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["min_agreement"] == "0.99" and props["min_snr_db"] == "20"
+
+    console = _console()
+    args = _parser().parse_args(argv + ["--json", "--min-agreement", "0.95"])
+    assert args.handler(args, console) == 0
+    data = json.loads(console.file.getvalue())
+    assert data["min_agreement"] == 0.95 and data["min_snr_db"] is None
+    agr = next(c for c in data["checks"] if c["metric"] == "agreement")
+    assert agr["verdict"] == "pass" and agr["bound"] == 0.95 and agr["candidate"] == pytest.approx(0.97)
+    assert agr["name"] == "dense agreement" and not any(c["metric"] == "snr" for c in data["checks"])
+
+    console = _console()                                   # not asked: not gated, and the legend says so
+    args = _parser().parse_args(argv)
+    assert args.handler(args, console) == 0
+    out = " ".join(console.file.getvalue().split())
+    assert "label-free fidelity (agreement, SNR) not gated" in out and "gate it with --min-agreement" in out
+
+
+def test_missing_fidelity_is_not_measured_with_the_reason(store, tmp_path):
+    make_run(store, "base", [dict(samples=lat(1), label=lb, **_fid(0.999, 45.0)) for lb in ("v1", "noeval",
+                                                                                             "snr", "noref")])
+    make_run(store, "cand", [dict(samples=lat(2), label="v1", top1=0.9),                  # a version-1 report
+                             dict(samples=lat(2), label="noeval", top1=None),              # no eval data
+                             dict(samples=lat(2), label="snr", **_fid(None, 40.0)),        # no logit-like output
+                             dict(samples=lat(2), label="noref", **_fid(None, None, top1=0.9))])  # no references
+    comp = compare(store, "base", "cand", min_agreement=0.99, min_snr_db=30)
+    assert comp.exit_code == 0
+    reasons = {lb: by(comp, "agreement", lb) for lb in ("v1", "noeval", "snr", "noref")}
+    assert {c.verdict for c in reasons.values()} == {"not measured"}
+    assert "schema version 1" in reasons["v1"].message
+    assert "no eval data" in reasons["noeval"].message
+    assert "no logit-like output" in reasons["snr"].message
+    assert "no reference outputs" in reasons["noref"].message
+    assert all("not measured on the candidate" in c.message for c in reasons.values())
+    assert reasons["v1"].baseline == pytest.approx(0.999)              # the baseline's still shown
+    assert by(comp, "snr", "snr").verdict == "pass"
+    assert by(comp, "snr", "noref").verdict == "not measured"
+    assert by(comp, "accuracy", "noref").verdict == "not measured"    # top-1 null on the baseline side
+    suite = ET.parse(write_junit(comp, tmp_path / "j.xml")).getroot().find("testsuite")
+    assert suite.find("testcase[@name='v1 agreement']/skipped") is not None
+    assert suite.get("failures") == "0"
+    # a pair missing in the candidate fails its asked-for fidelity checks too
+    make_run(store, "partial", [dict(samples=lat(2), label="v1", **_fid(0.995))])
+    missing = compare(store, "base", "partial", min_agreement=0.99)
+    assert by(missing, "agreement", "v1").verdict == "pass"
+    assert by(missing, "agreement", "snr").verdict == "missing" and missing.exit_code == 1
+
+
+def test_null_top1_on_one_side_does_not_crash(store):
+    make_run(store, "base", [dict(samples=lat(1), top1=0.91)])                     # labelled, version 1
+    make_run(store, "cand", [dict(samples=lat(2), **_fid(0.998, 50.0))])          # unlabelled, version 2
+    comp = compare(store, "base", "cand")
+    acc = by(comp, "accuracy")
+    assert acc.verdict == "not measured" and comp.exit_code == 0
+    assert "not measured on the candidate (unlabelled eval data; label-free fidelity on the candidate: " \
+           "agreement 99.80%, SNR 50.0 dB)" in acc.message
+    console = _console()
+    regress.print_summary(comp, console)
+    assert "PASS" in console.file.getvalue()
+    assert json.loads(json.dumps(comp.to_dict()))["exit_code"] == 0
+    make_run(store, "cand2", [dict(samples=lat(2), **_fid(0.998, 50.0, top1=0.905))])   # labelled version 2
+    assert by(compare(store, "base", "cand2"), "accuracy").verdict == "pass"
+
+
+@pytest.mark.parametrize("flag,value", [("--min-agreement", "1.5"), ("--min-agreement", "0"),
+                                        ("--min-agreement", "abc"), ("--min-agreement", "nan"),
+                                        ("--min-agreement", "150%"), ("--min-snr-db", "abc"),
+                                        ("--min-snr-db", "inf"), ("--min-snr-db", "30 dBm")])
+def test_bad_fidelity_flags_are_one_usage_error(store, tmp_path, capsys, flag, value):
+    from host import cli
+    make_run(store, "base", [dict(samples=lat(1))])
+    make_run(store, "cand", [dict(samples=lat(2))])
+    capsys.readouterr()
+    code = cli.main(["regress", "--baseline", "base", "--candidate", "cand", "--db", str(tmp_path / "r.db"),
+                     flag, value])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgeprune: error: {flag}: ") and repr(value) in lines[0]
+
+
+def test_fidelity_bound_parsing():
+    assert regress.parse_fraction("0.99") == pytest.approx(0.99)
+    assert regress.parse_fraction(" 99.5 % ") == pytest.approx(0.995)
+    assert regress.parse_fraction("1") == 1.0
+    assert regress.parse_db("30") == 30.0 and regress.parse_db("-3.5 dB") == -3.5 and regress.parse_db("20db") == 20
+    with pytest.raises(UsageError, match="^--min-agreement: "):
+        compare(None, "a", "b", min_agreement=1.5)                  # checked before the store is touched
+    with pytest.raises(UsageError, match="^--min-snr-db: "):
+        compare(None, "a", "b", min_snr_db=math.nan)
