@@ -40,6 +40,7 @@ TRAIN_SEED = 1
 DEFAULT_EVAL_PER_CLASS = 100
 DEFAULT_CALIB_PER_CLASS = 100
 NUM_CLASSES = 10
+INPUT_SHAPE = (1, 3, 32, 32)   # the reference CIFAR-10 models' input (N, C, H, W); user models bring their own
 
 
 @dataclass

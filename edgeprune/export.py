@@ -90,7 +90,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import MEAN, SCALE, STD
+from .data import INPUT_SHAPE, MEAN, SCALE, STD
 from .errors import ExportError, UsageError
 from .models import sha256_file
 from .sources import flatten_outputs
@@ -678,7 +678,7 @@ def output_names(model: nn.Module, dummy: torch.Tensor) -> List[str]:
 # ------------------------------------------------------------------------------------------------- exporters
 def export_onnx(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                 source_checkpoint_sha256: str, pruning_plan_sha256: str,
-                input_shape: Sequence[int] = (1, 3, 32, 32), opset: int = 17, dynamic_batch: bool = True,  # default: the CIFAR reference models
+                input_shape: Sequence[int] = INPUT_SHAPE, opset: int = 17, dynamic_batch: bool = True,
                 tolerance: Optional[Tolerance] = None) -> Manifest:
     """Export ``model`` to a single-file ONNX artifact at ``path`` and verify it with onnxruntime."""
     if not 13 <= opset <= 17:
@@ -725,7 +725,7 @@ def export_onnx(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, mod
 
 def export_torchscript(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                        source_checkpoint_sha256: str, pruning_plan_sha256: str,
-                       input_shape: Sequence[int] = (1, 3, 32, 32),  # default: the CIFAR reference models
+                       input_shape: Sequence[int] = INPUT_SHAPE,
                        tolerance: Optional[Tolerance] = None) -> Manifest:
     """Trace ``model`` to a TorchScript artifact (the ``torch`` runtime's format) and verify it by loading it
     back and running the fixed batch. The trace records ``x.size(0)``, so the artifact takes any batch size.
@@ -764,7 +764,7 @@ def export_torchscript(model: nn.Module, path: Path, *, check_inputs: torch.Tens
 
 def export_openvino(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                     source_checkpoint_sha256: str, pruning_plan_sha256: str, precision: str = "fp32",
-                    input_shape: Sequence[int] = (1, 3, 32, 32), opset: int = 17, dynamic_batch: bool = True,  # default: the CIFAR reference models
+                    input_shape: Sequence[int] = INPUT_SHAPE, opset: int = 17, dynamic_batch: bool = True,
                     tolerance: Optional[Tolerance] = None) -> Manifest:
     """Export ``model`` to OpenVINO IR: ``path`` (``.xml``) and its weights beside it (``.bin``, same stem).
 
@@ -839,7 +839,7 @@ _TFLITE_FORMATS = {"fp32": "tflite", "fp16": "tflite-fp16", "int8": "tflite-int8
 
 def export_tflite(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                   source_checkpoint_sha256: str, pruning_plan_sha256: str, precision: str = "fp32",
-                  calib_inputs: Optional[torch.Tensor] = None, input_shape: Sequence[int] = (1, 3, 32, 32),  # default: the CIFAR reference models
+                  calib_inputs: Optional[torch.Tensor] = None, input_shape: Sequence[int] = INPUT_SHAPE,
                   tolerance: Optional[Tolerance] = None) -> Manifest:
     """Convert ``model`` to a TFLite artifact with litert-torch and verify it with LiteRT's interpreter.
 
@@ -1140,7 +1140,7 @@ def compile_edgetpu(tflite: Union[str, Path], path: Union[str, Path], *,
 
 def export_edgetpu(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                    source_checkpoint_sha256: str, pruning_plan_sha256: str,
-                   calib_inputs: Optional[torch.Tensor] = None, input_shape: Sequence[int] = (1, 3, 32, 32),  # default: the CIFAR reference models
+                   calib_inputs: Optional[torch.Tensor] = None, input_shape: Sequence[int] = INPUT_SHAPE,
                    tolerance: Optional[Tolerance] = None, compiler: Optional[Union[str, Path]] = None,
                    min_runtime_version: Optional[int] = None, timeout_s: float = 600.0) -> Manifest:
     """The full-integer int8 TFLite model (as :func:`export_tflite` with ``precision="int8"``, verified), compiled
@@ -1200,7 +1200,7 @@ TENSORRT_PRECISIONS = ("fp16", "fp32", "int8", "int8+fp16")
 def export_tensorrt(model: nn.Module, path: Path, *, check_inputs: torch.Tensor, model_name: str,
                     source_checkpoint_sha256: str, pruning_plan_sha256: str, precision: str = "fp16",
                     calib_inputs: Optional[torch.Tensor] = None, sparsity: bool = False,
-                    input_shape: Sequence[int] = (1, 3, 32, 32), opset: int = 17, dynamic_batch: bool = True,  # default: the CIFAR reference models
+                    input_shape: Sequence[int] = INPUT_SHAPE, opset: int = 17, dynamic_batch: bool = True,
                     tolerance: Optional[Tolerance] = None) -> Manifest:
     """The verified ONNX (:func:`export_onnx`), described for TensorRT; no engine is built here.
 

@@ -51,7 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from . import models, zoo
+from . import data, models, zoo
 from .errors import DataError, UsageError
 
 __all__ = ["ModelSpec", "LoadedModel", "resolve", "load_weights", "read_state_dict", "parse_model_args",
@@ -446,12 +446,12 @@ def _resolve_source(spec: ModelSpec) -> LoadedModel:
     src = spec.source
     if src in models.MODELS and spec.weights is None and not spec.args:
         model, meta = models.pretrained(src)
-        return LoadedModel(src, model, (1, 3, 32, 32), dict(meta), {"kind": "builtin", "name": src,  # CIFAR reference
+        return LoadedModel(src, model, data.INPUT_SHAPE, dict(meta), {"kind": "builtin", "name": src,
                            "weights_sha256": meta["sha256"]}, builtin=True)
     if src in models.MODELS or src in zoo.ARCHS:
         factory = models.MODELS.get(src) or zoo.ARCHS[src]
         model = _call_factory(factory, src, spec.args, "--model")
-        shape = (1, 3, 32, 32) if src in models.MODELS else (1, 3, zoo.INPUT_SIZE[src], zoo.INPUT_SIZE[src])  # reference
+        shape = data.INPUT_SHAPE if src in models.MODELS else (1, 3, zoo.INPUT_SIZE[src], zoo.INPUT_SIZE[src])
         return _finish(src, model, shape, spec, {"kind": "builtin", "name": src, "args": dict(spec.args)})
     if ":" in src and not Path(src).exists():
         factory, canon = import_callable(src)
@@ -487,7 +487,7 @@ def _resolve_source(spec: ModelSpec) -> LoadedModel:
         raise UsageError("--weights: a checkpoint given as --model already has its weights; give a factory "
                          "(built-in name or MODULE:CALLABLE) with --weights")
     name, model, meta = models.model_from_checkpoint(path)
-    return LoadedModel(name, model, (1, 3, 32, 32), dict(meta), {"kind": "checkpoint", "name": name,  # CIFAR reference
+    return LoadedModel(name, model, data.INPUT_SHAPE, dict(meta), {"kind": "checkpoint", "name": name,
                        "path": str(path), "weights_sha256": meta["sha256"]}, builtin=True)
 
 

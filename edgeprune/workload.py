@@ -254,7 +254,7 @@ def open_workload(spec: ModelSpec, opts: DataOptions) -> Workload:
     """Load the model and open its data (nothing is decoded yet); every bad input is one clear error."""
     loaded = resolve(spec)
     h, w = loaded.input_shape[2:]
-    if loaded.builtin and not opts.any_data and spec.input_shape in (None, (1, 3, 32, 32)):  # the CIFAR reference path
+    if loaded.builtin and not opts.any_data and spec.input_shape in (None, data.INPUT_SHAPE):
         return _reference_workload(loaded, opts)
     prep = _preprocess(opts, loaded)
     notes: List[str] = []

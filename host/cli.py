@@ -536,6 +536,12 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[yellow]{note}[/]")
     if res.sparsity:
         console.print(f"2:4 sparsity: {res.sparsity}")
+    if res.skipped:
+        console.print(f"left whole ({len(res.skipped)} group(s); reasons in prune.json 'skipped'):")
+        for layer, why in list(res.skipped.items())[:8]:
+            console.print(f"  {layer}: {why}", highlight=False)
+        if len(res.skipped) > 8:
+            console.print(f"  … and {len(res.skipped) - 8} more")
     console.print(f"recovery: {res.recovery.get('kind')}")
     for a in res.artifacts:
         v = a["verification"]

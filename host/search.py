@@ -829,14 +829,16 @@ def build_space(name: str, model: Any, meta: Mapping[str, Any], *, prune_residua
                 example: Any = None, extra_ignored: Sequence[Any] = ()) -> ModelSpace:
     """The :class:`ModelSpace` of a torch model: its prunable groups (as :func:`edgeprune.prune.prune` prunes
     them, ``extra_ignored`` modules kept whole) and every conv/linear layer with the groups that set its input and
-    output channels. ``example``: an input of the model's shape (default 1 x 3 x 32 x 32)."""
+    output channels. ``example``: an input of the model's shape (default: the CIFAR reference models')."""
     import torch
     import torch.nn as nn
 
     from edgeprune import prune
 
     if example is None:
-        example = torch.zeros(1, 3, 32, 32)
+        from edgeprune.data import INPUT_SHAPE
+
+        example = torch.zeros(*INPUT_SHAPE)
     infos = prune.prunable_groups(model, example, prune_residual=prune_residual, extra_ignored=extra_ignored)
     shapes = layer_shapes(model, example)
     modules = dict(model.named_modules())
@@ -886,7 +888,7 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
 
     if workload is None or workload.reference_path:
         cal = data.calib_split(opts.sensitivity_per_class)
-        example = torch.zeros(1, 3, 32, 32) if workload is None else workload.example
+        example = torch.zeros(*data.INPUT_SHAPE) if workload is None else workload.example
     else:
         cal = workload.calib()
         example = workload.example
