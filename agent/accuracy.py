@@ -5,7 +5,7 @@ Shard format: an ``.npz`` (read without pickle) holding either
 - ``images`` (uint8, N x H x W x C, RGB, HWC), preprocessed here with the job's spec one batch at a time:
   ``x * scale``, then ``(x - mean) / std`` per channel, then NCHW if the artifact layout is NCHW; or
 - ``inputs`` (float32, N x ..., already preprocessed and in the artifact's layout, e.g. N x 32 x 32 x 3 for an
-  NHWC TFLite model), fed as they are. Their shape must be the artifact's input shape with any batch size;
+  NHWC TFLite model), fed as they are; NCHW inputs for an NHWC artifact are transposed (:func:`inputs_in_layout`). Their shape must be the artifact's input shape with any batch size;
 
 and at least one of
 
@@ -166,6 +166,20 @@ def preprocess(images: np.ndarray, spec: PreprocessSpec, layout: str) -> np.ndar
     std = np.asarray(spec.std, dtype=np.float32)
     x = (images.astype(np.float32) * np.float32(spec.scale) - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
+
+
+def inputs_in_layout(data: np.ndarray, input_shape: Sequence[int], layout: str) -> np.ndarray:
+    """Preprocessed ``inputs`` for an NHWC artifact: already NHWC, they pass; NCHW (torch's layout, in which the host
+    writes a user's ``MODULE:CALLABLE`` dataset) they are transposed once here. Anything else passes unchanged and
+    :func:`check_image_size` names the mismatch. uint8 images are laid out by :func:`preprocess`."""
+    if not is_inputs(data) or layout != "NHWC" or data.ndim != 4 or len(input_shape) != 4:
+        return data
+    h, w, c = (int(d) for d in input_shape[1:])
+    if tuple(data.shape[1:]) == (h, w, c):
+        return data
+    if tuple(data.shape[1:]) == (c, h, w):
+        return np.ascontiguousarray(data.transpose(0, 2, 3, 1))
+    return data
 
 
 def check_image_size(images: np.ndarray, input_shape: Sequence[int], layout: str) -> None:

@@ -310,6 +310,7 @@ def _accuracy(job: JobSpec, ev: EvalSpec, eval_paths: List[Path], session: runti
     for path in eval_paths:
         shard = accuracy.load_shard(path)
         rss.sample()
+        shard.data = accuracy.inputs_in_layout(shard.data, job.artifact.input_shape, job.artifact.layout)
         accuracy.check_image_size(shard.data, job.artifact.input_shape, job.artifact.layout)
         accuracy.score_shard(session.run_all, shard, prep, ev.batch_size, fixed_batch, scorer, between)
         del shard

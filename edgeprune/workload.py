@@ -179,11 +179,13 @@ class Workload:
             reference.eval()
         n = c1 = c5 = agree = 0
         sig = err = 0.0
+        scored = logits = False
         with torch.no_grad():
             for batch, labels in self.eval.batches():
                 x = self.eval.to_tensor(batch)
                 out = flatten_outputs(model(x))[0]
                 if labels is not None and out.ndim == 2:
+                    scored = True
                     y = torch.from_numpy(np.asarray(labels)).long()
                     top = out.topk(min(5, out.shape[1]), 1).indices
                     c1 += int((top[:, 0] == y).sum())
@@ -191,15 +193,18 @@ class Workload:
                 if reference is not None:
                     ref = flatten_outputs(reference(x))[0]
                     if ref.ndim == 2 and ref.shape[1] >= 2:
+                        logits = True
                         agree += int((ref.argmax(1) == out.argmax(1)).sum())
                     sig += float((ref.double() ** 2).sum())
                     err += float(((out.double() - ref.double()) ** 2).sum())
                 n += len(batch)
         res: Dict[str, Any] = {"n": n, "split": self.eval.name}
-        if self.eval.labelled:
+        if self.eval.labelled and scored:   # top-1 needs labels and (batch, classes) scores
             res.update(top1=c1 / max(1, n), top5=c5 / max(1, n))
         if reference is not None:
-            res.update(agreement=agree / max(1, n), snr_db=_snr_db(sig, err))
+            res.update(snr_db=_snr_db(sig, err))
+            if logits:
+                res.update(agreement=agree / max(1, n))
         return res
 
 
@@ -208,7 +213,7 @@ def _snr_db(signal: float, error: float) -> float:
 
     if error <= 0.0:
         return 300.0
-    return min(300.0, 10.0 * math.log10(max(signal, 1e-300) / error))
+    return max(-300.0, min(300.0, 10.0 * math.log10(max(signal, 1e-300) / error)))
 
 
 def _materialise(src: datasets.DataSource, idx: np.ndarray, name: str, prep: datasets.Preprocess) -> data.Split:
@@ -254,7 +259,11 @@ def open_workload(spec: ModelSpec, opts: DataOptions) -> Workload:
     """Load the model and open its data (nothing is decoded yet); every bad input is one clear error."""
     loaded = resolve(spec)
     h, w = loaded.input_shape[2:]
-    if loaded.builtin and not opts.any_data and spec.input_shape in (None, data.INPUT_SHAPE):
+    if loaded.ignore_layers:   # a pattern matching nothing fails here, before anything is written or recorded
+        from .prune import resolve_ignore_globs
+
+        resolve_ignore_globs(loaded.model, loaded.ignore_layers)
+    if loaded.builtin and not opts.any_data and tuple(loaded.input_shape) == tuple(data.INPUT_SHAPE):
         return _reference_workload(loaded, opts)
     prep = _preprocess(opts, loaded)
     notes: List[str] = []
@@ -308,6 +317,15 @@ def open_workload(spec: ModelSpec, opts: DataOptions) -> Workload:
     if loaded.classes and src is not None and src.classes and list(loaded.classes) != list(src.classes):
         raise UsageError(f"--data: {src.name}: its classes ({', '.join(src.classes[:5])}, …) differ from the "
                          f"model file's classes ({', '.join(loaded.classes[:5])}, …)")
+    outs = loaded.meta.get("outputs") or []
+    width = outs[0][0] if outs and len(outs[0]) == 1 else None
+    if src is not None and src.classes and width is not None and len(src.classes) != width:
+        if len(src.classes) > width:
+            raise UsageError(f"--data: {src.name} has {len(src.classes)} classes but the model's first output has "
+                             f"{width} scores: labels would be out of range")
+        notes.append(f"warning: --data has {len(src.classes)} class folders, the model {width} outputs: labels are "
+                     "the folders' sorted positions (0..), so top-1 means something only if they follow the model's "
+                     "class order; agreement with the dense model does not depend on it")
     wl = Workload(model=loaded, preprocess=prep, eval=ev, options=opts, notes=notes)
     wl._calib_from, wl._finetune_from = calib_from, ft_from
     return wl

@@ -9,6 +9,7 @@ ship with the shards, so the agents also report label-free fidelity: top-1 agree
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -16,7 +17,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -128,8 +129,13 @@ def bench_preprocess(man: export.Manifest, resize: Optional[str] = None, center_
     """The preprocessing the manifest recorded (what the model was exported with), each flag given overriding it."""
     h, w = input_hw(man)
     channels = int(man.input_shape[1] if man.layout == "NCHW" else man.input_shape[3])
-    flags = datasets.parse_preprocess(resize, center_crop, mean, std, (h, w), channels=channels)
     rec = dict(man.preprocess or {})
+
+    def joined(v: Any) -> Optional[str]:
+        return None if v is None else ",".join(str(x) for x in v)
+
+    flags = datasets.parse_preprocess(resize, center_crop, mean or joined(rec.get("mean")),
+                                      std or joined(rec.get("std")), (h, w), channels=channels)
     base = datasets.Preprocess.default((h, w))
     if "resize" in rec or "center_crop" in rec:   # recorded by edgeprune >= issue 15: the host's resize and crop
         base.resize = None if rec.get("resize") is None else int(rec["resize"])
@@ -165,16 +171,24 @@ def check_inputs(model: str, eval_per_class: Optional[int] = data.DEFAULT_EVAL_P
         man, resize, center_crop, mean, std), arg="--data")
     if len(src) == 0:
         raise UsageError(f"--data: {data_path}: holds no samples")
+    if src.labels() is None and reference is None:
+        raise UsageError(f"--data: {data_path}: has no labels; give --reference DENSE_ARTIFACT to measure label-free "
+                         "fidelity (agreement, SNR) against it")
     ref = None
     if reference is not None:
-        ref = artifact_from(reference, Path("."))
+        if reference in models.MODELS:
+            raise UsageError(f"--reference: give an exported artifact or manifest, not a built-in name ({reference})")
+        try:
+            ref = artifact_from(reference, Path("."))
+        except UsageError as e:
+            raise UsageError(str(e).replace("--model: ", "--reference: ", 1)) from None
         if input_hw(ref[1]) != input_hw(man):
             raise UsageError(f"--reference: {reference} takes input {ref[1].input_shape}, --model "
                              f"{man.input_shape}; they must take the same images")
     return BenchInputs(artifact, BenchData(src, ref))
 
 
-def _shard_batches(bd: BenchData, batch_size: int = 64):  # -> Iterator[shards.Batch]
+def _shard_batches(bd: BenchData, batch_size: int = 256):  # -> Iterator[shards.Batch]
     """(data, labels, reference outputs) for every sample of ``bd``; the reference artifact run here, 1 thread."""
     for batch, labels in bd.source.batches(np.arange(len(bd.source)), batch_size):
         refs = None
@@ -212,6 +226,10 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
     art, man = inputs.artifact if inputs.artifact is not None else artifact_from(model_or_dir, out)
     ev = inputs.eval
     if isinstance(ev, BenchData):
+        # the device normalises exactly as the host did (--mean/--std override the manifest's for this run)
+        p = ev.source.preprocess
+        man = dataclasses.replace(man, preprocess={**dict(man.preprocess or {}), "mean": list(p.mean),
+                                                   "std": list(p.std), "scale": float(p.scale)})
         shard_list = shards.write_shards(_shard_batches(ev), out / "eval", prefix=f"data-{len(ev)}")
         shard: Union[Path, List[shards.ShardInfo]] = shard_list
         shard_sha = shard_list[0].sha256 if len(shard_list) == 1 else export.sha256_text(

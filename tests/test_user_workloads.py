@@ -247,3 +247,54 @@ def test_nothing_assumes_32x32_or_10_classes() -> None:
                 if re.search(r"zeros\(1, 3, 32, 32\)|\(1, 3, 32, 32\)|NUM_CLASSES", code):
                     hits.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+# ------------------------------------------------------------------------------------------ review mends
+def test_nchw_inputs_reach_an_nhwc_artifact_transposed() -> None:
+    from agent import accuracy
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 6)).astype(np.float32)   # a torch Dataset's layout
+    nhwc = accuracy.inputs_in_layout(x, [1, 8, 6, 3], "NHWC")
+    assert nhwc.shape == (2, 8, 6, 3) and np.array_equal(nhwc, x.transpose(0, 2, 3, 1))
+    assert accuracy.inputs_in_layout(nhwc, [1, 8, 6, 3], "NHWC") is nhwc               # already NHWC: as it is
+    assert accuracy.inputs_in_layout(x, [1, 3, 8, 6], "NCHW") is x
+
+
+def test_bench_refuses_unlabelled_data_without_a_reference(tmp_path: Path) -> None:
+    from edgeprune.errors import UsageError
+
+    res = run_prune(PruneOptions(model="resnet20", out=tmp_path / "p", ratio=0.0))
+    art = tmp_path / "p" / res.artifacts[0]["file"]
+    npz = cifar_npz(tmp_path / "unl.npz", 20, labels=False)
+    with pytest.raises(UsageError, match=r"--data: .*unl.npz: has no labels; give --reference"):
+        check_inputs(str(art), data_path=str(npz))
+    with pytest.raises(UsageError, match=r"--reference: give an exported artifact or manifest, not a built-in"):
+        check_inputs(str(art), data_path=str(npz), reference="resnet20")
+    with pytest.raises(UsageError, match=r"^--reference: 'nothing-here' is neither"):
+        check_inputs(str(art), data_path=str(npz), reference="nothing-here")
+
+
+def test_class_folders_against_the_model_outputs(tmp_path: Path) -> None:
+    from edgeprune.errors import UsageError
+    from edgeprune.workload import DataOptions, open_workload
+
+    folder = cifar_png_folder(tmp_path / "pngs", 100)                 # 10 class folders
+    spec = sources.ModelSpec(f"{USER_MODELS / 'senet.py'}:two_head_net", input_shape=(1, 3, 64, 64),
+                             args={"num_classes": 4})
+    with pytest.raises(UsageError, match="has 10 classes but the model's first output has 4 scores"):
+        open_workload(spec, DataOptions(data=str(folder)))
+    spec.args = {"num_classes": 12}
+    wl = open_workload(spec, DataOptions(data=str(folder)))
+    assert any(n.startswith("warning: --data has 10 class folders, the model 12 outputs") for n in wl.notes)
+
+
+def test_host_metrics_are_absent_not_zero_without_logits(tmp_path: Path) -> None:
+    from edgeprune.workload import DataOptions, open_workload
+
+    net = tmp_path / "seg.py"
+    net.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), "
+                   "nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))\n")       # per-pixel outputs, like a segmenter
+    wl = open_workload(sources.ModelSpec(f"{net}:build", input_shape=(1, 3, 32, 32)),
+                       DataOptions(data=str(cifar_npz(tmp_path / "e.npz", 20))))
+    m = wl.torch_metrics(wl.model.model, reference=wl.model.model)
+    assert "top1" not in m and "agreement" not in m and m["snr_db"] == 300.0
