@@ -562,7 +562,10 @@ class _JumpWatch:
                 log.warning("%s: nothing from the device through jump host %s for %.0f s: link dead, dropping "
                             "the connection", self.owner.where, self.owner.ssh.proxy_jump, silent)
                 self.owner.counters.dead_links += 1
-                self.t.close()
+                try:
+                    self.t.close()
+                except Exception as e:   # closing sends a disconnect over the dead link: paramiko may raise EOFError
+                    log.debug("%s: closing the dead connection: %s: %s", self.owner.where, type(e).__name__, e)
                 return
 
 

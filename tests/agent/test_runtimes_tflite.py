@@ -309,10 +309,15 @@ def test_shard_of_preprocessed_nhwc_inputs(job_dir: MakeJob, models: Dict[str, P
     assert r.status == "ok", r.error
     assert r.accuracy is not None and (r.accuracy.n, r.accuracy.top1, r.accuracy.top5) == (10, SHARD_TOP1,
                                                                                               SHARD_TOP5)
-    np.savez(str(shard), inputs=inputs.transpose(0, 3, 1, 2).copy(), labels=np.zeros(10, np.int64))  # NCHW: wrong
+    # NCHW inputs (torch's layout, in which the host writes a user's dataset) are transposed for the NHWC model
+    np.savez(str(shard), inputs=inputs.transpose(0, 3, 1, 2).copy(), labels=np.array([label for _, label in SHARD]))
+    r = run(job_dir(edit))
+    assert r.status == "ok", r.error
+    assert (r.accuracy.n, r.accuracy.top1, r.accuracy.top5) == (10, SHARD_TOP1, SHARD_TOP5)
+    np.savez(str(shard), inputs=inputs[:, :16, :16, :].copy(), labels=np.zeros(10, np.int64))  # the wrong size
     r = run(job_dir(edit))
     assert r.error is not None and r.error.type == "EvalDataError"
-    assert r.error.message == ("eval shard inputs have shape (10, 3, 32, 32) but the model input [1, 32, 32, 3] "
+    assert r.error.message == ("eval shard inputs have shape (10, 16, 16, 3) but the model input [1, 32, 32, 3] "
                                "wants (N, 32, 32, 3)")
 
 
