@@ -30,6 +30,7 @@ argument and the file.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 import importlib.util
@@ -184,7 +185,7 @@ def parse_preprocess(resize: Optional[str], center_crop: Optional[str], mean: Op
 
 
 # --------------------------------------------------------------------------------------------------- sources
-class DataSource:
+class DataSource(abc.ABC):
     """Base of the three sources; see the module docstring. ``batches`` yields uint8 N x H x W x C images (at the
     input size) or float32 N x C x H x W preprocessed inputs, with int64 labels or None."""
 
@@ -198,17 +199,21 @@ class DataSource:
     def __repr__(self) -> str:
         return "<%s %s %s, %d items>" % (type(self).__name__, self.kind, self.name, len(self))
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Each source implements it (folder, npz, callable)."""
 
+    @abc.abstractmethod
     def labels(self) -> Optional[np.ndarray]:
-        raise NotImplementedError
+        """Each source implements it (folder, npz, callable)."""
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
-        raise NotImplementedError
+        """Each source implements it (folder, npz, callable)."""
 
+    @abc.abstractmethod
     def _batch(self, idx: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        raise NotImplementedError
+        """Each source implements it (folder, npz, callable)."""
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
         """(data, labels) for ``indices`` in order, ``batch_size`` at a time; one batch is decoded at a time."""

@@ -24,7 +24,7 @@ Eval data is streamed in batches (never held whole); calibration and fine-tune d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -56,6 +56,13 @@ class DataOptions:
     finetune_per_class: Optional[int] = None                       # fine-tune images per class (None: all)
     calib_images: int = CALIB_IMAGES
     seed: int = 0
+
+    @classmethod
+    def of(cls, opts: Any, **overrides: Any) -> "DataOptions":
+        """The data options of a command's options object (prune, demo and search share these field names)."""
+        kw = {f.name: getattr(opts, f.name) for f in fields(cls) if hasattr(opts, f.name)}
+        kw.update(overrides)
+        return cls(**kw)
 
     @property
     def any_data(self) -> bool:

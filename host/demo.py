@@ -75,10 +75,7 @@ class DemoOptions:
     std: Optional[str] = None
 
     def data_options(self) -> DataOptions:
-        return DataOptions(data=self.data, calib_data=self.calib_data, finetune_data=self.finetune_data,
-                           resize=self.resize, center_crop=self.center_crop, mean=self.mean, std=self.std,
-                           eval_per_class=self.eval_per_class, finetune_per_class=self.finetune_per_class,
-                           seed=self.seed)
+        return DataOptions.of(self)
 
     @classmethod
     def quick_defaults(cls, **overrides) -> "DemoOptions":

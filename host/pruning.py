@@ -77,10 +77,7 @@ class PruneOptions:
         return model_spec(self)
 
     def data_options(self) -> DataOptions:
-        return DataOptions(data=self.data, calib_data=self.calib_data, finetune_data=self.finetune_data,
-                           resize=self.resize, center_crop=self.center_crop, mean=self.mean, std=self.std,
-                           eval_per_class=self.eval_per_class, finetune_per_class=self.finetune_per_class,
-                           seed=self.seed)
+        return DataOptions.of(self)
 
     def validate(self) -> "PruneOptions":
         if not 0.0 <= self.ratio < 1.0:

@@ -40,9 +40,7 @@ SHARDS_FILE = "shards.json"
 def data_options(opts: Any) -> "DataOptions":
     from edgeprune.workload import DataOptions
 
-    return DataOptions(data=opts.data, calib_data=opts.calib_data, finetune_data=opts.finetune_data,
-                       resize=opts.resize, center_crop=opts.center_crop, mean=opts.mean, std=opts.std,
-                       eval_per_class=opts.eval_per_class, finetune_per_class=None, seed=opts.seed)
+    return DataOptions.of(opts, finetune_per_class=None)
 
 
 def open_search_workload(opts: Any) -> "Workload":
