@@ -33,8 +33,8 @@ import torch
 
 from agent import schema
 from edgeprune import data, export, models
-from host.devices import auto_affinity
-from host.transport import LocalTransport
+from host.fleet.devices import auto_affinity
+from host.fleet.transport import LocalTransport
 
 MEDIAN_RE = re.compile(r"Median:\s+([0-9.]+)\s*ms")
 

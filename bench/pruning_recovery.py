@@ -40,8 +40,8 @@ import torch
 
 from agent import schema
 from edgeprune import data, export, finetune, models, prune, sparsity
-from host.devices import auto_affinity
-from host.transport import LocalTransport
+from host.fleet.devices import auto_affinity
+from host.fleet.transport import LocalTransport
 
 DEPGRAPH = {"source": "Fang et al., DepGraph, CVPR 2023, Table 1 (ResNet-56, CIFAR-10)",
             "base_top1": 93.53, "pruned_top1": 93.46, "macs_reduction": 2.11}

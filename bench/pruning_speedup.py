@@ -33,8 +33,8 @@ import torch
 from agent import schema
 from edgeprune import data, export, models, prune
 from edgeprune.errors import DataError
-from host.devices import auto_affinity
-from host.transport import LocalTransport
+from host.fleet.devices import auto_affinity
+from host.fleet.transport import LocalTransport
 
 
 def configs(threads_filter: str):

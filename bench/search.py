@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from host import search as hs
-from host import search_algos as sa
-from host import targets as tg
-from host.devices import local_device
+from host.search import run as hs
+from host.search import algos as sa
+from host.fleet import targets as tg
+from host.fleet.devices import local_device
 
 
 def main(argv=None) -> int:

@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent import schema  # noqa: E402
-from host.ssh import SSHTransport  # noqa: E402
-from host.transport import LocalTransport  # noqa: E402
+from host.fleet.ssh import SSHTransport  # noqa: E402
+from host.fleet.transport import LocalTransport  # noqa: E402
 from tests import sshd  # noqa: E402
 
 MB = 1 << 20

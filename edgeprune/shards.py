@@ -6,7 +6,7 @@ N x ...): the dense model's outputs on exactly these samples, one per model outp
 export's outputs (:func:`reference_outputs`). The agent scores top-1/top-5 on the labels and label-free fidelity
 (top-1 agreement, SNR, max abs error) against the references, shard after shard, one in memory at a time: a large
 eval set is cut into shards of at most ``max_bytes`` by :func:`write_shards`, and the job lists them all
-(``eval.shards``, job spec v3; ``host.jobs.build_job`` takes the :class:`ShardInfo` list).
+(``eval.shards``, job spec v3; ``host.fleet.jobs.build_job`` takes the :class:`ShardInfo` list).
 
 numpy is imported at module level, torch only inside :func:`reference_outputs`.
 """

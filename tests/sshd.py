@@ -164,7 +164,7 @@ class SshdFleet:
                python: Optional[str] = None, **ssh: Any):
         """A ``DeviceConfig`` for server ``i`` with its own cache folder under the fleet root (devices never share
         a cache), the device's python = this interpreter (it has numpy and onnxruntime), and ``ssh`` overrides."""
-        from host.devices import DeviceConfig, SSHConfig
+        from host.fleet.devices import DeviceConfig, SSHConfig
 
         server = self.servers[i]
         settings: Dict[str, Any] = dict(host=LOOPBACK, port=server.port, user=self.user, key=str(self.client_key),

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from host import cli
-from host.store import Store
+from host.results.store import Store
 
 from . import sshd
 from .test_demo import edgeprune
@@ -53,7 +53,7 @@ def _report(job_id: str, p50: float) -> Dict[str, Any]:
 @pytest.fixture(scope="module")
 def baseline_db(tmp_path_factory) -> Path:
     """A results store holding a completed bench run (a device, an artifact, a measurement) and a completed search
-    run (a measurement and its evaluation), recorded through host.store as the commands record them."""
+    run (a measurement and its evaluation), recorded through host.results.store as the commands record them."""
     path = tmp_path_factory.mktemp("baseline") / "results.db"
     with Store(str(path)) as s:
         s.start_run(BASE_RUN, "bench", command=["edgeprune", "bench"], provenance={"seed": 0})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgeprune import data, export, models, prune
-from host.pruning import PruneOptions, load_model, run_prune
+from host.commands.pruning import PruneOptions, load_model, run_prune
 
 from .test_demo import edgeprune
 

@@ -13,7 +13,7 @@ import torch
 
 from agent import schema
 from edgeprune import data
-from host.demo import SUMMARY_COLUMNS
+from host.commands.demo import SUMMARY_COLUMNS
 
 REQUIRED = ["model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "accuracy_top1", "power_w",
             "power_source", "energy_mj"]

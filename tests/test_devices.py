@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from edgeprune.errors import ConfigError
-from host import devices
+from host.fleet import devices
 
 
 def test_local_default_needs_no_file():
@@ -130,7 +130,7 @@ def test_fleet_folder(tmp_path):
 # ------------------------------------------------------------------------------------------ search targets
 
 def test_device_targets_load_canonical_and_feed_the_search(tmp_path):
-    from host import targets as tg
+    from host.fleet import targets as tg
 
     p = tmp_path / "pi.yaml"
     p.write_text("id: pi\npower: {idle_w: 2.0, max_w: 6.0}\ntargets:\n  latency_ms: 0.5x\n  energy_mj: 8\n"

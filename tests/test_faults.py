@@ -1,7 +1,7 @@
 """Fault injection on a fleet of real sshd devices in network namespaces (harness: tests/faults).
 
-Each test puts one fault on one or more namespaced devices while the fleet code (host.fleet: leases, retries;
-host.ssh: the device cache and helper) runs a ResNet-20 job on them and records each device's result in the
+Each test puts one fault on one or more namespaced devices while the fleet code (host.fleet.runner: leases, retries;
+host.fleet.ssh: the device cache and helper) runs a ResNet-20 job on them and records each device's result in the
 results store, then asserts the behaviour the fault should get (retried, resumed, stopped, refused with a clear
 error) and, through :meth:`tests.faults.lab.Lab.check`, the invariants every fault shares: no completed result
 lost, no partial result recorded as complete, no artifact executed without a verified hash, nothing (process,
@@ -9,7 +9,7 @@ job folder, partial upload, lease) left behind on the device. The lab's teardown
 is left on this machine either (namespaces, veths, mounts, processes).
 
 Timeouts are short so that each fault takes seconds: connect 3 s, commands 8 s, keepalives every 2 s (a link
-that acknowledges nothing for 3 keepalives, 6 s, is dead: host.ssh.dead_after_s), leases of 15 s.
+that acknowledges nothing for 3 keepalives, 6 s, is dead: host.fleet.ssh.dead_after_s), leases of 15 s.
 Run: ``python -m pytest -m faults`` (root; ``apt-get install iproute2 nftables openssh-server``).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import psutil
 import pytest
 
 from edgeprune import models
-from host.health import check_devices
-from host.ssh import agent_bundle
-from host.store import Store
+from host.fleet.health import check_devices
+from host.fleet.ssh import agent_bundle
+from host.results.store import Store
 from tests import sshd
 from tests.faults import netns
 from tests.faults.lab import AgentWatch, Artifact, Lab, wait_for
@@ -186,7 +186,7 @@ def test_link_down_mid_upload_for_good(lab):
     with background(cut):
         (o,) = lab.run([dev], "upload-gone", lease_ttl_s=8, events=events)
     gave_up_after = time.monotonic() - at[0]
-    # before TCP_USER_TIMEOUT (host.ssh.dead_after_s) the controller hung here until the kernel gave up (15+ min)
+    # before TCP_USER_TIMEOUT (host.fleet.ssh.dead_after_s) the controller hung here until the kernel gave up (15+ min)
     assert gave_up_after < 30, gave_up_after
     assert not o.ok and o.attempts == 3 and o.error_type == "SSHError"
     assert "connection lost" in events.of("retry")[0]

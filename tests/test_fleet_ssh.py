@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from host import fleet as host_fleet
+from host.fleet import runner as host_fleet
 
 from . import sshd
 from .test_demo import edgeprune

@@ -20,10 +20,10 @@ ov = pytest.importorskip("openvino")
 from agent import schema  # noqa: E402
 from edgeprune import data, export, models  # noqa: E402
 from edgeprune.errors import DeviceError, UsageError  # noqa: E402
-from host import benchmark  # noqa: E402
-from host.devices import DeviceConfig, PowerConfig, RuntimeConfig, TimingConfig  # noqa: E402
-from host.jobs import build_job  # noqa: E402
-from host.transport import LocalTransport, artifact_files  # noqa: E402
+from host.commands import benchmark  # noqa: E402
+from host.fleet.devices import DeviceConfig, PowerConfig, RuntimeConfig, TimingConfig  # noqa: E402
+from host.fleet.jobs import build_job  # noqa: E402
+from host.fleet.transport import LocalTransport, artifact_files  # noqa: E402
 from tests import sshd  # noqa: E402
 
 FAST = TimingConfig(min_iters=10, min_duration_s=0.1, warmup_s=0.0, warmup_iters=1, cpu_affinity=None)
@@ -209,7 +209,7 @@ def _fake_python(tmp_path: Path, body: str) -> str:
 
 @pytest.mark.ssh
 def test_ir_over_ssh_then_cache_hits_send_nothing(fleet: Any, ir: Dict[str, Any], tmp_path: Path) -> None:
-    from host.ssh import SSHTransport
+    from host.fleet.ssh import SSHTransport
 
     cache = tmp_path / "cache"
     with SSHTransport(ssh_ov(fleet, tmp_path)) as t:
@@ -233,7 +233,7 @@ def test_bin_tampered_on_the_device_is_refused_then_replaced(fleet: Any, ir: Dic
     """The device's copy of r20.bin changes after the cache check (the agent's python appends to it through the
     job folder's link just before it starts): the agent refuses it; the next job finds the entry bad, uploads it
     again and runs."""
-    from host.ssh import SSHTransport
+    from host.fleet.ssh import SSHTransport
 
     fake = _fake_python(tmp_path, 'printf x >> artifact/r20.bin; exec %s "$@"' % sys.executable)
     bin_sha = ir["man"].files["r20.bin"]
@@ -251,7 +251,7 @@ def test_bin_tampered_on_the_device_is_refused_then_replaced(fleet: Any, ir: Dic
 @pytest.mark.ssh
 def test_bad_names_never_reach_the_device(fleet: Any, ir: Dict[str, Any], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from host import ssh as host_ssh
+    from host.fleet import ssh as host_ssh
 
     bad = _job(ssh_ov(fleet, tmp_path), ir)
     bad.artifact.files = {"../x": "b" * 64}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeprune import data, export, models, prune
-from host.pruning import PruneOptions, run_prune
+from host.commands.pruning import PruneOptions, run_prune
 
 from .conftest import needs_full_data
 

@@ -1,4 +1,4 @@
-"""edgeprune regress: the release gate (host.regress), on synthetic runs in a temporary SQLite store."""
+"""edgeprune regress: the release gate (host.results.regress), on synthetic runs in a temporary SQLite store."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from edgeprune.errors import UsageError
-from host import regress
-from host.regress import compare, mann_whitney_greater, median_ratio_ci, register, write_junit
-from host.store import Store
+from host.results import regress
+from host.results.regress import compare, mann_whitney_greater, median_ratio_ci, register, write_junit
+from host.results.store import Store
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

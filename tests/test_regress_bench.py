@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from edgeprune import data, export
-from host.store import Store
+from host.results.store import Store
 
 from .test_demo import edgeprune
 

@@ -1,4 +1,4 @@
-"""host.report: the self-contained HTML report of one run in the results store.
+"""host.results.report: the self-contained HTML report of one run in the results store.
 
 The runs are recorded through the real store API with schema-valid agent reports (built from agent.schema's
 dataclasses, so they are what an agent writes), then rendered; the report is checked as text (sections, escaping,
@@ -26,8 +26,8 @@ from rich.console import Console
 
 from agent import schema
 from edgeprune.errors import UsageError
-from host import report
-from host.store import Store
+from host.results import report
+from host.results.store import Store
 
 EVIL = "<b>&x"          # a device id that must come out escaped
 

@@ -1,4 +1,4 @@
-"""host.search, host.search_algos and host.targets: target parsing, the algorithms against a fake evaluator
+"""host.search.run, host.search.algos and host.fleet.targets: target parsing, the algorithms against a fake evaluator
 (latency an affine function of MACs with deterministic noise), persistence and resume, outputs, and one real
 end-to-end search on the local device (slow)."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 
 from edgeprune.errors import UsageError
-from host import search as hs
-from host import search_algos as sa
-from host import targets as tg
-from host.devices import DeviceConfig, PowerConfig, local_device
+from host.search import run as hs
+from host.search import algos as sa
+from host.fleet import targets as tg
+from host.fleet.devices import DeviceConfig, PowerConfig, local_device
 
 # ------------------------------------------------------------------------------------------ fakes
 
@@ -165,7 +165,7 @@ def test_contradictory_and_impossible_targets_are_usage_errors(tmp_path):
 def test_target_precedence_config_file_cli_and_scopes(tmp_path):
     a = device("a")
     b = device("b").model_copy(update={"device_class": "pi"})
-    # a device config with a targets: mapping (the field host.devices may grow) is the lowest layer
+    # a device config with a targets: mapping (the field host.fleet.devices may grow) is the lowest layer
     c = SimpleNamespace(id="c", device_class="pi", source="c.yaml", power=PowerConfig(),
                         targets={"latency_p90_ms": 30, "energy_mj": "0.8x"})
     f = tmp_path / "targets.yaml"
@@ -546,7 +546,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from tests.test_search import FakeEvaluator, resnet_like_space, device, targets_for, options
-from host import search as hs
+from host.search import run as hs
 
 class Killed(FakeEvaluator):
     def measure(self, requests, done):
@@ -672,7 +672,7 @@ def test_a_failing_device_does_not_stop_the_others_and_is_retried_on_resume(tmp_
 
 
 def test_devices_on_one_machine_are_measured_one_after_the_other():
-    from host.devices import SSHConfig
+    from host.fleet.devices import SSHConfig
 
     ssh = lambda host, **kw: device(host.replace(".", "-"), transport="ssh",  # noqa: E731
                                     ssh=SSHConfig(host=host, user="u", **kw))
@@ -682,7 +682,7 @@ def test_devices_on_one_machine_are_measured_one_after_the_other():
 
 
 def test_results_store_gets_every_evaluation_once_across_a_crash_and_resume(tmp_path):
-    from host.store import RunRecorder, Store
+    from host.results.store import RunRecorder, Store
 
     space = resnet_like_space()
     devs = [device("d1"), device("d2", round_to=8)]
@@ -790,7 +790,7 @@ def test_options_with_model_source_and_data_round_trip(tmp_path):
     hs._write_run(tmp_path / "r", "r", opts, [device()], targets_for([device()], "latency_p50_ms=1"))
     _, back, _, _ = hs.read_run(tmp_path / "r")
     assert back == opts and back.input_shape == (1, 3, 64, 64) and back.ignore_layers == ("aux",)
-    from host.search_data import source_key
+    from host.search.data import source_key
 
     plain = options(tmp_path)
     assert source_key(plain) == {}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from host import cli
-from host import search as hs
+from host.search import run as hs
 
 from .test_search import FakeEvaluator, resnet_like_space
 
@@ -126,7 +126,7 @@ def test_interrupt_prints_how_to_resume(tmp_path, monkeypatch, capsys):
            "with: edgeprune search --resume ctrl-c" in out
     assert len((tmp_path / "results" / "search" / "ctrl-c" / hs.EVALUATIONS).read_text().splitlines()) == 1
     # the results store (default results/edgeprune.db) has that one evaluation, and the run says interrupted
-    from host.store import Store
+    from host.results.store import Store
 
     with Store("results/edgeprune.db", create=False) as s:
         assert s.run("ctrl-c")["status"] == "interrupted"
@@ -214,8 +214,8 @@ def test_unlabelled_data_with_max_accuracy_drop_is_one_usage_error(tmp_path, mon
 
 
 def test_labelled_folder_passes_the_data_check_and_agreement_works_on_labelled_data_too(tmp_path):
-    from host import search_data
-    from host import targets as tg
+    from host.search import data as search_data
+    from host.fleet import targets as tg
 
     from .test_search import device
 
@@ -299,8 +299,8 @@ def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_r
 
 
 def test_resume_reopens_the_stored_data_and_refuses_changed_data(tmp_path):
-    from host import search_data
-    from host import targets as tg
+    from host.search import data as search_data
+    from host.fleet import targets as tg
 
     from .test_search import device
 

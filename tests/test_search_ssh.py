@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from agent import schema
-from host import devices
-from host import search as hs
-from host import search_algos as sa
-from host import targets as tg
+from host.fleet import devices
+from host.search import run as hs
+from host.search import algos as sa
+from host.fleet import targets as tg
 
 from . import sshd
 

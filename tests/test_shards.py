@@ -1,4 +1,4 @@
-"""edgeprune.shards (eval shards written on the host) and what carries them: host.jobs.build_job's job v3 with
+"""edgeprune.shards (eval shards written on the host) and what carries them: host.fleet.jobs.build_job's job v3 with
 ``eval.shards`` and LocalTransport running it."""
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ def test_reference_outputs_match_the_onnx_export_order(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------- job v3 on the host
 def test_build_job_lists_every_shard_and_keeps_the_single_shard_call(tmp_path, job_inputs) -> None:
-    from host.devices import local_device
-    from host.jobs import build_job
+    from host.fleet.devices import local_device
+    from host.fleet.jobs import build_job
 
     onnx_path, man, shard = job_inputs
     dev = local_device()
@@ -166,9 +166,9 @@ def test_build_job_lists_every_shard_and_keeps_the_single_shard_call(tmp_path, j
 def test_local_transport_runs_a_job_of_several_shards(tmp_path, job_inputs) -> None:
     """Two shards (one by a path relative to the workdir) score exactly what the one shard they were cut from
     scores."""
-    from host.devices import local_device
-    from host.jobs import build_job
-    from host.transport import LocalTransport
+    from host.fleet.devices import local_device
+    from host.fleet.jobs import build_job
+    from host.fleet.transport import LocalTransport
 
     onnx_path, man, shard = job_inputs
     with np.load(shard) as z:

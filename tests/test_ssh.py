@@ -18,7 +18,7 @@ paramiko = pytest.importorskip("paramiko")
 from agent import schema  # noqa: E402
 from edgeprune import data, models  # noqa: E402
 from edgeprune.errors import ConfigError, DeviceError  # noqa: E402
-from host.ssh import (HostKeyError, SSHError, SSHTransport, agent_bundle, known_hosts_lines,  # noqa: E402
+from host.fleet.ssh import (HostKeyError, SSHError, SSHTransport, agent_bundle, known_hosts_lines,  # noqa: E402
                       parse_jump, quote_argv)
 from tests import sshd  # noqa: E402
 

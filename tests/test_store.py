@@ -14,8 +14,8 @@ import uuid
 import pytest
 
 from edgeprune.errors import UsageError
-from host import results
-from host.store import Store, StoreError, resolve_url
+from host.results import frames as results
+from host.results.store import Store, StoreError, resolve_url
 
 from .test_demo import edgeprune
 
@@ -119,7 +119,7 @@ def test_round_trip_idempotent_keys_and_frames(db):
 
 
 def test_recorder_finishes_failed_and_interrupted_runs_and_scrubs_secrets(db):
-    from host.store import RunRecorder
+    from host.results.store import RunRecorder
 
     s = Store(db)
     with pytest.raises(RuntimeError):
@@ -138,7 +138,7 @@ def test_recorder_finishes_failed_and_interrupted_runs_and_scrubs_secrets(db):
 
 WRITER = textwrap.dedent("""
     import sys
-    from host.store import Store
+    from host.results.store import Store
     from tests.test_store import report, MANIFEST
     db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     s = Store(db)
@@ -175,7 +175,7 @@ def test_two_processes_writing_at_once_lose_nothing(db, tmp_path):
 
 KILLED = textwrap.dedent("""
     import sys
-    from host.store import RunRecorder, Store
+    from host.results.store import RunRecorder, Store
     from tests.test_store import report, MANIFEST
     s = Store(sys.argv[1])
     with RunRecorder(s, "killed", "bench", command=[], provenance={}) as rec:

@@ -11,7 +11,7 @@ import pytest
 from agent import schema
 from edgeprune import data, models
 from edgeprune.errors import DeviceError
-from host.transport import LocalTransport
+from host.fleet.transport import LocalTransport
 
 
 def _job(job_inputs, **kw):
@@ -84,7 +84,7 @@ CONTROLLER = """
 import sys
 from pathlib import Path
 from agent import schema
-from host.transport import LocalTransport
+from host.fleet.transport import LocalTransport
 job = schema.job_from_dict(__import__("json").loads(Path(sys.argv[1]).read_text()))
 LocalTransport().run_job(job, Path(sys.argv[2]))
 """

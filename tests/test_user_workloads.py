@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from edgeprune import data, sources
-from host.benchmark import check_inputs, run_bench
-from host.demo import DemoOptions, run_demo
-from host.devices import DeviceConfig, RuntimeConfig, TimingConfig
-from host.pruning import PruneOptions, run_prune
+from host.commands.benchmark import check_inputs, run_bench
+from host.commands.demo import DemoOptions, run_demo
+from host.fleet.devices import DeviceConfig, RuntimeConfig, TimingConfig
+from host.commands.pruning import PruneOptions, run_prune
 
 
 ROOT = Path(__file__).resolve().parents[1]

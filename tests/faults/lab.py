@@ -12,8 +12,8 @@ A :class:`Lab` owns a folder, a client key and a known_hosts file. Each :meth:`L
   every model onnxruntime loads on the device is logged with its sha256 (:meth:`Device.audited`), and that can
   limit the agent's address space (``prlimit --as``) or run a shell snippet before the agent starts.
 
-:meth:`Lab.run` runs one job per device through :func:`host.fleet.run_on_devices` (leases, retries and all)
-and records each outcome in the results store (``host.store``) as it arrives, exactly as ``edgeprune bench``
+:meth:`Lab.run` runs one job per device through :func:`host.fleet.runner.run_on_devices` (leases, retries and all)
+and records each outcome in the results store (``host.results.store``) as it arrives, exactly as ``edgeprune bench``
 does. :meth:`Lab.check` asserts the invariants every fault test shares, and :meth:`Lab.close` tears everything
 down (processes, namespaces, veths, tmpfs mounts, nft tables, proxies) and reports anything that survived.
 """
@@ -37,11 +37,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import psutil
 
 from agent import schema
-from host.devices import DeviceConfig, SSHConfig, TimingConfig
-from host.fleet import DeviceOutcome, run_on_devices
-from host.jobs import build_job
-from host.ssh import SSHTransport
-from host.store import RunRecorder, Store
+from host.fleet.devices import DeviceConfig, SSHConfig, TimingConfig
+from host.fleet.runner import DeviceOutcome, run_on_devices
+from host.fleet.jobs import build_job
+from host.fleet.ssh import SSHTransport
+from host.results.store import RunRecorder, Store
 from tests import sshd
 from tests.faults import netns
 from tests.faults.proxy import DelayProxy
@@ -354,7 +354,7 @@ class Lab:
             ssh: Optional[Dict[str, Any]] = None, timing: Optional[Dict[str, Any]] = None,
             events: Optional[Callable[[str, str, str], None]] = None) -> List[DeviceOutcome]:
         """One job per device in parallel under ``run_id``, each outcome recorded in the store as it arrives
-        (what ``edgeprune bench`` does: host.benchmark.run_bench's ``record``)."""
+        (what ``edgeprune bench`` does: host.commands.benchmark.run_bench's ``record``)."""
         configs = [d.config(**(ssh or {})) for d in devices]
         man = self.artifact.manifest
         with RunRecorder(Store(str(self.db)), run_id, "bench", command=["tests/faults", run_id],
@@ -381,8 +381,8 @@ class Lab:
         """Another controller takes ``dev``'s lease over SSH, then dies (SIGKILL): its lease names a dead pid and
         is renewed no more. Returns that controller's pid."""
         script = ("import os, sys\n"
-                  "from host.devices import DeviceConfig\n"
-                  "from host.fleet import Lease, transport_for\n"
+                  "from host.fleet.devices import DeviceConfig\n"
+                  "from host.fleet.runner import Lease, transport_for\n"
                   "dev = DeviceConfig.model_validate_json(sys.argv[1])\n"
                   "Lease(transport_for(dev), dev.id, ttl_s=float(sys.argv[2]), label='a controller that died')"
                   ".__enter__()\n"

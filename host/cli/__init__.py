@@ -18,7 +18,7 @@ from rich.table import Table
 from edgeprune.errors import EdgepruneError, UsageError
 
 if TYPE_CHECKING:
-    from host.devices import DeviceConfig
+    from host.fleet.devices import DeviceConfig
 
 VERSION = "0.1.0"
 
@@ -105,8 +105,8 @@ def _source_kwargs(args: argparse.Namespace) -> Dict[str, object]:
 def _recorder(args: argparse.Namespace, run_id: str, kind: str, *, resume: bool = False,
               seeds: Optional[Dict[str, object]] = None) -> "object":
     """The results store's recorder for this command's run (opened before any work: a bad --db fails first)."""
-    from host.provenance import host_provenance
-    from host.store import RunRecorder, Store
+    from host.results.provenance import host_provenance
+    from host.results.store import RunRecorder, Store
 
     store = Store(args.db)
     return RunRecorder(store, run_id, kind, command=list(sys.argv), resume=resume,
@@ -269,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_source_args(sr, eval_help="eval data the agent scores (the dense model's outputs ship with it; without "
                       "labels use --min-agreement / --min-snr-db)")
 
-    from host import regress, report, results
+    from host.results import regress
+
+    from host.results import report
+
+    from host.results import frames as results
     results.register(sub)
     report.register(sub)
     regress.register(sub)
@@ -284,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _select(fleet: Optional[str], ids: Optional[str], *, connect: bool = True) -> "List[DeviceConfig]":
     """The chosen devices. ``connect``: the command will reach them, so the local files their configs name (an
     SSH key, known_hosts) are checked now, before anything is recorded or built."""
-    from host.devices import check_local_files, load_fleet, local_device
+    from host.fleet.devices import check_local_files, load_fleet, local_device
 
     devices = load_fleet(fleet) if fleet else [local_device()]
     if ids:
@@ -301,7 +305,7 @@ def _select(fleet: Optional[str], ids: Optional[str], *, connect: bool = True) -
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
-    from host.benchmark import check_inputs, run_bench, new_run_id, check_run_id
+    from host.commands.benchmark import check_inputs, run_bench, new_run_id, check_run_id
 
     devices = _select(args.fleet, args.devices)
     if args.threads is not None and args.threads < 1:
@@ -353,8 +357,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 def _devices(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from host import state
-    from host.health import check_devices
+    from host.fleet import state
+    from host.fleet.health import check_devices
 
     devices = _select(args.fleet, args.devices, connect=args.action == "check")
     if args.action == "check":
@@ -407,8 +411,8 @@ def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    from host.demo import DemoOptions, run_demo
-    from host.devices import resolve_device
+    from host.commands.demo import DemoOptions, run_demo
+    from host.fleet.devices import resolve_device
 
     device = resolve_device(args.device)
     if args.threads is not None:
@@ -431,8 +435,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             kw[name] = getattr(args, name)
     opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
     opts.validate()
-    from host.benchmark import check_run_id, new_run_id
-    from host.demo import open_demo_workload
+    from host.commands.benchmark import check_run_id, new_run_id
+    from host.commands.demo import open_demo_workload
 
     run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     workload = open_demo_workload(opts)   # the model and eval data checked before the store records a run
@@ -486,7 +490,7 @@ def _stage_progress(console: Console) -> Progress:
 
 
 def _prune(args: argparse.Namespace, console: Console) -> int:
-    from host.pruning import PruneOptions, run_prune
+    from host.commands.pruning import PruneOptions, run_prune
 
     kw = dict(model=args.model, out=args.out, ratio=args.ratio, align=args.align, min_channels=args.min_channels,
               importance=args.importance, global_ranking=args.global_ranking, sparsity=args.sparsity,
@@ -513,7 +517,7 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
 
         res = run_prune(opts, events)
     if args.json:
-        from host.pruning import outcome_json
+        from host.commands.pruning import outcome_json
 
         print(outcome_json(res))
         return 0
@@ -559,7 +563,7 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     if args.calib_per_class < 1:
         raise UsageError("--calib-per-class: must be >= 1")
     from edgeprune.workload import DataOptions, open_workload
-    from host.pruning import model_spec
+    from host.commands.pruning import model_spec
 
     kw = _source_kwargs(args)
     spec_kw = {k: kw.pop(k) for k in ("model_args", "weights", "trust_pickle", "input_shape", "ignore_layers")}
@@ -574,7 +578,7 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
             raise UsageError("sensitivity: needs data to score on: give --data (or --calib-data)")
         if (cal.labels < 0).any():   # unlabelled: the drop in top-1 agreement with the dense model's own outputs
             metric = "agreement"
-    from host.pruning import extra_ignored
+    from host.commands.pruning import extra_ignored
 
     with _stage_progress(console) as progress:
         task = progress.add_task("sensitivity", total=None)
@@ -584,7 +588,7 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
                                  progress=lambda d, t, what: progress.update(task, description=what, completed=d,
                                                                              total=t))
     args.out.mkdir(parents=True, exist_ok=True)
-    from host.transport import write_text_atomic
+    from host.fleet.transport import write_text_atomic
 
     csv_path = args.out / "sensitivity.csv"
     write_text_atomic(csv_path, df.to_csv(index=False, float_format="%.6g"))
@@ -613,8 +617,8 @@ _SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop",
 
 
 def _search_options(args: argparse.Namespace) -> "object":
-    from host.search import SearchOptions
-    from host.search_algos import AlgoOptions
+    from host.search.run import SearchOptions
+    from host.search.algos import AlgoOptions
 
     if not args.model:
         raise UsageError("--model: required (or --resume RUN_ID)")
@@ -646,7 +650,7 @@ def _search_options(args: argparse.Namespace) -> "object":
 
 
 def _search_table(result: "object") -> Table:
-    from host.targets import METRICS
+    from host.fleet.targets import METRICS
 
     table = Table(title=f"edgeprune search ({result.algo}) — run {result.run_id}")  # type: ignore[attr-defined]
     metrics = {r.accuracy_metric for r in result.devices}  # type: ignore[attr-defined]
@@ -678,9 +682,9 @@ def _search_table(result: "object") -> Table:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
-    from host import search
-    from host.benchmark import check_run_id, new_run_id
-    from host.targets import device_targets, parse_cli
+    from host.search import run as search
+    from host.commands.benchmark import check_run_id, new_run_id
+    from host.fleet.targets import device_targets, parse_cli
 
     if args.json:  # stdout carries the JSON document alone: progress and the table go to stderr
         console = Console(stderr=True, width=console.width if console.is_terminal else 140)
@@ -699,7 +703,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
                                                     min_agreement=args.min_agreement, min_snr_db=args.min_snr_db))
         run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     folder = search.run_dir(run_id, args.out)
-    from host import search_data
+    from host.search import data as search_data
 
     # the model and data opened and checked (and the targets against them) before the store records anything
     if args.resume is not None:

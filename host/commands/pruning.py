@@ -32,7 +32,7 @@ import torch.nn as nn
 from edgeprune import data, export, finetune, prune, sources
 from edgeprune.errors import UsageError
 from edgeprune.workload import DataOptions, Workload, describe_sources, open_workload
-from host.transport import write_text_atomic
+from host.fleet.transport import write_text_atomic
 
 Events = Callable[[str, str, Optional[int], Optional[int]], None]
 

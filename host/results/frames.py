@@ -1,6 +1,6 @@
 """Results as pandas DataFrames, and ``edgeprune results list|export``.
 
-    from host import results
+    from host.results import frames as results
     results.runs()                          # one row per run (status, kind, devices, measurements)
     results.measurements("20261127-1200-ab12")   # one row per measurement: metrics, device, artifact, runtime
     results.evaluations(run_id)             # a search run's evaluations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from edgeprune.errors import UsageError
-from host.store import Store
+from host.results.store import Store
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

@@ -1,7 +1,7 @@
 """The HTML report of one run in the results store: ``edgeprune report RUN [-o report.html]``.
 
 One self-contained file: CSS inline, every figure a PNG in a ``data:`` URI, no JavaScript and no external URL, so
-it can be mailed, attached to a CI job or opened offline. It reads only the results store (:mod:`host.store`):
+it can be mailed, attached to a CI job or opened offline. It reads only the results store (:mod:`host.results.store`):
 
 - the run: id, kind (demo, bench, search), status, dates;
 - the trade-off: latency p50 vs top-1 per device (one colour per device, each point labelled, the Pareto front as
@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from edgeprune.errors import UsageError
-from host.store import dig
+from host.results.store import dig
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-    from host.store import Store
+    from host.results.store import Store
 
 DEFAULT_DIR = Path("results") / "reports"
 DPI = 100
@@ -66,7 +66,7 @@ def render(store: "Store", run_id: str) -> str:
 
 def write(store: "Store", run_id: str, path: Path) -> Path:
     """Render the report of ``run_id`` and write it to ``path`` atomically (its folder is created); the path."""
-    from host.transport import write_text_atomic
+    from host.fleet.transport import write_text_atomic
 
     text = render(store, run_id)
     path = Path(path)
@@ -98,7 +98,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def main_report(args: argparse.Namespace, console: "Console") -> int:
-    from host.store import Store
+    from host.results.store import Store
 
     out = args.output if args.output is not None else default_output(args.run)
     store = Store(args.db, create=False)

@@ -1,9 +1,9 @@
 """``edgeprune search``: prune until every device of a fleet meets its own targets, measured on the devices.
 
-One search runs one algorithm (:mod:`host.search_algos`: ``bisect`` or ``netadapt``) per device, side by side:
+One search runs one algorithm (:mod:`host.search.algos`: ``bisect`` or ``netadapt``) per device, side by side:
 each device gets its own candidates, pruned with its own channel alignment (``round_to``) and exported in its
 runtime's format and precision (:func:`profile_for`); devices with the same alignment and format share the built
-artifacts. Device evaluations of one round run on all devices in parallel (:func:`host.fleet.run_on_device`, under
+artifacts. Device evaluations of one round run on all devices in parallel (:func:`host.fleet.runner.run_on_device`, under
 each device's lease); host work (pruning, recovery, export) runs before them, so it never competes with a
 measurement on this machine.
 
@@ -20,10 +20,10 @@ Run folder (``--out DIR``, default ``results/search/<run id>``)::
                               energy-vs-accuracy Pareto fronts marked
     <device>/result.json      the verdict, why the search stopped, the bounds, the counts
     work/                     built artifacts (work/artifacts/<key>), agent job folders, the eval shards
-                              (work/eval/, with the dense model's outputs: see host.search_data)
+                              (work/eval/, with the dense model's outputs: see host.search.data)
 
 The model and data are any :mod:`edgeprune.sources` / :mod:`edgeprune.workload` accept (the options' model-source
-and data fields, stored with the run); :mod:`host.search_data` opens them once per run. On unlabelled eval data the
+and data fields, stored with the run); :mod:`host.search.data` opens them once per run. On unlabelled eval data the
 accuracy targets are label-free (``agreement``, ``snr_db`` against the dense model, measured by the agent), and
 candidates are ranked, and host-side proposals and sensitivities scored, by agreement instead of top-1.
 
@@ -58,15 +58,15 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, 
 
 from agent import schema
 from edgeprune.errors import DeviceError, EdgepruneError, ExportError, PruneError, UsageError
-from host.devices import DeviceConfig
-from host.search_algos import (AlgoOptions, Candidate, DeviceContext, DeviceEval, Group, HostEval, Layer,
+from host.fleet.devices import DeviceConfig
+from host.search.algos import (AlgoOptions, Candidate, DeviceContext, DeviceEval, Group, HostEval, Layer,
                                LayerConfig, LayerLatency, Measurement, ModelSpace, get_algorithm)
-from host.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
-from host.transport import write_text_atomic
+from host.fleet.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
+from host.fleet.transport import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.workload import Workload
-    from host.store import RunRecorder
+    from host.results.store import RunRecorder
 
 Events = Callable[[str, str, str], None]    # (kind, device id or "", message)
 
@@ -126,7 +126,7 @@ class SearchOptions:
     lease_wait_s: float = 300.0
     cache_dir: Optional[str] = None             # default results/search/cache
     algo_options: AlgoOptions = field(default_factory=AlgoOptions)
-    # model source (edgeprune.sources) and data (edgeprune.workload): see host.search_data
+    # model source (edgeprune.sources) and data (edgeprune.workload): see host.search.data
     model_args: Dict[str, Any] = field(default_factory=dict)
     weights: Optional[str] = None
     trust_pickle: bool = False
@@ -242,7 +242,7 @@ def candidate_key(space: ModelSpace, opts: SearchOptions, profile: Profile, cand
         "round_to": profile.round_to if cand.kept else None, "kept": dict(cand.kept),
         "recovery": asdict(rec) if rec is not None and cand.kept else None, "seed": opts.seed,
     }
-    from host.search_data import source_key
+    from host.search.data import source_key
 
     src = source_key(opts)
     if src:   # the user's model source and data (absent for the reference models: their keys are unchanged)
@@ -884,7 +884,7 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
     import torch
 
     from edgeprune import data, sensitivity
-    from host import search_data
+    from host.search import data as search_data
 
     if workload is None or workload.reference_path:
         cal = data.calib_split(opts.sensitivity_per_class)
@@ -936,8 +936,8 @@ class FleetEvaluator:
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, name: str, model: Any, meta: Mapping[str, Any],
                  space: ModelSpace, events: Optional[Events] = None, *,
                  workload: Optional["Workload"] = None) -> None:
-        from host import search_data
-        from host.pruning import extra_ignored
+        from host.search import data as search_data
+        from host.commands.pruning import extra_ignored
 
         self.out, self.run_id, self.opts, self.name = Path(out), run_id, opts, name
         self.base, self.meta, self.space = model, dict(meta), space
@@ -967,7 +967,7 @@ class FleetEvaluator:
     def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path],
                tag: str) -> Tuple[Any, Dict[str, Any]]:
         from edgeprune import finetune, prune
-        from host.search_data import is_labelled
+        from host.search.data import is_labelled
 
         model = copy.deepcopy(self.base).eval()
         info: Dict[str, Any] = {"plan": None, "plan_sha256": "", "recovery": None}
@@ -1060,8 +1060,8 @@ class FleetEvaluator:
     # -- measuring
     def measure(self, requests: Sequence[Request], done: DeviceDone) -> None:
         from edgeprune import export
-        from host.fleet import run_on_device
-        from host.jobs import build_job
+        from host.fleet.runner import run_on_device
+        from host.fleet.jobs import build_job
 
         built: Dict[str, Dict[str, Any]] = {}
         runnable = []
@@ -1148,8 +1148,8 @@ class FleetEvaluator:
 
     def layer_latency(self, requests: Sequence[Tuple[DeviceConfig, Profile, List[LayerConfig]]],
                       done: LayerDone) -> Dict[str, Optional[str]]:
-        from host.fleet import Lease, transport_for
-        from host.jobs import build_job
+        from host.fleet.runner import Lease, transport_for
+        from host.fleet.jobs import build_job
 
         errors: Dict[str, Optional[str]] = {}
         jobs: Dict[str, List[Tuple[str, schema.JobSpec]]] = {}
@@ -1259,11 +1259,11 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
           recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
     """A new search. ``space``/``evaluator`` replace the real ones (tests); ``workload``: the run's model and data
-    when the caller opened them already (:func:`host.search_data.open_search_workload` of ``opts``). UsageError
+    when the caller opened them already (:func:`host.search.data.open_search_workload` of ``opts``). UsageError
     before anything runs for bad options, devices, model or data, targets the data cannot judge, or a run folder
     that already holds a search."""
-    from host import search_data
-    from host.benchmark import check_run_id, new_run_id
+    from host.search import data as search_data
+    from host.commands.benchmark import check_run_id, new_run_id
 
     opts.validate()
     check_devices(devices)
@@ -1289,7 +1289,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
            space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
            recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
     """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated."""
-    from host.benchmark import check_run_id
+    from host.commands.benchmark import check_run_id
 
     check_run_id(run_id)
     folder = run_dir(run_id, out)
@@ -1305,7 +1305,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
 def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
     """The stored run's model and data, reopened from its options; UsageError when the data is not what the run
     started with (another --data under the same path, another input shape)."""
-    from host import search_data
+    from host.search import data as search_data
 
     wl = search_data.open_search_workload(opts)
     stored = _stored_workload(folder)
@@ -1327,8 +1327,8 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
     if space is None or evaluator is None:
         import torch
 
-        from host import search_data
-        from host.pruning import extra_ignored
+        from host.search import data as search_data
+        from host.commands.pruning import extra_ignored
 
         torch.manual_seed(opts.seed)
         wl = workload if workload is not None else search_data.open_search_workload(opts)

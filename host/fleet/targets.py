@@ -18,7 +18,7 @@ nothing).
 Where targets come from, lowest precedence first (a later layer replaces a metric an earlier one set):
 
 1. the device config's ``targets:`` mapping, where the device config has one (read with ``getattr``: the field is
-   optional in :class:`host.devices.DeviceConfig`);
+   optional in :class:`host.fleet.devices.DeviceConfig`);
 2. a targets file (``--targets FILE``)::
 
        default: {latency_p50_ms: 0.5x, accuracy_drop_pp: 1.0}

@@ -10,7 +10,7 @@ artifact's files under their own names (:func:`artifact_files`: the primary file
 no links) to the real files, and ``artifact.path`` names the primary one there. Runtimes find a file's companions
 beside it (OpenVINO's ``.bin``, relative paths in ``runtime.options``); the agent verifies every file's sha256
 before it loads anything. ``LocalTransport`` links to the files where they are; ``SSHTransport`` to the device's
-content-addressed cache (``host.ssh``). The folder is created fresh for each job and removed when it ends; the
+content-addressed cache (``host.fleet.ssh``). The folder is created fresh for each job and removed when it ends; the
 ``workdir`` keeps ``job.json`` as given and ``report.json``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class InfrastructureError(DeviceError):
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
-MAX_REPORT_BYTES = 16 << 20     # a larger report.json is refused unread (host.ssh keeps the same limit)
+MAX_REPORT_BYTES = 16 << 20     # a larger report.json is refused unread (host.fleet.ssh keeps the same limit)
 
 
 ARTIFACT_DIR = "artifact"   # in the agent's job folder: the artifact's files, linked under their own names
@@ -187,7 +187,7 @@ class LocalTransport:
     def _run(self, job: schema.JobSpec, job_path: Path, report_path: Path) -> schema.Report:
         # what the agent prints is never held whole: stdout is not used (the report is the contract) and only
         # stderr's tail is kept, from a file; a report over the limit is refused by its size, unread -- the same
-        # bounds host.ssh keeps on an SSH device's output
+        # bounds host.fleet.ssh keeps on an SSH device's output
         env = self._env()
         # this interpreter runs the launcher, which becomes ``python -m agent run ...`` (the device's python)
         cmd = [sys.executable, "-S", "-c", DIE_WITH_PARENT, str(os.getpid()),

@@ -1,7 +1,7 @@
 """The model and data of ``edgeprune search``: one :class:`~edgeprune.workload.Workload`, opened once per run.
 
 :func:`open_search_workload` opens it from the run's options (the model-source and data fields of
-:class:`host.search.SearchOptions`, stored with the run so ``--resume`` reopens the same); :func:`check_workload`
+:class:`host.search.run.SearchOptions`, stored with the run so ``--resume`` reopens the same); :func:`check_workload`
 refuses, before anything is recorded, targets the data cannot judge (a top-1 drop bound on unlabelled data, a
 search with no eval data at all). :class:`SearchData` is what the evaluator builds and measures with:
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.data import Split
     from edgeprune.shards import ShardInfo
     from edgeprune.workload import DataOptions, Workload
-    from host.targets import TargetSet
+    from host.fleet.targets import TargetSet
 
 SOURCE_FIELDS = ("model_args", "weights", "trust_pickle", "input_shape", "ignore_layers")
 DATA_FIELDS = ("data", "calib_data", "finetune_data", "resize", "center_crop", "mean", "std")
@@ -46,7 +46,7 @@ def data_options(opts: Any) -> "DataOptions":
 def open_search_workload(opts: Any) -> "Workload":
     """The run's model and data (every bad input one clear error, before anything is built)."""
     from edgeprune.workload import open_workload
-    from host.pruning import model_spec
+    from host.commands.pruning import model_spec
 
     return open_workload(model_spec(opts), data_options(opts))
 
@@ -70,7 +70,7 @@ def eval_labelled(wl: "Workload") -> bool:
 def check_workload(wl: "Workload", targets: Mapping[str, "TargetSet"]) -> None:
     """UsageError when the search could not judge a candidate: no eval data, or a top-1 drop bound on unlabelled
     eval data."""
-    from host.targets import check_labelled
+    from host.fleet.targets import check_labelled
 
     if wl.eval is None or wl.eval.n == 0:
         raise UsageError("--data: a search judges every candidate's accuracy on the device and needs eval data: give "
@@ -154,7 +154,7 @@ class SearchData:
         written = shards.write_shards(shard_batches(self.wl, self.dense), folder,
                                       prefix=f"{ev.name}-{ev.n}")
         sha = written[0].sha256 if len(written) == 1 else export.sha256_text(",".join(s.sha256 for s in written))
-        from host.transport import write_text_atomic
+        from host.fleet.transport import write_text_atomic
 
         write_text_atomic(index, json.dumps({"key": want, "sha256": sha, "shards": [
             {"file": s.path.name, "sha256": s.sha256, "n": s.n} for s in written]}, indent=1, sort_keys=True))

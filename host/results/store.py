@@ -439,7 +439,7 @@ class RunRecorder:
 
     def __init__(self, store: Store, run_id: str, kind: str, *, command: Any = None,
                  provenance: Optional[Mapping[str, Any]] = None, resume: bool = False) -> None:
-        from host.provenance import host_provenance
+        from host.results.provenance import host_provenance
 
         self.store, self.run_id, self.kind, self.resume = store, run_id, kind, resume
         self.command = command if command is not None else list(__import__("sys").argv)
@@ -462,7 +462,7 @@ class RunRecorder:
             self.store.finish_run(self.run_id, "failed", summary=self.summary, error=f"{tp.__name__}: {exc}")
 
     def device(self, dev: Any) -> None:
-        """Record a device of the run with its config (a :class:`host.devices.DeviceConfig` or a dict)."""
+        """Record a device of the run with its config (a :class:`host.fleet.devices.DeviceConfig` or a dict)."""
         config = dev.model_dump(mode="json", by_alias=True) if hasattr(dev, "model_dump") else dict(dev)
         self.store.add_device(self.run_id, str(config.get("id")), device_class=config.get("class")
                               or config.get("device_class"), config=_scrub(config))

@@ -1,6 +1,6 @@
 """SSH transport: run jobs on a device's agent over one reused paramiko connection.
 
-``SSHTransport(device).run_job(job, workdir)`` has :class:`host.transport.LocalTransport`'s semantics — a JSON
+``SSHTransport(device).run_job(job, workdir)`` has :class:`host.fleet.transport.LocalTransport`'s semantics — a JSON
 job in, a validated report out, a report with ``status: "error"`` returned rather than raised, local copies of
 ``job.json`` / ``report.json`` kept in ``workdir`` — with the artifact, the eval shards and the agent itself
 shipped to the device through a content-addressed cache.
@@ -100,8 +100,8 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from agent import schema
 from edgeprune.errors import ConfigError, DeviceError
-from host.devices import DeviceConfig, SSHConfig, local_path
-from host.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files, write_text_atomic
+from host.fleet.devices import DeviceConfig, SSHConfig, local_path
+from host.fleet.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ import torch
 from agent import schema
 from edgeprune import data, datasets, export, models, shards
 from edgeprune.errors import ExportError, UsageError
-from host import state
-from host.devices import DeviceConfig
-from host.fleet import DeviceOutcome, Events, run_on_devices
-from host.jobs import build_job
-from host.transport import write_text_atomic
+from host.fleet import state
+from host.fleet.devices import DeviceConfig
+from host.fleet.runner import DeviceOutcome, Events, run_on_devices
+from host.fleet.jobs import build_job
+from host.fleet.transport import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from host.store import RunRecorder
+    from host.results.store import RunRecorder
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",

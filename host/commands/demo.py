@@ -28,13 +28,13 @@ from agent import schema
 from edgeprune import data, export, finetune, prune, shards
 from edgeprune.errors import DeviceError, UsageError
 from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
-from host.devices import DeviceConfig, local_device
-from host.jobs import build_job
-from host.fleet import Lease, transport_for
-from host.transport import write_text_atomic
+from host.fleet.devices import DeviceConfig, local_device
+from host.fleet.jobs import build_job
+from host.fleet.runner import Lease, transport_for
+from host.fleet.transport import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from host.store import RunRecorder
+    from host.results.store import RunRecorder
 
 SUMMARY_COLUMNS = [
     "model", "ratio", "macs", "params", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_cv",
@@ -153,7 +153,7 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
 
 def open_demo_workload(opts: DemoOptions) -> Workload:
     """The demo's model and data, opened (and so checked) before anything is recorded or built."""
-    from host.pruning import model_spec
+    from host.commands.pruning import model_spec
 
     return open_workload(model_spec(opts), opts.data_options())
 
@@ -169,7 +169,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     for sub in ("artifacts", "reports", "jobs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    from host.pruning import extra_ignored
+    from host.commands.pruning import extra_ignored
 
     wl = workload if workload is not None else open_demo_workload(opts)
     loaded = wl.model

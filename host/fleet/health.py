@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 from edgeprune.errors import DeviceError
-from host import state
-from host.devices import DeviceConfig
-from host.fleet import transport_for
+from host.fleet import state
+from host.fleet.devices import DeviceConfig
+from host.fleet.runner import transport_for
 
 
 # the Python modules that provide each agent runtime (what `agent probe` lists)

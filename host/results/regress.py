@@ -80,7 +80,7 @@ from edgeprune.errors import UsageError
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-    from host.store import Store
+    from host.results.store import Store
 
 MAX_TEST_SAMPLES = 1000
 N_BOOT = 2000
@@ -812,7 +812,7 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
     """Write the comparison as JUnit XML (one testsuite ``edgeprune.regress``, one testcase per check) atomically."""
     import xml.etree.ElementTree as ET
 
-    from host.transport import write_text_atomic
+    from host.fleet.transport import write_text_atomic
 
     counts = comparison.counts()
     failures = sum(counts[v] for v in FAILING)
@@ -924,7 +924,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 def main_regress(args: argparse.Namespace, console: "Console") -> int:
     """Run the gate from parsed arguments; print the summary (or JSON); the exit code. UsageError propagates."""
-    from host.store import Store
+    from host.results.store import Store
 
     latency_tol = parse_percent(args.latency_tol, "--latency-tol")
     energy_tol = parse_percent(args.energy_tol, "--energy-tol")

@@ -9,7 +9,7 @@ from agent import schema
 
 from edgeprune.errors import DeviceError
 from edgeprune.export import Manifest
-from host.devices import DeviceConfig, auto_affinity
+from host.fleet.devices import DeviceConfig, auto_affinity
 
 # artifact formats each agent runtime can load
 RUNTIME_FORMATS: Dict[str, Tuple[str, ...]] = {

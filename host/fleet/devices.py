@@ -10,7 +10,7 @@ override any part of it::
     power: {sensor: model, idle_w: 5.0, max_w: 15.0}
     targets: {latency_p50_ms: 0.5x, accuracy_drop_pp: 1.0}   # what `edgeprune search` must reach here
 
-``targets`` takes the metrics and values of ``--target`` (:mod:`host.targets`: a number, or a multiple of the
+``targets`` takes the metrics and values of ``--target`` (:mod:`host.fleet.targets`: a number, or a multiple of the
 dense model on this device such as ``0.5x``), checked when the file is read; aliases are stored under their
 canonical names. A class template's targets merge with the device's metric by metric (the device's value wins,
 whichever alias either one uses); a targets file and the command line override both.
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from edgeprune.errors import ConfigError, UsageError
-from host import targets as _targets
+from host.fleet import targets as _targets
 
 
 class _Strict(BaseModel):
@@ -101,7 +101,7 @@ class SSHConfig(_Strict):
     cache_dir: str = "~/.cache/edgeprune"     # content-addressed cache on the device
 
 
-_WHERE = "targets"   # the prefix host.targets puts on its messages; cut off again (the loader names the field)
+_WHERE = "targets"   # the prefix host.fleet.targets puts on its messages; cut off again (the loader names the field)
 
 
 def _target_metric(key: Any) -> Any:
@@ -125,14 +125,14 @@ class DeviceConfig(_Strict):
     round_to: int = Field(1, ge=1)            # channel alignment for pruning on this device
     precisions: List[str] = Field(default_factory=lambda: ["fp32"])
     cache_dir: Optional[str] = None           # local transport: cache and lease folder (default ~/.cache/edgeprune)
-    # search targets on this device: metric (host.targets.METRICS or accuracy_drop_pp) -> number or "0.5x"
+    # search targets on this device: metric (host.fleet.targets.METRICS or accuracy_drop_pp) -> number or "0.5x"
     targets: Dict[str, Union[float, str]] = Field(default_factory=dict)
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
 
     @field_validator("targets", mode="before")
     @classmethod
     def _targets_as_search_reads_them(cls, raw: Any) -> Any:
-        """host.targets' own parser checks each metric and value; keys come back canonical (aliases resolved).
+        """host.fleet.targets' own parser checks each metric and value; keys come back canonical (aliases resolved).
         An error carries the offending key in its context (``target``) so the loader can point at its line."""
         if not isinstance(raw, dict):
             return raw                        # pydantic reports the type error

@@ -1,14 +1,14 @@
 """Search algorithms: which pruned candidate to measure next on a device, from what was measured so far.
 
 Everything here is plain data and arithmetic over a :class:`ModelSpace` (the model's prunable groups and the
-shapes of its conv/linear layers, read once from torch by :mod:`host.search`); no torch, no files, no devices.
+shapes of its conv/linear layers, read once from torch by :mod:`host.search.run`); no torch, no files, no devices.
 An algorithm is a generator per device (:meth:`SearchAlgorithm.run`) that *yields* work and is sent its result:
 
 * :class:`DeviceEval` (one candidate, built and measured on the device by the agent) → :class:`Measurement`;
 * :class:`HostEval` (candidates fine-tuned on the host, top-1 on the calib split in torch) → list of top-1;
 * :class:`LayerLatency` (layer configurations, each timed alone on the device) → ``{config key: ms}``.
 
-The driver (:func:`host.search.run_search`) runs the generators of all devices side by side, device work in
+The driver (:func:`host.search.run.run_search`) runs the generators of all devices side by side, device work in
 parallel, persists every result and serves completed results from its store on ``--resume``. Generators are
 deterministic functions of the results they are sent, so a resumed search replays to the same point.
 
@@ -52,7 +52,7 @@ from typing import Any, Callable, ClassVar, Dict, Generator, List, Mapping, Opti
 
 from edgeprune.errors import UsageError
 from edgeprune.prune import kept_channels
-from host.targets import METRICS, Bounds, TargetSet
+from host.fleet.targets import METRICS, Bounds, TargetSet
 
 # ------------------------------------------------------------------------------------------ the model space
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from agent import schema
 from edgeprune.errors import DeviceError
-from host.devices import DeviceConfig
-from host.transport import InfrastructureError, LocalTransport
+from host.fleet.devices import DeviceConfig
+from host.fleet.transport import InfrastructureError, LocalTransport
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class DeviceBusy(DeviceError):
 
 def transport_for(dev: DeviceConfig) -> Any:
     if dev.transport == "ssh":
-        from host.ssh import SSHTransport  # paramiko is only needed for SSH devices
+        from host.fleet.ssh import SSHTransport  # paramiko is only needed for SSH devices
 
         return SSHTransport(dev)
     return LocalTransport(python=dev.python, cache_dir=Path(dev.cache_dir) if dev.cache_dir else None)

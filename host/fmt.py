@@ -1,0 +1,42 @@
+"""How numbers read in every table the host prints or writes (CLI tables, HTML report, regression verdicts).
+
+One place for the missing-value mark and the few formats, so that a value reads the same in the terminal, the
+report and the gate's summary. Pure functions, no imports from the rest of the project: every room may use it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+NA = "—"
+"""What a table shows where a value is missing (not measured, not applicable, not finite)."""
+
+
+def number(x: Any) -> Optional[float]:
+    """``x`` as a finite float, or None for anything else (None, NaN, ±inf, bools, strings)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def fixed(x: Any, spec: str = ".3f") -> str:
+    """``format(x, spec)`` for a finite number, :data:`NA` otherwise."""
+    v = number(x)
+    return NA if v is None else format(v, spec)
+
+
+def pct(x: Any, digits: int = 2) -> str:
+    """A fraction as a percentage: ``0.923`` → ``92.30%``; :data:`NA` when missing."""
+    return fixed(x, f".{digits}%")
+
+
+def change(ratio_minus_one: Any, digits: int = 1) -> str:
+    """A relative change with its sign: ``0.056`` → ``+5.6%``; :data:`NA` when missing."""
+    v = number(ratio_minus_one)
+    return NA if v is None else f"{v * 100:+.{digits}f}%"
+
+
+def field(row: Mapping[str, Any], key: str, spec: str = ".3f") -> str:
+    """``row[key]`` formatted with ``spec``, :data:`NA` when absent or not a number."""
+    return fixed(row.get(key), spec)
