@@ -31,6 +31,10 @@ class ExportError(EdgepruneError):
     """An exported artifact failed its equivalence check or could not be written."""
 
 
+class ToolchainError(ExportError):
+    """The toolchain an export format needs (a Python package, a program) is missing; the message says how to get it."""
+
+
 class DeviceError(EdgepruneError):
     """A device could not run a job (transport failure, timeout, agent error).
 
@@ -39,3 +43,57 @@ class DeviceError(EdgepruneError):
     a job the agent refused)."""
 
     infrastructure = False
+
+
+class InfrastructureError(DeviceError):
+    """The device could not be reached or did not answer (connection lost, timeout, no report): worth a retry,
+    unlike a model or runtime error, which a report with status "error" carries."""
+
+    infrastructure = True
+
+
+class DeviceBusy(DeviceError):
+    """Another controller holds the device's lease and did not release it in time."""
+
+
+class SSHError(DeviceError):
+    """A device could not be reached or could not run a command over SSH.
+
+    ``infrastructure`` is True when the failure is in the transport (connection refused or lost, timeout,
+    killed): retrying later or on another device may succeed. It is False when retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, infrastructure: bool, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.infrastructure = infrastructure
+        self.timed_out = timed_out
+
+
+class HostKeyError(SSHError):
+    """The device's host key is unknown (policy ``reject``) or differs from the recorded one.
+
+    Besides the message, the key details stay available to a caller as attributes (None where not known):
+    ``host`` (the known_hosts name, ``[host]:port`` off port 22), ``key_type`` and ``fingerprint`` (SHA256) of the
+    key the server offered, ``expected_fingerprint`` (the recorded key's, when it changed), ``known_hosts`` (the
+    file) and ``lines`` (its line numbers holding the host).
+    """
+
+    def __init__(self, message: str, *, host: "str | None" = None, key_type: "str | None" = None,
+                 fingerprint: "str | None" = None, expected_fingerprint: "str | None" = None,
+                 known_hosts: "str | None" = None, lines: "tuple[int, ...]" = ()) -> None:
+        super().__init__(message, infrastructure=False)
+        self.host = host
+        self.key_type = key_type
+        self.fingerprint = fingerprint
+        self.expected_fingerprint = expected_fingerprint
+        self.known_hosts = known_hosts
+        self.lines = tuple(lines)
+
+    @property
+    def changed(self) -> bool:
+        """True when a recorded key differs from the offered one (rather than no key being recorded)."""
+        return self.expected_fingerprint is not None
+
+
+class StoreError(UsageError):
+    """The results store cannot be opened or written (exit 2)."""

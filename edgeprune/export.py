@@ -91,16 +91,12 @@ import torch
 import torch.nn as nn
 
 from .data import INPUT_SHAPE, MEAN, SCALE, STD
-from .errors import ExportError, UsageError
+from .errors import ExportError, ToolchainError, UsageError
 from .models import sha256_file
 from .sources import flatten_outputs
 
 MANIFEST_VERSION = 2
 MANIFEST_VERSIONS = (1, 2)  # what Manifest.read accepts; version 1 manifests are filled in as described there
-
-
-class ToolchainError(ExportError):
-    """The toolchain an export format needs (a Python package, a program) is missing; the message says how to get it."""
 
 
 @dataclass

@@ -78,6 +78,17 @@ class ModelSpec:
     task: Optional[str] = None
     ignore_layers: List[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, opts: Any) -> "ModelSpec":
+        """The spec of any options object with the model fields (prune, demo, search and sensitivity share them:
+        ``model``, ``model_args``, ``weights``, ``trust_pickle``, ``input_shape``, ``ignore_layers``); absent
+        fields take their defaults."""
+        return cls(source=opts.model, args=dict(getattr(opts, "model_args", None) or {}),
+                   weights=getattr(opts, "weights", None),
+                   trust_pickle=bool(getattr(opts, "trust_pickle", False)),
+                   input_shape=getattr(opts, "input_shape", None),
+                   ignore_layers=list(getattr(opts, "ignore_layers", None) or ()))
+
 
 @dataclass
 class LoadedModel:
@@ -95,6 +106,15 @@ class LoadedModel:
     @property
     def example(self) -> torch.Tensor:
         return torch.zeros(*self.input_shape)
+
+    def ignored_modules(self) -> List[nn.Module]:
+        """The layers ``--ignore-layers`` / the model file's ``ignore_layers`` name (globs over module names), to be
+        kept whole beside the default protected layers (:func:`edgeprune.prune.prune`'s ``extra_ignored``)."""
+        if not self.ignore_layers:
+            return []
+        from .prune_groups import resolve_ignore_globs   # torch_pruning, only when there is something to resolve
+
+        return list(resolve_ignore_globs(self.model, self.ignore_layers))
 
 
 # --------------------------------------------------------------------------------------------------- parsing

@@ -13,10 +13,13 @@ NA = "—"
 
 
 def number(x: Any) -> Optional[float]:
-    """``x`` as a finite float, or None for anything else (None, NaN, ±inf, bools, strings)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    """``x`` as a finite float (numbers and numeric strings), or None for anything else (None, bools, NaN, ±inf)."""
+    if isinstance(x, bool) or x is None:
         return None
-    v = float(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
     return v if math.isfinite(v) else None
 
 

@@ -15,12 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import agent
 from edgeprune.errors import EdgepruneError, UsageError
 
 if TYPE_CHECKING:
     from host.fleet.devices import DeviceConfig
 
-VERSION = "0.1.0"
+VERSION = agent.__version__  # the one version string (pyproject.toml reads it too)
 
 
 def _ratios(text: str) -> List[float]:
@@ -305,7 +306,8 @@ def _select(fleet: Optional[str], ids: Optional[str], *, connect: bool = True) -
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
-    from host.commands.benchmark import check_inputs, run_bench, new_run_id, check_run_id
+    from host.commands.benchmark import check_inputs, run_bench
+    from host.results.store import check_run_id, new_run_id
 
     devices = _select(args.fleet, args.devices)
     if args.threads is not None and args.threads < 1:
@@ -435,7 +437,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             kw[name] = getattr(args, name)
     opts = DemoOptions.quick_defaults(**kw) if args.quick else DemoOptions(**kw)
     opts.validate()
-    from host.commands.benchmark import check_run_id, new_run_id
+    from host.results.store import check_run_id, new_run_id
     from host.commands.demo import open_demo_workload
 
     run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
@@ -563,11 +565,11 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     if args.calib_per_class < 1:
         raise UsageError("--calib-per-class: must be >= 1")
     from edgeprune.workload import DataOptions, open_workload
-    from host.commands.pruning import model_spec
+    from edgeprune.sources import ModelSpec
 
     kw = _source_kwargs(args)
     spec_kw = {k: kw.pop(k) for k in ("model_args", "weights", "trust_pickle", "input_shape", "ignore_layers")}
-    wl = open_workload(model_spec(argparse.Namespace(model=args.model, **spec_kw)), DataOptions(**kw))
+    wl = open_workload(ModelSpec.of(argparse.Namespace(model=args.model, **spec_kw)), DataOptions(**kw))
     name, model = wl.model.name, wl.model.model
     metric = "top1"
     if wl.reference_path:
@@ -578,17 +580,16 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
             raise UsageError("sensitivity: needs data to score on: give --data (or --calib-data)")
         if (cal.labels < 0).any():   # unlabelled: the drop in top-1 agreement with the dense model's own outputs
             metric = "agreement"
-    from host.commands.pruning import extra_ignored
 
     with _stage_progress(console) as progress:
         task = progress.add_task("sensitivity", total=None)
         df = sensitivity.analyse(model, cal, wl.example, ratios=args.ratios, metric=metric,
-                                 extra_ignored=extra_ignored(wl.model),
+                                 extra_ignored=wl.model.ignored_modules(),
                                  importance=args.importance, round_to=args.align, recalibrate=args.recalibrate,
                                  progress=lambda d, t, what: progress.update(task, description=what, completed=d,
                                                                              total=t))
     args.out.mkdir(parents=True, exist_ok=True)
-    from host.fleet.transport import write_text_atomic
+    from host.files import write_text_atomic
 
     csv_path = args.out / "sensitivity.csv"
     write_text_atomic(csv_path, df.to_csv(index=False, float_format="%.6g"))
@@ -683,7 +684,7 @@ def _search_table(result: "object") -> Table:
 
 def _search(args: argparse.Namespace, console: Console) -> int:
     from host.search import run as search
-    from host.commands.benchmark import check_run_id, new_run_id
+    from host.results.store import check_run_id, new_run_id
     from host.fleet.targets import device_targets, parse_cli
 
     if args.json:  # stdout carries the JSON document alone: progress and the table go to stderr

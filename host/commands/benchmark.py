@@ -12,8 +12,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,24 +28,14 @@ from host.fleet import state
 from host.fleet.devices import DeviceConfig
 from host.fleet.runner import DeviceOutcome, Events, run_on_devices
 from host.fleet.jobs import build_job
-from host.fleet.transport import write_text_atomic
+from host.files import write_text_atomic
+from host.results.store import check_run_id, new_run_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
            "accuracy_top5", "agreement", "snr_db", "max_abs_err", "eval_n", "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id):
-        raise UsageError(f"--run-id: {run_id!r} must match [A-Za-z0-9._-]{{1,64}}")
-    return run_id
 
 
 def artifact_from(model: str, workdir: Path) -> Tuple[Path, export.Manifest]:

@@ -28,10 +28,11 @@ from agent import schema
 from edgeprune import data, export, finetune, prune, shards
 from edgeprune.errors import DeviceError, UsageError
 from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
+from edgeprune.sources import ModelSpec
 from host.fleet.devices import DeviceConfig, local_device
 from host.fleet.jobs import build_job
 from host.fleet.runner import Lease, transport_for
-from host.fleet.transport import write_text_atomic
+from host.files import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
@@ -153,9 +154,8 @@ def _row(model: str, ratio: float, macs: int, params: int, recovery: str, report
 
 def open_demo_workload(opts: DemoOptions) -> Workload:
     """The demo's model and data, opened (and so checked) before anything is recorded or built."""
-    from host.commands.pruning import model_spec
 
-    return open_workload(model_spec(opts), opts.data_options())
+    return open_workload(ModelSpec.of(opts), opts.data_options())
 
 
 def run_demo(opts: DemoOptions, events: Optional[Events] = None,
@@ -169,7 +169,6 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     for sub in ("artifacts", "reports", "jobs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
-    from host.commands.pruning import extra_ignored
 
     wl = workload if workload is not None else open_demo_workload(opts)
     loaded = wl.model
@@ -194,7 +193,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
 
     example = wl.example
     check_inputs = wl.check_inputs()
-    keep = extra_ignored(loaded)
+    keep = loaded.ignored_modules()
     dev = opts.device
     transport = transport_for(dev)
     # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,

@@ -32,7 +32,7 @@ import torch.nn as nn
 from edgeprune import data, export, finetune, prune, sources
 from edgeprune.errors import UsageError
 from edgeprune.workload import DataOptions, Workload, describe_sources, open_workload
-from host.fleet.transport import write_text_atomic
+from host.files import write_text_atomic
 
 Events = Callable[[str, str, Optional[int], Optional[int]], None]
 
@@ -74,7 +74,7 @@ class PruneOptions:
     std: Optional[str] = None
 
     def model_spec(self) -> sources.ModelSpec:
-        return model_spec(self)
+        return sources.ModelSpec.of(self)
 
     def data_options(self) -> DataOptions:
         return DataOptions.of(self)
@@ -147,28 +147,11 @@ class PruneOutcome:
         return self.macs_before / max(1, self.macs_after)
 
 
-def model_spec(opts: Any) -> sources.ModelSpec:
-    """The :class:`~edgeprune.sources.ModelSpec` of any options object with the model fields (prune, demo, search,
-    sensitivity share them); absent fields take their defaults."""
-    return sources.ModelSpec(source=opts.model, args=dict(getattr(opts, "model_args", None) or {}),
-                             weights=getattr(opts, "weights", None),
-                             trust_pickle=bool(getattr(opts, "trust_pickle", False)),
-                             input_shape=getattr(opts, "input_shape", None),
-                             ignore_layers=list(getattr(opts, "ignore_layers", None) or ()))
-
-
 def load_model(spec: str) -> Tuple[str, nn.Module, Dict[str, Any]]:
     """A model from any source :mod:`edgeprune.sources` reads (a built-in name, a checkpoint file, ``MODULE:CALLABLE``,
     a model file). Returns its name, the model in eval mode and its metadata (the weights' sha256 among it)."""
     loaded = sources.resolve(sources.ModelSpec(source=spec))
     return loaded.name, loaded.model, dict(loaded.meta)
-
-
-def extra_ignored(loaded: sources.LoadedModel) -> List[nn.Module]:
-    """The layers ``--ignore-layers`` / the model file's ``ignore_layers`` name, kept whole beside the defaults."""
-    if not loaded.ignore_layers:
-        return []
-    return list(prune.resolve_ignore_globs(loaded.model, loaded.ignore_layers))
 
 
 def _tag(name: str, opts: PruneOptions) -> str:
@@ -216,7 +199,7 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
                   f"{'global' if opts.global_ranking else 'uniform'} ranking, align {opts.align})", None, None)
     pr = prune.prune(model, opts.ratio, example, importance=opts.importance, round_to=opts.align,
                      min_channels=opts.min_channels, global_ranking=opts.global_ranking, calib=calib,
-                     prune_residual=opts.prune_residual, extra_ignored=extra_ignored(loaded))
+                     prune_residual=opts.prune_residual, extra_ignored=loaded.ignored_modules())
     write_text_atomic(out / "plan.json", pr.plan.to_json())
 
     masks = None

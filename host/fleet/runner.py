@@ -21,17 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from agent import schema
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceBusy, DeviceError
 from host.fleet.devices import DeviceConfig
 from host.fleet.transport import InfrastructureError, LocalTransport
 
 log = logging.getLogger(__name__)
 
 Events = Callable[[str, str, str], None]  # (device id, kind, message)
-
-
-class DeviceBusy(DeviceError):
-    """Another controller holds the device's lease and did not release it in time."""
 
 
 def transport_for(dev: DeviceConfig) -> Any:

@@ -99,9 +99,10 @@ import paramiko
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from agent import schema
-from edgeprune.errors import ConfigError, DeviceError
+from edgeprune.errors import ConfigError, DeviceError, HostKeyError, SSHError
 from host.fleet.devices import DeviceConfig, SSHConfig, local_path
-from host.fleet.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files, write_text_atomic
+from host.files import write_text_atomic
+from host.fleet.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +116,6 @@ _PID_MARK = b"EDGEPRUNE_PID "
 _HELPER_MARK = b"EDGEPRUNE_HELPER\n"
 _PID_PREFIX = "printf 'EDGEPRUNE_PID %s\\n' \"$$\" >&2; "   # fixed text: $$ is the shell, sshd's session leader
 _KNOWN_HOSTS_LOCK = threading.Lock()
-
-
-class SSHError(DeviceError):
-    """A device could not be reached or could not run a command over SSH.
-
-    ``infrastructure`` is True when the failure is in the transport (connection refused or lost, timeout,
-    killed): retrying later or on another device may succeed. It is False when retrying cannot help.
-    """
-
-    def __init__(self, message: str, *, infrastructure: bool, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.infrastructure = infrastructure
-        self.timed_out = timed_out
-
-
-class HostKeyError(SSHError):
-    """The device's host key is unknown (policy ``reject``) or differs from the recorded one."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, infrastructure=False)
 
 
 @dataclass

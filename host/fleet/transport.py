@@ -27,14 +27,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 from agent import schema
-from edgeprune.errors import DeviceError
-
-
-class InfrastructureError(DeviceError):
-    """The device could not be reached or did not answer (connection lost, timeout, no report): worth a retry,
-    unlike a model or runtime error, which a report with status "error" carries."""
-
-    infrastructure = True
+from edgeprune.errors import DeviceError, InfrastructureError
+from host.files import write_text_atomic
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
@@ -80,14 +74,6 @@ def link_file(src: Union[str, Path], dst: Union[str, Path]) -> str:
     except OSError:
         shutil.copyfile(src, dst)
         return "copy"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 # Starts the agent so that it dies with this process: the agent runs in its own session (a deadline kills its

@@ -812,7 +812,7 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
     """Write the comparison as JUnit XML (one testsuite ``edgeprune.regress``, one testcase per check) atomically."""
     import xml.etree.ElementTree as ET
 
-    from host.fleet.transport import write_text_atomic
+    from host.files import write_text_atomic
 
     counts = comparison.counts()
     failures = sum(counts[v] for v in FAILING)

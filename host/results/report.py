@@ -66,7 +66,7 @@ def render(store: "Store", run_id: str) -> str:
 
 def write(store: "Store", run_id: str, path: Path) -> Path:
     """Render the report of ``run_id`` and write it to ``path`` atomically (its folder is created); the path."""
-    from host.fleet.transport import write_text_atomic
+    from host.files import write_text_atomic
 
     text = render(store, run_id)
     path = Path(path)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 
-from edgeprune.errors import UsageError
+from edgeprune.errors import StoreError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -196,11 +198,23 @@ def display(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+# ------------------------------------------------------------------------------------------ run ids
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def new_run_id() -> str:
+    """A fresh run id: the local time and four random hex digits (``20261204-221503-9f2c``)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` itself when it is a valid run id (it names files and rows), else :class:`UsageError`."""
+    if not RUN_ID_RE.match(run_id):
+        raise UsageError(f"--run-id: {run_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    return run_id
+
+
 # ------------------------------------------------------------------------------------------ the store
-
-
-class StoreError(UsageError):
-    """The store cannot be opened or written (exit 2)."""
 
 
 class Store:

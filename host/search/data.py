@@ -46,9 +46,9 @@ def data_options(opts: Any) -> "DataOptions":
 def open_search_workload(opts: Any) -> "Workload":
     """The run's model and data (every bad input one clear error, before anything is built)."""
     from edgeprune.workload import open_workload
-    from host.commands.pruning import model_spec
+    from edgeprune.sources import ModelSpec
 
-    return open_workload(model_spec(opts), data_options(opts))
+    return open_workload(ModelSpec.of(opts), data_options(opts))
 
 
 def source_key(opts: Any) -> Dict[str, Any]:
@@ -154,7 +154,7 @@ class SearchData:
         written = shards.write_shards(shard_batches(self.wl, self.dense), folder,
                                       prefix=f"{ev.name}-{ev.n}")
         sha = written[0].sha256 if len(written) == 1 else export.sha256_text(",".join(s.sha256 for s in written))
-        from host.fleet.transport import write_text_atomic
+        from host.files import write_text_atomic
 
         write_text_atomic(index, json.dumps({"key": want, "sha256": sha, "shards": [
             {"file": s.path.name, "sha256": s.sha256, "n": s.n} for s in written]}, indent=1, sort_keys=True))

@@ -62,7 +62,7 @@ from host.fleet.devices import DeviceConfig
 from host.search.algos import (AlgoOptions, Candidate, DeviceContext, DeviceEval, Group, HostEval, Layer,
                                LayerConfig, LayerLatency, Measurement, ModelSpace, get_algorithm)
 from host.fleet.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, impossible_reason, metrics_from_report
-from host.fleet.transport import write_text_atomic
+from host.files import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.workload import Workload
@@ -937,7 +937,6 @@ class FleetEvaluator:
                  space: ModelSpace, events: Optional[Events] = None, *,
                  workload: Optional["Workload"] = None) -> None:
         from host.search import data as search_data
-        from host.commands.pruning import extra_ignored
 
         self.out, self.run_id, self.opts, self.name = Path(out), run_id, opts, name
         self.base, self.meta, self.space = model, dict(meta), space
@@ -951,7 +950,7 @@ class FleetEvaluator:
         # instance of the same model when the caller loaded its own)
         names = {id(m): n for n, m in wl.model.model.named_modules()}
         mods = dict(self.base.named_modules())
-        self.keep_names = [names[id(m)] for m in extra_ignored(wl.model) if names.get(id(m)) in mods]
+        self.keep_names = [names[id(m)] for m in wl.model.ignored_modules() if names.get(id(m)) in mods]
         self.data = search_data.SearchData(wl, self.work, self.base, self.emit)
         self.eval_name = self.data.eval_name
         self.shards = self.data.shards
@@ -1263,7 +1262,7 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
     before anything runs for bad options, devices, model or data, targets the data cannot judge, or a run folder
     that already holds a search."""
     from host.search import data as search_data
-    from host.commands.benchmark import check_run_id, new_run_id
+    from host.results.store import check_run_id, new_run_id
 
     opts.validate()
     check_devices(devices)
@@ -1289,7 +1288,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
            space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
            recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
     """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated."""
-    from host.commands.benchmark import check_run_id
+    from host.results.store import check_run_id
 
     check_run_id(run_id)
     folder = run_dir(run_id, out)
@@ -1328,7 +1327,6 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
         import torch
 
         from host.search import data as search_data
-        from host.commands.pruning import extra_ignored
 
         torch.manual_seed(opts.seed)
         wl = workload if workload is not None else search_data.open_search_workload(opts)
@@ -1343,7 +1341,7 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
                              "against the dense model's outputs, measured on the device")
         loaded = wl.model
         name, model, meta = loaded.name, loaded.model, dict(loaded.meta)
-        keep = extra_ignored(loaded)
+        keep = loaded.ignored_modules()
         sens = None
         ao = opts.algo_options
         if (opts.algo == "bisect" and ao.allocation == "sensitivity") or \
