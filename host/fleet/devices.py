@@ -173,7 +173,7 @@ def local_device() -> DeviceConfig:
     )
 
 
-CLASSES_DIR = Path(__file__).resolve().parents[1] / "device_configs" / "classes"
+CLASSES_DIR = Path(__file__).resolve().parents[2] / "device_configs" / "classes"
 
 
 def _field_path(loc: tuple) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 PACKAGES = ("edgeprune", "torch", "torch-pruning", "numpy", "onnx", "onnxruntime", "openvino", "litert-torch",
             "ai-edge-litert", "paramiko", "sqlalchemy")
-SOURCE = Path(__file__).resolve().parent.parent
+SOURCE = Path(__file__).resolve().parents[2]
 
 
 def version(dist: str) -> Optional[str]:
