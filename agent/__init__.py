@@ -14,9 +14,11 @@ Commands (``python -m agent ...``)::
                                        this device's exclusive lease (see agent.lease); prints JSON
     --version                          print the agent version
 
-Modules: ``runner`` (one job, phase by phase), ``runtimes`` (backend registry), ``timing`` (protocol and
-statistics), ``power`` (sensor registry), ``thermal`` (temperature and throttling sources), ``accuracy`` (eval
-shard), ``probe`` (device identity), ``lease`` (exclusive device leases), ``registry``, ``cli``.
+Modules: ``runner`` (one job, phase by phase), ``runtimes`` (backend registry; one module per backend, base
+classes in ``runtimes.base``), ``timing`` (protocol and statistics), ``power`` (sensor registry; one module per
+sensor, base class in ``power.base``), ``thermal`` (temperature and throttling sources), ``sysfs`` (reading sysfs
+files), ``accuracy`` (eval shard), ``probe`` (device identity), ``lease`` (exclusive device leases), ``registry``,
+``cli``. The exception classes below are the agent's only ones.
 """
 
 __version__ = "0.1.0"

@@ -185,7 +185,7 @@ def runtime_devices() -> Dict[str, Any]:
     out: Dict[str, Any] = {"openvino": None, "onnxruntime": None}
     if importlib.util.find_spec("openvino") is not None:
         try:
-            from agent.runtimes import _import_ov
+            from agent.runtimes.openvino import _import_ov
             out["openvino"] = list(_import_ov().Core().available_devices)
         except Exception as e:  # a broken install is reported, never raised
             out["openvino"] = "error: %s" % e

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from agent import SensorError
 from agent.registry import Registry
 from agent.schema import ThermalResult, ThermalSpec
+from agent.sysfs import read_text
 from agent.timing import DRIFT_WARN
 
 log = logging.getLogger(__name__)
@@ -116,16 +117,9 @@ class Trip:
     temp_c: float
 
 
-def _read_text(path: Path) -> Optional[str]:
-    try:
-        return path.read_text().strip()
-    except (OSError, ValueError):
-        return None
-
-
 def read_millicelsius(path: Path) -> Optional[float]:
     """A sysfs temperature in m°C as °C; None when missing, unreadable, not a number or switched off."""
-    text = _read_text(path)
+    text = read_text(path)
     if text is None or re.match(r"^-?\d+$", text) is None:
         return None
     value = int(text) / 1000.0
@@ -179,7 +173,7 @@ def zone_trips(zone: Path) -> List[Trip]:
         if n.isdigit():
             numbered.append((int(n), f))
     for n, f in sorted(numbered):
-        temp, kind = read_millicelsius(f), _read_text(zone / ("trip_point_%d_type" % n))
+        temp, kind = read_millicelsius(f), read_text(zone / ("trip_point_%d_type" % n))
         if temp is None or kind is None or temp <= 0:
             continue  # 0 m°C marks a disabled trip (e.g. x86_pkg_temp's passive trips)
         trips.append(Trip("trip_point_%d" % n, kind, temp))
@@ -225,7 +219,7 @@ class ThermalZones(_SysfsSource):
         for _, d in sorted(numbered):
             if read_millicelsius(d / "temp") is None:
                 continue  # unreadable or switched off now: absent for this job
-            label = _unique(_read_text(d / "type") or d.name, d.name, [z.label for z in zones])
+            label = _unique(read_text(d / "type") or d.name, d.name, [z.label for z in zones])
             zones.append(_SysfsSensor(label, d.name, d / "temp", zone_trips(d)))
         return cls(zones) if zones else None
 

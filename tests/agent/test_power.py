@@ -8,7 +8,9 @@ from typing import Dict, Iterator, List
 import pytest
 
 from agent import SensorError, power
-from agent.power import ModelSensor, RaplSensor, energy_mj_per_inference, to_result
+from agent.power import energy_mj_per_inference, to_result
+from agent.power.model import ModelSensor
+from agent.power.rapl import RaplSensor
 from agent.schema import PowerSpec
 
 

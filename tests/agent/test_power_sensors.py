@@ -14,9 +14,13 @@ import psutil
 import pytest
 
 from agent import SensorError, power
-from agent.power import (CommandSensor, Ina3221Sensor, NvmlSensor, Rpi5PmicSensor, TegrastatsSensor,
-                         parse_meter_output, parse_pmic_read_adc, parse_tegrastats, tegrastats_rails, to_result,
-                         total_rails)
+from agent.power import to_result
+from agent.power.command import CommandSensor, parse_meter_output
+from agent.power.ina3221 import Ina3221Sensor
+from agent.power.nvml import NvmlSensor
+from agent.power.rails import total_rails
+from agent.power.rpi5 import Rpi5PmicSensor, parse_pmic_read_adc
+from agent.power.tegrastats import TegrastatsSensor, parse_tegrastats, tegrastats_rails
 from agent.schema import PowerSpec
 
 DATA = Path(__file__).parent / "data"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -12,6 +14,7 @@ import pytest
 
 from agent import EvalDataError, RuntimeBackendError, accuracy, runtimes
 from agent.runner import run_job
+from agent.runtimes.onnxruntime import OnnxRuntime
 from agent.schema import ArtifactSpec, PreprocessSpec, Report, loads_job
 
 SHARD_TOP1, SHARD_TOP5 = 0.5, 0.8  # see conftest.py
@@ -60,7 +63,7 @@ def test_fixed_batch_model_gives_the_same_accuracy(job_dir: MakeJob) -> None:
 def test_artifact_sha256_mismatch_is_refused_before_loading(job_dir: MakeJob,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     loaded: List[Any] = []
-    monkeypatch.setattr(runtimes.OnnxRuntime, "load", lambda *a: loaded.append(a))
+    monkeypatch.setattr(OnnxRuntime, "load", lambda *a: loaded.append(a))
     path = job_dir(lambda d: d["artifact"].update(sha256="0" * 64))
     r = run(path)
     assert r.status == "error" and r.error is not None and r.error.type == "ArtifactError"
@@ -71,7 +74,7 @@ def test_artifact_sha256_mismatch_is_refused_before_loading(job_dir: MakeJob,
 def test_eval_shard_sha256_mismatch_is_refused_before_loading(job_dir: MakeJob,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     loaded: List[Any] = []
-    monkeypatch.setattr(runtimes.OnnxRuntime, "load", lambda *a: loaded.append(a))
+    monkeypatch.setattr(OnnxRuntime, "load", lambda *a: loaded.append(a))
     r = run(job_dir(lambda d: d["eval"].update(sha256="1" * 64)))
     assert r.error is not None and r.error.message.startswith("eval shard sha256 mismatch: expected 111")
     assert loaded == []
@@ -112,7 +115,7 @@ def test_artifact_files_are_verified_then_loaded(job_dir: MakeJob, tmp_path: Pat
 def test_bad_artifact_file_is_refused_before_loading(job_dir: MakeJob, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     loaded: List[Any] = []
-    monkeypatch.setattr(runtimes.OnnxRuntime, "load", lambda *a: loaded.append(a))
+    monkeypatch.setattr(OnnxRuntime, "load", lambda *a: loaded.append(a))
     content = {"model.bin": b"weights"}
     listed = {"model.bin": sha256(b"weights"), "model.log": sha256(b"log")}
     if case == "tampered":
@@ -301,12 +304,22 @@ def test_image_size_must_match_the_model() -> None:
 # ------------------------------------------------------------------------------------------ runtime registry
 def test_runtime_registry() -> None:
     assert runtimes.runtime_names() == ["onnxruntime", "openvino", "tensorrt", "tflite", "torch"]
-    assert isinstance(runtimes.get_runtime("onnxruntime"), runtimes.OnnxRuntime)
+    assert isinstance(runtimes.get_runtime("onnxruntime"), OnnxRuntime)
     with pytest.raises(RuntimeBackendError, match=r"unknown runtime 'coreml' \(this agent knows: onnxruntime, openvino, "
                                                   r"tensorrt, tflite, torch\)"):
         runtimes.get_runtime("coreml")
-    with pytest.raises(ValueError, match="already registered"):
-        runtimes.register_runtime("onnxruntime")(runtimes.OnnxRuntime)
+    assert [runtimes.runtime_class(n).name for n in runtimes.runtime_names()] == runtimes.runtime_names()
+
+
+def test_listing_runtimes_and_sensors_imports_no_member_module() -> None:
+    """In a fresh interpreter: the registries list their names without importing a backend or sensor module."""
+    code = ("import json, sys; from agent import power, runtimes; "
+            "names = (runtimes.runtime_names(), power.sensor_names()); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('agent.runtimes.', 'agent.power.')))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[2]))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == ["agent.power.base", "agent.runtimes.base"]
 
 
 def test_check_input_accepts_dynamic_dims_only() -> None:

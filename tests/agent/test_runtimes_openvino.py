@@ -14,6 +14,7 @@ import pytest
 
 from agent import ArtifactError, RuntimeBackendError, runtimes
 from agent.runner import run_job
+from agent.runtimes import openvino as ov_backend
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report
 
 from .conftest import SHARD_TOP1, SHARD_TOP5, build_model, random_model, imports_of_job, sha256
@@ -79,7 +80,7 @@ def test_outputs_do_not_alias_the_request_buffers(tmp_path: Path) -> None:
 def test_dynamic_batch_is_compiled_static_per_batch_size(tmp_path: Path) -> None:
     path = random_model(tmp_path / "model.onnx")
     sess, ref = load(path), load_ort(path)
-    assert isinstance(sess, runtimes.OvSession)
+    assert isinstance(sess, ov_backend.OvSession)
     assert sess.info["batch_mode"] == "dynamic in the model; compiled static per batch size fed (batch 1 at load)"
     rng = np.random.default_rng(3)
     for b in (1, 2, 3, 4, 5, 6, 2):  # more sizes than the cache keeps: evicted ones are compiled again
@@ -87,7 +88,7 @@ def test_dynamic_batch_is_compiled_static_per_batch_size(tmp_path: Path) -> None
         assert np.abs(sess.run(x) - ref.run(x)).max() <= 1e-4
         compiled = sess.compile(b)
         assert [d.get_length() for d in compiled.input(0).get_partial_shape()] == [b, 3, 32, 32]
-    assert len(sess._compiled) <= runtimes._OV_MAX_COMPILED
+    assert len(sess._compiled) <= ov_backend._OV_MAX_COMPILED
 
 
 def test_fixed_batch_model_keeps_its_batch(tmp_path: Path) -> None:
@@ -213,7 +214,7 @@ def test_ir_without_its_weights_is_an_artifact_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- full jobs, runner
 def test_registry_knows_openvino() -> None:
     assert "openvino" in runtimes.runtime_names()
-    assert isinstance(runtimes.get_runtime("openvino"), runtimes.OpenVino)
+    assert isinstance(runtimes.get_runtime("openvino"), ov_backend.OpenVino)
 
 
 def test_job_with_openvino_matches_the_onnxruntime_job(job_dir: MakeJob) -> None:
@@ -372,8 +373,8 @@ class _MyriadCore:
 @pytest.fixture
 def myriad(monkeypatch: pytest.MonkeyPatch) -> List[Tuple[str, Dict[str, str]]]:
     _MyriadCore.compiled = []
-    fake = runtimes._Ov(_MyriadCore, ov.PartialShape, ov.Tensor, "2022.3.2-fake")
-    monkeypatch.setattr(runtimes, "_import_ov", lambda: fake)
+    fake = ov_backend._Ov(_MyriadCore, ov.PartialShape, ov.Tensor, "2022.3.2-fake")
+    monkeypatch.setattr(ov_backend, "_import_ov", lambda: fake)
     return _MyriadCore.compiled
 
 

@@ -20,8 +20,9 @@ import pytest
 
 from agent import EvalDataError, RuntimeBackendError, accuracy, runtimes
 from agent.runner import run_job
-from agent.runtimes import (TRT_MISSING, CalibrationBatches, TrtOptions, trt_builder_flags, trt_cache_key,
-                            trt_engine_path, trt_options)
+from agent.runtimes import tensorrt as trt_backend
+from agent.runtimes.tensorrt import (TRT_MISSING, CalibrationBatches, TrtOptions, trt_builder_flags, trt_cache_key,
+                                     trt_engine_path, trt_options)
 from agent.schema import ArtifactSpec, loads_job
 
 MakeJob = Callable[..., Path]
@@ -64,7 +65,7 @@ def test_missing_cuda_python_says_how_to_install(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(RuntimeBackendError, match="runtime 'tensorrt' needs cuda-python for device memory .*"
                                                   "pip install cuda-python"):
-        runtimes._import_cudart()
+        trt_backend._import_cudart()
 
 
 # ------------------------------------------------------------------------------------------- options

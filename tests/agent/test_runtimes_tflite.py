@@ -31,6 +31,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from agent import RuntimeBackendError, runtimes  # noqa: E402
 from agent.runner import run_job  # noqa: E402
+from agent.runtimes import tflite as tfl_backend  # noqa: E402
 from agent.schema import ArtifactSpec, Report, dumps, loads_job, loads_report  # noqa: E402
 
 from .conftest import SHARD, SHARD_TOP1, SHARD_TOP5, W, random_model, imports_of_job, sha256  # noqa: E402
@@ -214,9 +215,9 @@ def test_int8_model_tracks_torch(models: Dict[str, Path]) -> None:
 
 def test_quantize_rounds_half_away_from_zero_and_saturates() -> None:
     x = np.array([0.5, 1.5, -0.5, -1.5, 0.49, 1000.0, -1000.0], dtype=np.float32)
-    assert runtimes.quantize(x, 1.0, 0, np.int8).tolist() == [1, 2, -1, -2, 0, 127, -128]
-    assert runtimes.quantize(x, 1.0, 10, np.uint8).tolist() == [11, 12, 9, 8, 10, 255, 0]
-    assert runtimes.dequantize(np.array([-128, 0, 127], np.int8), 0.5, -1).tolist() == [-63.5, 0.5, 64.0]
+    assert tfl_backend.quantize(x, 1.0, 0, np.int8).tolist() == [1, 2, -1, -2, 0, 127, -128]
+    assert tfl_backend.quantize(x, 1.0, 10, np.uint8).tolist() == [11, 12, 9, 8, 10, 255, 0]
+    assert tfl_backend.dequantize(np.array([-128, 0, 127], np.int8), 0.5, -1).tolist() == [-63.5, 0.5, 64.0]
 
 
 # ----------------------------------------------------------------------------------------- refused options
@@ -422,7 +423,7 @@ def test_output_order_from_tensor_names_and_from_the_subgraph() -> None:
 
     tf = [{"name": "StatefulPartitionedCall:1", "index": 7}, {"name": "StatefulPartitionedCall:0", "index": 9},
           {"name": "StatefulPartitionedCall:10", "index": 3}, {"name": "StatefulPartitionedCall:2", "index": 4}]
-    ordered, how = runtimes.tfl_output_order(NoSignatures(), tf)
+    ordered, how = tfl_backend.tfl_output_order(NoSignatures(), tf)
     assert [d["index"] for d in ordered] == [9, 7, 4, 3] and how == "tensor StatefulPartitionedCall:N"
     plain = [{"name": "b", "index": 2}, {"name": "a", "index": 1}]
-    assert runtimes.tfl_output_order(NoSignatures(), plain) == (plain, "subgraph")
+    assert tfl_backend.tfl_output_order(NoSignatures(), plain) == (plain, "subgraph")
