@@ -12,9 +12,13 @@ NA = "—"
 """What a table shows where a value is missing (not measured, not applicable, not finite)."""
 
 
-def number(x: Any) -> Optional[float]:
-    """``x`` as a finite float (numbers and numeric strings), or None for anything else (None, bools, NaN, ±inf)."""
+def number(x: Any, *, parse: bool = True) -> Optional[float]:
+    """``x`` as a finite float (numbers and numeric strings), or None for anything else (None, bools, NaN, ±inf).
+    ``parse=False``: only an ``int`` or ``float`` counts (a numeric string is None too), for values that must already
+    be numbers (a stored report's fields)."""
     if isinstance(x, bool) or x is None:
+        return None
+    if not parse and not isinstance(x, (int, float)):
         return None
     try:
         v = float(x)

@@ -13,8 +13,11 @@ import pytest
 from rich.console import Console
 
 from edgeprune.errors import UsageError
+from host.cli import results as results_cli
+from host.cli.results import register
 from host.results import regress
-from host.results.regress import compare, mann_whitney_greater, median_ratio_ci, register, write_junit
+from host.results.regress import compare, mann_whitney_greater, median_ratio_ci, write_junit
+from host.results.regress.stats import _boot_medians
 from host.results.store import Store
 
 SHA_A = "a" * 64
@@ -145,7 +148,7 @@ def test_bootstrap_medians_match_brute_force():
     rng = np.random.default_rng(5)
     for n in (7, 10):
         x = rng.lognormal(0, 0.3, n)
-        fast = regress._boot_medians(x, 100_000, np.random.default_rng(1))
+        fast = _boot_medians(x, 100_000, np.random.default_rng(1))
         slow = np.median(x[np.random.default_rng(2).integers(0, n, (100_000, n))], axis=1)
         assert fast.mean() == pytest.approx(slow.mean(), rel=2e-3)
         assert np.percentile(fast, 50) == pytest.approx(np.percentile(slow, 50), rel=1e-2)
@@ -438,7 +441,7 @@ def test_main_regress_table_json_and_junit(store, tmp_path):
     db = str(tmp_path / "r.db")
     args = _parser().parse_args(["regress", "--baseline", "base", "--candidate", "cand", "--db", db,
                                  "--junit", str(tmp_path / "gate.xml")])
-    assert args.handler is regress.main_regress
+    assert args.handler is results_cli.main_regress
     console = _console()
     assert args.handler(args, console) == 1
     out = console.file.getvalue()
@@ -462,13 +465,13 @@ def test_main_regress_usage_errors(store, tmp_path):
     args = p.parse_args(["regress", "--baseline", "base", "--candidate", "base", "--db", db,
                          "--energy-tol", "five"])
     with pytest.raises(UsageError, match="^--energy-tol: "):
-        regress.main_regress(args, _console())
+        results_cli.main_regress(args, _console())
     args = p.parse_args(["regress", "--baseline", "base", "--candidate", "base", "--db", db])
     with pytest.raises(UsageError, match="^--candidate: "):
-        regress.main_regress(args, _console())
+        results_cli.main_regress(args, _console())
     args = p.parse_args(["regress", "--baseline", "base", "--candidate", "x", "--db", str(tmp_path / "none.db")])
     with pytest.raises(UsageError, match="^--db: "):
-        regress.main_regress(args, _console())
+        results_cli.main_regress(args, _console())
     assert not (tmp_path / "none.db").exists()
 
 

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from agent import schema
 from edgeprune.errors import UsageError
+from host.cli import results as results_cli
 from host.results import report
 from host.results.store import Store
 
@@ -292,11 +293,11 @@ def test_no_data_runs(rendered):
 
 def test_cli_writes_the_report(store, tmp_path):
     p = argparse.ArgumentParser()
-    report.register(p.add_subparsers(dest="command"))
+    results_cli.register(p.add_subparsers(dest="command"))
     db = str(store.url.database)
     out = tmp_path / "sub" / "rep.html"
     args = p.parse_args(["report", "demo-1", "-o", str(out), "--db", db])
-    assert args.handler is report.main_report
+    assert args.handler is results_cli.main_report
     buf = io.StringIO()
     assert args.handler(args, Console(file=buf, width=200)) == 0
     assert str(out) in buf.getvalue()

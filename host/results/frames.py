@@ -1,4 +1,4 @@
-"""Results as pandas DataFrames, and ``edgeprune results list|export``.
+"""Results as pandas DataFrames, and a run's measurements exported as Parquet or CSV (``edgeprune results export``).
 
     from host.results import frames as results
     results.runs()                          # one row per run (status, kind, devices, measurements)
@@ -9,7 +9,6 @@ Each function takes ``db`` (a URL or path; default ``EDGEPRUNE_DB``, else ``resu
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -19,7 +18,6 @@ from host.results.store import Store
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-    from rich.console import Console
 
 EXPORT_FORMATS = ("parquet", "csv")
 
@@ -73,59 +71,3 @@ def export_run(store: Store, run_id: str, fmt: str, path: Path, *, samples: bool
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-# ------------------------------------------------------------------------------------------ the command
-
-
-def register(sub: "argparse._SubParsersAction") -> None:
-    from host.cli import _db_arg
-
-    r = sub.add_parser("results", help="the results store: list runs, export a run's measurements")
-    rs = r.add_subparsers(dest="results_command", required=True)
-    ls = rs.add_parser("list", help="every run in the store, oldest first")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-    _db_arg(ls)
-    ex = rs.add_parser("export", help="a run's measurements as Parquet or CSV")
-    ex.add_argument("run", metavar="RUN", help="run id (see `edgeprune results list`)")
-    ex.add_argument("--format", default="parquet", help="parquet (default) or csv")
-    ex.add_argument("-o", "--output", type=Path, default=None, help="file to write (default results/<RUN>.<format>)")
-    ex.add_argument("--samples", action="store_true",
-                    help="include the latency samples, the job spec and the full agent report")
-    _db_arg(ex)
-    r.set_defaults(handler=main_results)
-
-
-def main_results(args: argparse.Namespace, console: "Console") -> int:
-    from rich.table import Table
-
-    if args.results_command == "export":
-        if args.format not in EXPORT_FORMATS:
-            raise UsageError(f"--format: one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
-        with Store(args.db, create=False) as store:
-            out = args.output or Path("results") / f"{args.run}.{args.format}"
-            path = export_run(store, args.run, args.format, out, samples=args.samples)
-            n = len(store.measurements(args.run))
-        console.print(f"wrote {n} measurement(s) of run {args.run} to {path}", highlight=False)
-        return 0
-    with Store(args.db, create=False) as store:
-        rows = store.list_runs()
-        name = store.name
-    if args.json:
-        print(json.dumps([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
-                           if k in ("run_id", "kind", "status", "started_at", "finished_at", "host", "devices",
-                                    "measurements", "error")} for r in rows], indent=1))
-        return 0
-    table = Table(title=f"runs in {name}")
-    for col in ("run id", "kind", "status", "started", "devices", "measurements", "host"):
-        table.add_column(col, justify="right" if col in ("devices", "measurements") else "left")
-    colour = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
-    for r in rows:
-        started = r["started_at"].strftime("%Y-%m-%d %H:%M:%S") if r.get("started_at") else ""
-        table.add_row(r["run_id"], r["kind"], f"[{colour.get(r['status'], 'white')}]{r['status']}[/]", started,
-                      str(r["devices"]), str(r["measurements"]), str(r["host"]))
-    console.print(table)
-    if not rows:
-        console.print("no runs recorded yet: `edgeprune demo`, `bench` and `search` record theirs")
-    return 0
-

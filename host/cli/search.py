@@ -1,0 +1,246 @@
+"""``edgeprune search``: prune until each device meets its targets, measured on the devices; ``--resume``.
+
+Contract: parses the arguments into :class:`host.search.run.SearchOptions` and targets, opens and checks the model
+and data before the results store records anything, runs :func:`host.search.run.start` (or ``resume``) with a
+progress display and prints the verdict per device; exit 0 when every device met its targets, else 1.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeprune.errors import UsageError
+from host.cli.common import (MODEL_HELP, data_source_args, db_argument, model_source_args, open_recorder,
+                             per_class, select_devices, source_kwargs)
+from host.fmt import NA
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    """Add ``search`` to the ``edgeprune`` parser's subcommands."""
+    sr = sub.add_parser("search", help="prune until each device meets its latency/power/energy/accuracy targets, "
+                                       "measured on the devices")
+    sr.add_argument("--model", default=None, help=MODEL_HELP)
+    sr.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
+    sr.add_argument("--devices", default=None, help="comma-separated device ids from the fleet")
+    sr.add_argument("--target", action="append", default=[], metavar="[DEVICE_OR_CLASS:]METRIC=VALUE",
+                    help="a bound per device: latency_p50_ms, latency_p90_ms, throughput_ips (at least), power_w, "
+                         "energy_mj, memory_mb; VALUE absolute or a multiple of dense on that device (0.5x); "
+                         "repeatable; a DEVICE_OR_CLASS: prefix scopes it")
+    sr.add_argument("--targets", type=Path, default=None, metavar="FILE",
+                    help="targets file (YAML: default:, classes:, devices: -> {metric: value})")
+    sr.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
+                    help="maximum top-1 drop in percentage points against dense on the same device and runtime "
+                         "(needs labelled eval data)")
+    sr.add_argument("--min-agreement", type=float, default=None, metavar="F",
+                    help="minimum top-1 agreement with the dense model's outputs, a fraction in (0, 1], measured on "
+                         "the device (no labels needed)")
+    sr.add_argument("--min-snr-db", type=float, default=None, metavar="DB",
+                    help="minimum SNR of the outputs against the dense model's, in dB, measured on the device")
+    sr.add_argument("--json", action="store_true", help="print one JSON document (per device: the chosen "
+                    "candidate, its MACs, params, artifacts, metrics, targets met) on stdout; progress on stderr")
+    sr.add_argument("--algo", default=None, help="bisect (default) or netadapt")
+    sr.add_argument("--max-evals", type=int, default=None, help="device evaluations per device, dense included "
+                                                                "(default 8)")
+    sr.add_argument("--out", type=Path, default=None, help="run folder (default results/search/<run id>)")
+    sr.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
+    sr.add_argument("--resume", default=None, metavar="RUN_ID",
+                    help="continue this run with its stored options (give --out too if it was given)")
+    db_argument(sr)
+    sr.add_argument("--quick", action="store_true", default=None, help="short timing windows on the devices")
+    sr.add_argument("--allocation", default=None, help="global ratio -> per-group ratios: sensitivity (default) or "
+                                                       "uniform")
+    sr.add_argument("--importance", default=None, help="channel importance: l1 (default), l2, bn_scale, taylor")
+    sr.add_argument("--prune-residual", action="store_true", default=None,
+                    help="option-A ResNets: also prune each stage's residual stream")
+    sr.add_argument("--max-ratio", type=float, default=None, help="no group loses more than this fraction (0.9)")
+    sr.add_argument("--finetune-epochs", type=int, default=None, help="recovery fine-tune epochs per candidate "
+                                                                      "(default 1; 0: BN recalibration only)")
+    sr.add_argument("--finetune-per-class", type=per_class, default=argparse.SUPPRESS,
+                    help="finetune-split images per class for recovery (default 500), or 'full'")
+    sr.add_argument("--finetune-seconds", type=float, default=None, help="wall-time cap per recovery fine-tune")
+    sr.add_argument("--distill", type=float, default=None, help="recovery: weight of distillation from the dense "
+                                                                "model, 0..1 (default 0)")
+    sr.add_argument("--eval-per-class", type=per_class, default=argparse.SUPPRESS,
+                    help="eval images per class the agent scores (default 100: the shipped 1,000)")
+    sr.add_argument("--probe-recovery", default=None, help="bisect: recovery of the candidates it searches with: "
+                                                           "full (default), short or none; then the chosen one again "
+                                                           "with full recovery")
+    sr.add_argument("--netadapt-max-proposals", type=int, default=None,
+                    help="netadapt: proposals per iteration (default: one per group)")
+    sr.add_argument("--cache-dir", type=Path, default=None, help="sensitivity and layer-latency tables "
+                                                                 "(default results/search/cache)")
+    sr.add_argument("--lease-wait", type=float, default=None, help="seconds to wait for a busy device's lease")
+    sr.add_argument("--seed", type=int, default=None)
+    model_source_args(sr)
+    data_source_args(sr, eval_help="eval data the agent scores (the dense model's outputs ship with it; without "
+                      "labels use --min-agreement / --min-snr-db)")
+    sr.set_defaults(handler=main_search)
+
+
+# options that define a search: given with --resume they would silently differ from the stored ones
+_SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop", "algo", "max_evals", "run_id",
+                    "quick", "allocation", "importance", "prune_residual", "max_ratio", "probe_recovery",
+                    "finetune_epochs",
+                    "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed",
+                    "min_agreement", "min_snr_db", "model_arg", "weights", "trust_pickle", "input_size",
+                    "input_shape", "ignore_layers", "data", "calib_data", "finetune_data", "resize", "center_crop",
+                    "mean", "std")
+
+
+def _search_options(args: argparse.Namespace) -> "object":
+    from host.search.run import SearchOptions
+    from host.search.algos import AlgoOptions
+
+    if not args.model:
+        raise UsageError("--model: required (or --resume RUN_ID)")
+    opts = SearchOptions(model=args.model, **source_kwargs(args))
+    for arg, name in (("algo", "algo"), ("max_evals", "max_evals"), ("importance", "importance"),
+                      ("prune_residual", "prune_residual"), ("quick", "quick"), ("seed", "seed"),
+                      ("lease_wait", "lease_wait_s")):
+        if getattr(args, arg) is not None:
+            setattr(opts, name, getattr(args, arg))
+    if args.cache_dir is not None:
+        opts.cache_dir = str(args.cache_dir)
+    if hasattr(args, "eval_per_class"):
+        opts.eval_per_class = args.eval_per_class
+    if args.finetune_epochs is not None:
+        opts.recovery.finetune_epochs = args.finetune_epochs
+    if hasattr(args, "finetune_per_class"):
+        opts.recovery.finetune_per_class = args.finetune_per_class
+    if args.finetune_seconds is not None:
+        opts.recovery.finetune_seconds = args.finetune_seconds
+    if args.distill is not None:
+        opts.recovery.distill = args.distill
+    algo = AlgoOptions()
+    for arg, name in (("allocation", "allocation"), ("max_ratio", "max_ratio"), ("probe_recovery", "probe_recovery"),
+                      ("netadapt_max_proposals", "netadapt_max_proposals")):
+        if getattr(args, arg) is not None:
+            setattr(algo, name, getattr(args, arg))
+    opts.algo_options = algo
+    return opts.validate()
+
+
+def _search_table(result: "object") -> Table:
+    from host.fleet.targets import METRICS
+
+    table = Table(title=f"edgeprune search ({result.algo}) — run {result.run_id}")  # type: ignore[attr-defined]
+    metrics = {r.accuracy_metric for r in result.devices}  # type: ignore[attr-defined]
+    acc_col = "top-1 drop" if metrics <= {"top1"} else "accuracy"
+    for col in ("device", "target", "achieved", acc_col, "evaluations", "verdict"):
+        table.add_column(col, justify="right" if col in (acc_col, "evaluations") else "left")
+    for r in result.devices:  # type: ignore[attr-defined]
+        pick = r.chosen or r.closest or {}
+        limits = (r.bounds or {}).get("limits", {})
+        achieved = []
+        for m in limits:
+            v = pick.get(m)
+            achieved.append(f"{METRICS[m].label} {v:.4g} {METRICS[m].unit}" if isinstance(v, (int, float))
+                            else f"{METRICS[m].label}: {NA}")
+        drop = pick.get("drop_pp")
+        evals = f"{r.device_evals}" + (f" (+{r.host_evals} host, {r.lut_jobs} layer)" if r.host_evals or r.lut_jobs
+                                       else "")
+        colour = {"met": "green", "infeasible": "yellow"}.get(r.verdict, "red")
+        verdict = f"[{colour}]{r.verdict}[/]" + ("" if r.verdict == "met" else " (closest shown)" if pick else "")
+        acc = f"{drop:.2f} pp" if isinstance(drop, (int, float)) else NA
+        if acc_col != "top-1 drop":   # label which metric each device was judged by
+            agree, snr = pick.get("agreement"), pick.get("snr_db")
+            parts = [f"top-1 drop {acc}"] if r.accuracy_metric == "top1" else []
+            parts += [f"agreement {agree:.2%}"] if isinstance(agree, (int, float)) else []
+            parts += [f"SNR {snr:.1f} dB"] if isinstance(snr, (int, float)) else []
+            acc = "\n".join(parts) or NA
+        table.add_row(r.device_id, r.targets, "\n".join(achieved) or NA, acc, evals, verdict)
+    return table
+
+
+def main_search(args: argparse.Namespace, console: Console) -> int:
+    from host.search import run as search
+    from host.results.store import check_run_id, new_run_id
+    from host.fleet.targets import device_targets, parse_cli
+
+    if args.json:  # stdout carries the JSON document alone: progress and the table go to stderr
+        console = Console(stderr=True, width=console.width if console.is_terminal else 140)
+    if args.resume is not None:
+        given = [a for a in _SEARCH_DEFINING if getattr(args, a, None) not in (None, False, [])]
+        given += [a for a in ("finetune_per_class", "eval_per_class") if hasattr(args, a)]
+        given += ["target"] if args.target else []
+        if given:
+            raise UsageError(f"--resume: continues with the run's stored options; drop "
+                             f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+        run_id = check_run_id(args.resume)
+    else:
+        opts = _search_options(args)
+        devices = select_devices(args.fleet, args.devices)
+        targets = device_targets(devices, parse_cli(args.target, args.max_accuracy_drop, args.targets,
+                                                    min_agreement=args.min_agreement, min_snr_db=args.min_snr_db))
+        run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
+    folder = search.run_dir(run_id, args.out)
+    from host.search import data as search_data
+
+    # the model and data opened and checked (and the targets against them) before the store records anything
+    if args.resume is not None:
+        _, opts, _, stored_targets = search.read_run(folder)   # a run folder that is not there fails here
+        workload = search.open_resumed_workload(folder, opts)
+        search_data.check_workload(workload, stored_targets)
+    else:
+        workload = search_data.open_search_workload(opts)
+        search_data.check_workload(workload, targets)
+    resume_hint = f"edgeprune search --resume {run_id}" + (f" --out {args.out}" if args.out is not None else "")
+    recorder = open_recorder(args, run_id, "search", resume=args.resume is not None,
+                             seeds={"seed": opts.seed} if args.resume is None else None)
+    console.print(f"search run id: [bold]{run_id}[/] (continue an interrupted run with: {resume_hint})")
+    console.print(f"[dim]results store: {recorder.store.name}[/]", highlight=False)
+    with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        host_task = progress.add_task("host: loading the model", total=None)
+        tasks: Dict[str, object] = {}
+
+        def task(dev_id: str) -> object:
+            if dev_id not in tasks:
+                tasks[dev_id] = progress.add_task(f"{dev_id}: waiting", total=None)
+            return tasks[dev_id]
+
+        def events(kind: str, dev_id: str, msg: str) -> None:
+            if kind == "info":
+                progress.console.print(f"[dim]{msg}[/]", highlight=False)
+            elif not dev_id:
+                progress.update(host_task, description=f"host: {msg}")  # type: ignore[arg-type]
+            elif kind in ("eval", "device", "stage"):
+                progress.update(task(dev_id), description=f"{dev_id}: {msg}")  # type: ignore[arg-type]
+            elif kind in ("result", "cached"):
+                progress.console.print(f"{dev_id}: {msg}", highlight=False)
+            elif kind == "verdict":
+                progress.update(task(dev_id), description=f"{dev_id}: done ({msg})")  # type: ignore[arg-type]
+
+        try:
+            if args.resume is not None:
+                result = search.resume(run_id, out=args.out, events=events, recorder=recorder, workload=workload)
+            else:
+                result = search.start(opts, devices, targets, out=args.out, run_id=run_id,  # type: ignore[arg-type]
+                                      events=events, recorder=recorder, workload=workload)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"search interrupted; completed evaluations are in {folder / search.EVALUATIONS}; "
+                          f"continue with: {resume_hint}")
+            raise
+    console.print(_search_table(result))
+    if any(r.accuracy_metric != "top1" for r in result.devices):
+        console.print("accuracy: top-1 agreement (and SNR) with the dense model's outputs, measured by the agent on "
+                      "the device; the eval data has no labels, or the targets are label-free")
+    for r in result.devices:
+        line = f"{r.device_id}: {r.reason}"
+        if r.folder:
+            line += f" → {folder / r.folder}"
+        console.print(line, highlight=False)
+    if any((r.chosen or r.closest or {}).get("power_source") == "model" for r in result.devices):
+        console.print("* power and energy of some devices are MODELLED (no power sensor there), not measured.")
+    console.print(f"wrote {folder / 'summary.csv'}, per-device pareto.csv/json and {folder / search.EVALUATIONS}")
+    if args.json:
+        import json
+
+        print(json.dumps(search.result_document(result), indent=1, sort_keys=True, default=str))
+    return 0 if result.all_met else 1
