@@ -10,12 +10,13 @@ import pytest
 from agent import lease as agent_lease
 from agent import schema
 from edgeprune import data, export, models
+from edgeprune.errors import InfrastructureError
 from host.fleet import runner as fleet
 from host.fleet import state
 from host.fleet.devices import DeviceConfig, local_device
 from host.fleet.health import check_devices
 from host.fleet.jobs import build_job
-from host.fleet.transport import InfrastructureError, LocalTransport
+from host.fleet.transport import LocalTransport
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """SSHTransport against real OpenSSH servers on 127.0.0.1 (see tests/sshd.py); skipped where sshd is absent."""
 from __future__ import annotations
 
+import ast
 import json
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -17,9 +19,8 @@ paramiko = pytest.importorskip("paramiko")
 
 from agent import schema  # noqa: E402
 from edgeprune import data, models  # noqa: E402
-from edgeprune.errors import ConfigError, DeviceError  # noqa: E402
-from host.fleet.ssh import (HostKeyError, SSHError, SSHTransport, agent_bundle, known_hosts_lines,  # noqa: E402
-                      parse_jump, quote_argv)
+from edgeprune.errors import ConfigError, DeviceError, HostKeyError, SSHError  # noqa: E402
+from host.fleet.ssh import SSHTransport, agent_bundle, known_hosts_lines, parse_jump, quote_argv  # noqa: E402
 from tests import sshd  # noqa: E402
 
 pytestmark = sshd.needs_sshd()
@@ -275,7 +276,42 @@ def test_agent_bundle_is_deterministic_and_python_only():
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
+
+def test_device_helper_is_a_python_38_stdlib_program_sent_as_it_is():
+    from host.fleet.ssh import cache, device_helper
+
+    text = Path(device_helper.__file__).read_text()
+    assert cache.DEVICE_HELPER == text                      # what `python -c` gets is the file itself
+    tree = ast.parse(text, feature_version=(3, 8))          # the device's python may be 3.8
+    assert ast.get_docstring(tree)
+    mods = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    assert mods and mods <= set(sys.stdlib_module_names) and not any(isinstance(n, ast.ImportFrom) for n in tree.body)
+    *defs, guard = tree.body                                # importing it runs nothing: main() only under __main__
+    assert all(isinstance(n, (ast.Expr, ast.Import, ast.Assign, ast.FunctionDef)) for n in defs)
+    assert ast.unparse(guard) == "if __name__ == '__main__':\n    main()"
+    assert device_helper.UPLOAD_RE.match(device_helper.upload_name("a" * 64, "0123456789abcdef"))
+    assert device_helper.MARK == b"EDGEPRUNE_HELPER\n"
+
+
+def test_device_helper_links_plain_file_names_only(tmp_path):
+    from host.fleet.ssh import device_helper
+
+    sha = "a" * 64
+    (tmp_path / sha).write_bytes(b"x")
+    assert device_helper.link_all(str(tmp_path), str(tmp_path / "ok"), [["r20.bin", sha]]) is None
+    assert (tmp_path / "ok" / "r20.bin").read_bytes() == b"x"
+    for i, name in enumerate(["../x", ".hidden", "a/b", "", "a\\b"]):
+        problem = device_helper.link_all(str(tmp_path), str(tmp_path / str(i)), [[name, sha]])
+        assert problem is not None and problem.startswith("refused to link %r" % name)
+        assert list((tmp_path / str(i)).iterdir()) == []
+
 # -------------------------------------------------------------------------------- host keys and auth
+def _fingerprint(key_file: Path) -> str:
+    """OpenSSH's own ``SHA256:...`` fingerprint of a key file (``ssh-keygen -lf``), to check the transport's."""
+    out = subprocess.run([sshd.SSH_KEYGEN, "-lf", str(key_file)], check=True, capture_output=True, text=True)
+    return out.stdout.split()[1]
+
+
 def test_unknown_host_key_is_refused(fleet, tmp_path):
     kh = sshd.write_known_hosts(tmp_path / "known_hosts", [])
     for path in (kh, tmp_path / "absent" / "known_hosts"):
@@ -285,6 +321,11 @@ def test_unknown_host_key_is_refused(fleet, tmp_path):
         assert "unknown host key for [127.0.0.1]:%d" % fleet.servers[0].port in msg
         assert str(path) in msg and "ssh-keyscan -p %d" % fleet.servers[0].port in msg
         assert not e.value.infrastructure and t.counters.commands_run == 0
+        err = e.value                                                  # the details, as attributes
+        assert err.host == sshd.known_hosts_name(fleet.servers[0].port) and err.key_type == "ssh-ed25519"
+        assert err.fingerprint == _fingerprint(fleet.servers[0].host_key) and err.fingerprint in msg
+        assert err.expected_fingerprint is None and not err.changed
+        assert err.known_hosts == str(path) and err.lines == ()
     assert kh.read_text() == "" and not (tmp_path / "absent").exists()
 
 
@@ -298,6 +339,11 @@ def test_changed_host_key_is_refused(fleet, tmp_path):
                 t.run(["true"])
         assert "man-in-the-middle" in str(e.value) and "%s:2" % kh in str(e.value)
         assert "ssh-keygen -R '%s'" % name in str(e.value)
+        err = e.value                                                  # the details, as attributes
+        assert (err.host, err.key_type, err.known_hosts, err.lines) == (name, "ssh-ed25519", str(kh), (2,))
+        assert err.fingerprint == _fingerprint(fleet.servers[0].host_key) and err.fingerprint in str(e.value)
+        assert err.expected_fingerprint == _fingerprint(tmp_path / "other_host_key") and err.changed
+        assert err.expected_fingerprint in str(e.value) and not err.infrastructure
     assert kh.read_text().count("\n") == 2       # never rewritten
 
 

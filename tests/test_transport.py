@@ -120,3 +120,25 @@ def test_the_agent_dies_with_its_controller(tmp_path, job_inputs):
         for p in agents:
             if p.is_running():
                 p.kill()
+
+
+def test_die_with_parent_is_a_program_sent_as_it_is():
+    import ast
+    from pathlib import Path
+
+    from host.fleet import die_with_parent, transport
+
+    text = Path(die_with_parent.__file__).read_text()
+    assert transport.DIE_WITH_PARENT == text                  # what `python -S -c` gets is the file itself
+    tree = ast.parse(text)
+    assert ast.get_docstring(tree)
+    *defs, guard = tree.body                                  # importing it runs nothing: main() only under __main__
+    assert all(isinstance(n, (ast.Expr, ast.Import, ast.Assign, ast.FunctionDef)) for n in defs)
+    assert ast.unparse(guard) == "if __name__ == '__main__':\n    main()"
+
+
+def test_an_agent_that_cannot_start_is_an_infrastructure_error(tmp_path, job_inputs):
+    from edgeprune.errors import InfrastructureError
+
+    with pytest.raises(InfrastructureError, match="cannot start the agent with"):
+        LocalTransport(python=str(tmp_path / "no-python")).run_job(_job(job_inputs), tmp_path / "w")

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from agent import schema
-from edgeprune.errors import DeviceBusy, DeviceError
+from edgeprune.errors import DeviceBusy, DeviceError, InfrastructureError
 from host.fleet.devices import DeviceConfig
-from host.fleet.transport import InfrastructureError, LocalTransport
+from host.fleet.transport import LocalTransport
 
 log = logging.getLogger(__name__)
 

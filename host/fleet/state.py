@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
+from host.files import write_text_atomic
+
 DEFAULT_PATH = Path("results") / "fleet-state.json"
 HEALTH = ("good", "bad", "unknown")
 
@@ -49,7 +51,5 @@ def record(device_id: str, health: str, details: Dict[str, Any], path: Path = DE
     with _locked(path):
         data = _read(path)
         data[device_id] = entry
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
     return entry

@@ -10,8 +10,8 @@ artifact's files under their own names (:func:`artifact_files`: the primary file
 no links) to the real files, and ``artifact.path`` names the primary one there. Runtimes find a file's companions
 beside it (OpenVINO's ``.bin``, relative paths in ``runtime.options``); the agent verifies every file's sha256
 before it loads anything. ``LocalTransport`` links to the files where they are; ``SSHTransport`` to the device's
-content-addressed cache (``host.fleet.ssh``). The folder is created fresh for each job and removed when it ends; the
-``workdir`` keeps ``job.json`` as given and ``report.json``.
+content-addressed cache (``host.fleet.ssh.cache``). The folder is created fresh for each job and removed when it
+ends; the ``workdir`` keeps ``job.json`` as given and ``report.json``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple, Union
 from agent import schema
 from edgeprune.errors import DeviceError, InfrastructureError
 from host.files import write_text_atomic
+from host.fleet.die_with_parent import LAUNCH_FAILED
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
@@ -76,27 +77,9 @@ def link_file(src: Union[str, Path], dst: Union[str, Path]) -> str:
         return "copy"
 
 
-# Starts the agent so that it dies with this process: the agent runs in its own session (a deadline kills its
-# whole process group), so when a controller was SIGKILLed its agent used to go on measuring -- beside the next
-# controller's, once the dead one's lease expired. Linux's PR_SET_PDEATHSIG (kept across execv) SIGKILLs it when
-# the thread that started it ends, and that thread waits for it. argv: parent pid, then the agent's command line.
-# Run by this interpreter; it then becomes the device config's ``python -m agent run ...``.
-LAUNCH_FAILED = 127     # DIE_WITH_PARENT's exit status when it cannot start the agent (a shell's too)
-DIE_WITH_PARENT = rf"""
-import ctypes, os, signal, sys
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))    # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("edgeprune: the controller that started this agent is gone")
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as e:
-    sys.stderr.write("cannot start the agent with %s: %s" % (sys.argv[2], e))
-    sys.exit({LAUNCH_FAILED})
-"""
+# run by this interpreter as ``-S -c DIE_WITH_PARENT PID AGENT_ARGV``: it becomes the agent, which dies with this
+# process (see host/fleet/die_with_parent.py)
+DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py").read_text()
 
 
 class LocalTransport:
