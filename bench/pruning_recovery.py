@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from agent import schema
-from edgeprune import data, export, finetune, models, prune, sparsity
+from edgeprune import data, export, finetune, models, prune, recovery, sparsity
 from host.fleet.devices import auto_affinity
 from host.fleet.transport import LocalTransport
 
@@ -48,19 +48,20 @@ DEPGRAPH = {"source": "Fang et al., DepGraph, CVPR 2023, Table 1 (ResNet-56, CIF
 
 
 def recover(model, teacher, args, work: Path, tag: str, cal, ft, masks=None):
-    finetune.recalibrate_bn(model, cal)
+    """BatchNorm recalibration on ``cal``, then the fine-tune on ``ft`` distilled from ``teacher``
+    (:func:`edgeprune.recovery.recover`), resumable from ``work/<tag>.ckpt``; progress on stderr once a minute."""
     t0 = time.time()
     last = [0.0]
 
-    def progress(done, total):
-        if time.time() - last[0] > 60:
+    def events(kind, msg, done, total):
+        if kind == "progress" and time.time() - last[0] > 60:
             last[0] = time.time()
             print(f"  {tag}: step {done}/{total} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    res = finetune.finetune(model, ft, epochs=args.epochs, max_seconds=args.minutes * 60, lr=args.lr,
-                            batch_size=args.batch_size, seed=args.seed,
-                            teacher=teacher, distill_alpha=args.distill,
-                            masks=masks, checkpoint=work / f"{tag}.ckpt", progress=progress)
+    plan = recovery.RecoveryPlan(recalibrate=True, epochs=args.epochs, max_seconds=args.minutes * 60, lr=args.lr,
+                                 batch_size=args.batch_size, distill=args.distill, seed=args.seed)
+    res = recovery.recover(model, plan, calib=cal, train=ft, teacher=teacher, masks=masks,
+                           checkpoint=work / f"{tag}.ckpt", events=events).finetune
     out = asdict(res)
     out["epochs_done"] = res.images_seen / len(ft)
     return out

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from host.search import run as hs
 from host.search import algos as sa
+from host.search import options as so
+from host.search import run as hs
 from host.fleet import targets as tg
 from host.fleet.devices import local_device
 
@@ -56,10 +57,10 @@ def main(argv=None) -> int:
             dev = dev.model_copy(update={"round_to": args.align, "cache_dir": str(work / "dev-cache"),
                                          "runtime": dev.runtime.model_copy(update={"threads": args.threads})})
             tset = tg.device_targets([dev], tg.parse_cli(targets, args.max_drop, None))
-            opts = hs.SearchOptions(
+            opts = so.SearchOptions(
                 model=args.model, algo=algo, max_evals=args.max_evals, quick=args.quick,
                 eval_per_class=args.eval_per_class, cache_dir=str(work / "cache"),
-                recovery=hs.RecoveryOptions(finetune_epochs=args.finetune_epochs,
+                recovery=so.RecoveryOptions(finetune_epochs=args.finetune_epochs,
                                             finetune_per_class=args.finetune_per_class),
                 algo_options=sa.AlgoOptions(netadapt_max_proposals=args.netadapt_max_proposals))
             t0 = time.time()

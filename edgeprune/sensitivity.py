@@ -4,8 +4,9 @@ For every prunable group (the same groups :func:`edgeprune.prune.prune` would pr
 excluded) and every ratio, a fresh copy of the model is pruned at that ratio *in that group only*
 (``layer_ratios={group: ratio}``, every other group at 0) and its top-1 is measured on the ``calib`` split
 (never the eval split: sensitivity steers the search, and steering on the numbers you report overfits them).
-Optionally BatchNorm statistics are re-estimated first (labels-free, on the same split), which is how a
-search would use the candidate, so the drop is not dominated by stale statistics.
+Optionally BatchNorm statistics are re-estimated first (labels-free, on the same split, through
+:func:`edgeprune.recovery.recover`), which is how a search would use the candidate, so the drop is not dominated
+by stale statistics.
 
 The result is a :class:`pandas.DataFrame`, one row per (group, ratio), and :func:`plot` draws it as one
 curve per group (accuracy drop against ratio) — the layers whose curves stay flat are where to prune.
@@ -25,7 +26,8 @@ import torch.nn as nn
 from . import prune
 from .data import Split, batches
 from .errors import UsageError
-from .finetune import evaluate, recalibrate_bn
+from .finetune import evaluate
+from .recovery import RecoveryPlan, recover
 
 if TYPE_CHECKING:  # pandas is imported lazily: the rest of edgeprune does not need it
     import pandas as pd
@@ -33,6 +35,9 @@ if TYPE_CHECKING:  # pandas is imported lazily: the rest of edgeprune does not n
 COLUMNS = ["group", "channels", "ratio", "kept", "top1", "drop_pp", "macs", "macs_ratio"]
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+# a probe's recovery: BatchNorm recalibration on the scored split, on the CPU, no fine-tune
+BN_ONLY = RecoveryPlan(recalibrate=True, epochs=0, device="cpu")
 
 
 @dataclass
@@ -162,7 +167,7 @@ def analyse(model: nn.Module, split: Split, example_inputs: torch.Tensor, *,
             kept = next((l for l in res.plan.layers if l.name == g.name), None)
             kept_n = len(kept.keep) if kept is not None else g.channels
             if recalibrate and kept_n < g.channels:
-                recalibrate_bn(candidate, split, device="cpu")
+                recover(candidate, BN_ONLY, calib=split)
             top1 = score(candidate) if kept_n < g.channels else dense
             rows.append({"group": g.name, "channels": g.channels, "ratio": float(r), "kept": kept_n,
                          "top1": top1, "drop_pp": 100.0 * (dense - top1), "macs": res.macs_after,

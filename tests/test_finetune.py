@@ -231,3 +231,69 @@ def test_evaluate_top1(resnet20):
     assert model.training  # mode restored
     with pytest.raises(UsageError, match="batch_size"):
         finetune.evaluate(model, split, batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------- recover()
+
+def _plan(**kw):
+    from edgeprune.recovery import RecoveryPlan
+
+    return RecoveryPlan(**{**dict(epochs=EPOCHS, batch_size=BATCH, lr=0.05, device="cpu", seed=3), **kw})
+
+
+def test_recover_is_recalibration_then_the_same_finetune(resnet20):
+    """recover() runs exactly what the commands ran themselves before it existed: same weights, bit for bit."""
+    from edgeprune.recovery import recover
+
+    pruned = copy.deepcopy(resnet20[0])
+    prune.prune(pruned, 0.5, torch.zeros(1, 3, 32, 32))
+    cal = _small(2)
+    by_hand = copy.deepcopy(pruned)
+    finetune.recalibrate_bn(by_hand, cal, device="cpu")
+    ft = finetune.finetune(by_hand, _small(), epochs=EPOCHS, batch_size=BATCH, lr=0.05, device="cpu", seed=3,
+                           teacher=resnet20[0], distill_alpha=0.5)
+    events = []
+    model = copy.deepcopy(pruned)
+    res = recover(model, _plan(distill=0.5), calib=cal, train=_small(), teacher=resnet20[0],
+                  events=lambda *e: events.append(e))
+    assert _same(model, by_hand) and res.finetune is not None and res.finetune.final_loss == ft.final_loss
+    assert res.recalibrated and res.calib_split == cal.name and res.calib_n == len(cal) and res.finetuned
+    assert events[0] == ("stage", f"BatchNorm recalibration on {cal.name} ({len(cal)} images)", None, None)
+    assert events[1] == ("stage", f"fine-tune on {_small().name} ({len(_small())} images)", 0, None)
+    assert events[2:] == [("progress", "fine-tune", i, 8) for i in range(1, 9)]
+    # recalibration only: no fine-tune split, or epochs 0
+    only_bn = copy.deepcopy(pruned)
+    finetune.recalibrate_bn(only_bn, cal, device="cpu")
+    for kw in (dict(train=None), dict(train=_small(), plan=_plan(epochs=0))):
+        m = copy.deepcopy(pruned)
+        r = recover(m, kw.pop("plan", _plan()), calib=cal, **kw)
+        assert r.recalibrated and not r.finetuned and _same(m, only_bn)
+    m = copy.deepcopy(pruned)
+    r = recover(m, _plan(recalibrate=False, epochs=0), calib=cal, train=_small())
+    assert not r.recalibrated and not r.finetuned and _same(m, pruned)
+
+
+def test_recover_interrupted_then_resumed_is_bit_identical(resnet20, uninterrupted, tmp_path):
+    from edgeprune.recovery import recover
+
+    ck = tmp_path / "ft.ckpt"
+
+    def boom(kind, msg, done, total):
+        if kind == "progress" and done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(resnet20[0]), _plan(recalibrate=False, checkpoint_every=2), train=_small(),
+                checkpoint=ck, events=boom)
+    model = copy.deepcopy(resnet20[0])
+    res = recover(model, _plan(recalibrate=False, checkpoint_every=2), train=_small(), checkpoint=ck)
+    assert res.finetune is not None and res.finetune.resumed_from_step == 5 and _same(model, uninterrupted[0])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(distill=0.5), "distillation needs a teacher"),
+                                      (dict(epochs=-1), "epochs"), (dict(distill=2.0), "distill")])
+def test_recover_bad_plans(resnet20, kw, match):
+    from edgeprune.recovery import recover
+
+    with pytest.raises(UsageError, match=match):
+        recover(copy.deepcopy(resnet20[0]), _plan(**kw), train=_small())

@@ -1,5 +1,5 @@
-"""host.search.run, host.search.algos and host.fleet.targets: target parsing, the algorithms against a fake evaluator
-(latency an affine function of MACs with deterministic noise), persistence and resume, outputs, and one real
+"""host.search (run, options, state, space, evaluator, driver, outcome), host.search.algos and host.fleet.targets:
+target parsing, the algorithms against a fake evaluator (latency an affine function of MACs with deterministic noise), persistence and resume, outputs, and one real
 end-to-end search on the local device (slow)."""
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ from types import SimpleNamespace
 import pytest
 
 from edgeprune.errors import UsageError
+from host.search import evaluator as sev
+from host.search import options as so
+from host.search import outcome as sout
 from host.search import run as hs
+from host.search import space as ssp
+from host.search import state as sst
 from host.search import algos as sa
+from host.search.algos import bisect as sab
+from host.search.algos import netadapt as san
 from host.fleet import targets as tg
 from host.fleet.devices import DeviceConfig, PowerConfig, local_device
 
@@ -72,7 +79,7 @@ class FakeEvaluator:
             if self.crash_after is not None and len(self.calls) >= self.crash_after:
                 raise KeyboardInterrupt("simulated crash")
             self.calls.append((req.device.id, req.key))
-            m = sa.Measurement(True, self.metrics(req.device.id, req.candidate, req.key), key=req.key,
+            m = sa.DeviceMeasurement(True, self.metrics(req.device.id, req.candidate, req.key), key=req.key,
                                artifact_sha256="a" * 64, plan_sha256="b" * 64)
             done(req, m, {"report": {"fake": True}})
 
@@ -102,9 +109,9 @@ def targets_for(devs, *specs, drop=5.0, targets_file=None):
     return tg.device_targets(devs, tg.parse_cli(list(specs), drop, targets_file))
 
 
-def options(tmp_path, **kw) -> hs.SearchOptions:
+def options(tmp_path, **kw) -> so.SearchOptions:
     algo_kw = kw.pop("algo_options", {})
-    return hs.SearchOptions(model="fake", cache_dir=str(tmp_path / "cache"), algo_options=sa.AlgoOptions(**algo_kw),
+    return so.SearchOptions(model="fake", cache_dir=str(tmp_path / "cache"), algo_options=sa.AlgoOptions(**algo_kw),
                             **kw)
 
 
@@ -206,17 +213,17 @@ def test_bounds_resolve_relative_and_assess():
 # ------------------------------------------------------------------------------------------ pure helpers
 
 def test_isotonic_and_required_macs():
-    assert sa.isotonic([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
-    assert sa.isotonic([5, 4, 3]) == [4, 4, 4]
+    assert sab.isotonic([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
+    assert sab.isotonic([5, 4, 3]) == [4, 4, 4]
     # secant between bracketing points
-    assert sa.required_macs([(100, 4.0), (50, 2.0)], 3.0, 100, 4.0, 0.15) == pytest.approx(75)
+    assert sab.required_macs([(100, 4.0), (50, 2.0)], 3.0, 100, 4.0, 0.15) == pytest.approx(75)
     # only the dense point: the prior (15 % fixed) extrapolates
-    m = sa.required_macs([(100, 4.0)], 2.0, 100, 4.0, 0.15)
+    m = sab.required_macs([(100, 4.0)], 2.0, 100, 4.0, 0.15)
     assert 4.0 * (0.15 + 0.85 * m / 100) == pytest.approx(2.0)
     # everything within the bound
-    assert sa.required_macs([(100, 1.0)], 2.0, 100, 1.0, 0.15) == math.inf
+    assert sab.required_macs([(100, 1.0)], 2.0, 100, 1.0, 0.15) == math.inf
     # a noisy, non-monotone pair: the isotonic fit pools it and still gives a finite step
-    assert sa.required_macs([(100, 4.0), (80, 4.2), (50, 2.5)], 2.0, 100, 4.0, 0.15) < 50
+    assert sab.required_macs([(100, 4.0), (80, 4.2), (50, 2.5)], 2.0, 100, 4.0, 0.15) < 50
 
 
 def test_allocation_keeps_the_mean_and_prunes_insensitive_groups_more():
@@ -362,10 +369,10 @@ def test_resume_after_a_crash_repeats_no_completed_evaluation(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, devs, tset, crashing, space, name="r1")
     assert len(crashing.calls) == 3
-    lines = (tmp_path / "r1" / hs.EVALUATIONS).read_text().splitlines()
+    lines = (tmp_path / "r1" / so.EVALUATIONS).read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["kind"] == "device" for x in lines)
     # a torn last line (killed inside a write) is cut off on resume
-    with open(tmp_path / "r1" / hs.EVALUATIONS, "a") as f:
+    with open(tmp_path / "r1" / so.EVALUATIONS, "a") as f:
         f.write('{"kind": "device", "dev')
     second = FakeEvaluator(space)
     res = run(tmp_path, devs, tset, second, space, name="r1", resume=True)
@@ -379,7 +386,7 @@ def test_resume_after_a_crash_repeats_no_completed_evaluation(tmp_path):
     third = FakeEvaluator(space)
     run(tmp_path, devs, tset, third, space, name="r1", resume=True)
     assert third.calls == []
-    assert json.loads((tmp_path / "r1" / hs.RUN_FILE).read_text())["status"] == "finished"
+    assert json.loads((tmp_path / "r1" / so.RUN_FILE).read_text())["status"] == "finished"
 
 
 def test_resume_uses_stored_options_and_refuses_a_taken_folder(tmp_path):
@@ -399,21 +406,21 @@ def test_resume_uses_stored_options_and_refuses_a_taken_folder(tmp_path):
 
 
 def test_store_round_trip_and_bad_line(tmp_path):
-    st = hs.Store(tmp_path / "e.jsonl")
+    st = sst.EvaluationLog(tmp_path / "e.jsonl")
     st.put({"kind": "device", "device": "a", "key": "k1", "x": 1})
     st.put({"kind": "host", "device": "", "key": "k2"})
-    again = hs.Store(tmp_path / "e.jsonl")
+    again = sst.EvaluationLog(tmp_path / "e.jsonl")
     assert again.get("device", "a", "k1")["x"] == 1 and again.count("host") == 1
     (tmp_path / "e.jsonl").write_text("nope\n")
     with pytest.raises(UsageError, match=r"e.jsonl:1: not a JSON line"):
-        hs.Store(tmp_path / "e.jsonl")
+        sst.EvaluationLog(tmp_path / "e.jsonl")
 
 
 def test_options_round_trip_through_search_json(tmp_path):
     opts = options(tmp_path, algo="netadapt", max_evals=5, algo_options={"netadapt_levels": (0.5,)})
     dev = device()
-    hs._write_run(tmp_path / "o", "o", opts, [dev], targets_for([dev], "latency_p50_ms=2", drop=1.0))
-    run_id, back, devs, tset = hs.read_run(tmp_path / "o")
+    sst.write_run(tmp_path / "o", "o", opts, [dev], targets_for([dev], "latency_p50_ms=2", drop=1.0))
+    run_id, back, devs, tset = sst.read_run(tmp_path / "o")
     assert run_id == "o" and back == opts and devs[0] == dev
     assert tset["local"].targets["latency_p50_ms"].value == 2 and tset["local"].max_accuracy_drop_pp == 1.0
 
@@ -434,14 +441,14 @@ def test_bad_options(tmp_path, kw, match):
 
 def test_device_ids_that_cannot_be_output_folders(tmp_path):
     with pytest.raises(UsageError, match="id 'work' cannot be a folder of the search output"):
-        hs.check_devices([device("work")])
+        so.check_devices([device("work")])
     tfl = device("tfl").model_copy(update={"runtime": local_device().runtime.model_copy(update={"name": "tensorrt"}),
                                            "precisions": ["fp16"]})
-    assert hs.profile_for(tfl) == hs.Profile(1, "tensorrt", (("precision", "fp16"),))
-    assert hs.profile_for(device(precisions=["fp16"]).model_copy(update={
+    assert so.profile_for(tfl) == so.Profile(1, "tensorrt", (("precision", "fp16"),))
+    assert so.profile_for(device(precisions=["fp16"]).model_copy(update={
         "runtime": local_device().runtime.model_copy(update={"name": "openvino"})})).fmt == "openvino-fp16"
     with pytest.raises(UsageError, match="runtime onnxruntime with precision int8: no export format"):
-        hs.profile_for(device(precisions=["int8"]))
+        so.profile_for(device(precisions=["int8"]))
 
 
 # ------------------------------------------------------------------------------------------ netadapt
@@ -470,12 +477,12 @@ def test_netadapt_meets_target_and_caches_the_layer_table(tmp_path):
 
 def test_lut_configs_and_estimator_track_macs():
     space = resnet_like_space(2)
-    cfgs = sa.lut_configs(space, 1, (0.75, 0.5, 0.25), 0.9)
+    cfgs = san.lut_configs(space, 1, (0.75, 0.5, 0.25), 0.9)
     keys = {c.key() for c in cfgs}
     assert len(keys) == len(cfgs)
     lut = {c.key(): 1e-3 * c.out_channels * c.in_channels * c.in_hw[0] * c.in_hw[1] / c.stride[0] ** 2 for c in cfgs}
     dense = sum(lut[layer.config.key()] for layer in space.affected_layers())
-    est = sa.LutEstimator(space, lut, dense + 1.0, 1, (0.75, 0.5, 0.25), 0.9)
+    est = san.LutEstimator(space, lut, dense + 1.0, 1, (0.75, 0.5, 0.25), 0.9)
     kept = space.kept_for(sa.allocate(space, 0.5, sensitivity=False), 1)
     exact = 1.0 + sum(1e-3 * c.out_channels * c.in_channels * c.in_hw[0] * c.in_hw[1] / c.stride[0] ** 2
                       for c in (layer.shaped(kept) for layer in space.affected_layers()))
@@ -494,7 +501,7 @@ def test_model_space_of_resnet20_matches_torch_pruning(resnet20):
     from edgeprune import prune
 
     model, meta = resnet20
-    space = hs.build_space("resnet20", model, meta)
+    space = ssp.build_space("resnet20", model, meta)
     assert [g.name for g in space.groups] == [g.name for g in prune.prunable_groups(model, torch.zeros(1, 3, 32, 32))]
     kept = space.kept_for(sa.allocate(space, 0.5, sensitivity=False), 8)
     pr = prune.prune(copy.deepcopy(model), 0.0, torch.zeros(1, 3, 32, 32), round_to=8,
@@ -516,9 +523,9 @@ def test_bisect_end_to_end_on_the_local_device(tmp_path):
     search must still prune to pass."""
     dev = local_device().model_copy(update={"round_to": 8, "cache_dir": str(tmp_path / "dev-cache")})
     tset = targets_for([dev], "latency_p50_ms=0.8x", drop=60.0)
-    opts = hs.SearchOptions(model="resnet20", max_evals=6, quick=True, eval_per_class=20,
+    opts = so.SearchOptions(model="resnet20", max_evals=6, quick=True, eval_per_class=20,
                             cache_dir=str(tmp_path / "cache"),
-                            recovery=hs.RecoveryOptions(finetune_per_class=10, batch_size=50),
+                            recovery=so.RecoveryOptions(finetune_per_class=10, batch_size=50),
                             algo_options=sa.AlgoOptions(allocation="uniform"))
     events = []
     res = hs.start(opts, [dev], tset, out=tmp_path / "out", run_id="e2e", events=lambda *e: events.append(e))
@@ -537,7 +544,7 @@ def test_bisect_end_to_end_on_the_local_device(tmp_path):
     rep = schema.loads_report((chosen / "report.json").read_text())
     assert rep.timing.latency_ms.median == pytest.approx(r.chosen["latency_p50_ms"])
     assert rep.accuracy.n == 200 and rep.timing.latency_ms.median <= r.bounds["limits"]["latency_p50_ms"]
-    lines = [json.loads(x) for x in (tmp_path / "out" / hs.EVALUATIONS).read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "out" / so.EVALUATIONS).read_text().splitlines()]
     assert len(lines) == r.device_evals and all(x["artifact_sha256"] and x["report"]["status"] == "ok" for x in lines)
     assert any(e[0] == "result" for e in events)
 
@@ -580,7 +587,7 @@ def test_search_process_killed_then_resumed_repeats_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
     done_before = [(json.loads(x)["device"], json.loads(x)["key"])
-                   for x in (tmp_path / "killed" / hs.EVALUATIONS).read_text().splitlines()]
+                   for x in (tmp_path / "killed" / so.EVALUATIONS).read_text().splitlines()]
     assert len(done_before) == 3
     after = FakeEvaluator(space)
     res = run(tmp_path, devs, tset, after, space, name="killed", resume=True)
@@ -594,12 +601,12 @@ def test_fleet_evaluator_layer_table_and_host_top1_for_real(tmp_path, resnet20):
     """netadapt's real work on ResNet-20: two layer configurations timed alone by the local agent (cached as
     exported), and a proposal's short-recovery top-1 in torch."""
     model, meta = resnet20
-    space = hs.build_space("resnet20", model, meta)
-    opts = hs.SearchOptions(model="resnet20", eval_per_class=5, cache_dir=str(tmp_path / "cache"), lut_seconds=0.1,
-                            short_recovery=hs.RecoveryOptions(finetune_per_class=5, batch_size=25))
-    ev = hs.FleetEvaluator(tmp_path / "run", "real", opts, "resnet20", model, meta, space)
+    space = ssp.build_space("resnet20", model, meta)
+    opts = so.SearchOptions(model="resnet20", eval_per_class=5, cache_dir=str(tmp_path / "cache"), lut_seconds=0.1,
+                            short_recovery=so.RecoveryOptions(finetune_per_class=5, batch_size=25))
+    ev = sev.FleetEvaluator(tmp_path / "run", "real", opts, "resnet20", model, meta, space)
     dev = local_device().model_copy(update={"cache_dir": str(tmp_path / "dev-cache")})
-    prof = hs.profile_for(dev)
+    prof = so.profile_for(dev)
     layer = space.affected_layers()[0]
     cfgs = [layer.config, layer.shaped({layer.out_group: 8})]
     got = {}
@@ -653,7 +660,7 @@ def test_a_failing_device_does_not_stop_the_others_and_is_retried_on_resume(tmp_
             for req in requests:
                 if req.device.id == "bad" and len(self.calls) >= 2:
                     self.calls.append((req.device.id, req.key))
-                    done(req, sa.Measurement(False, error="InfrastructureError: connection lost"), {})
+                    done(req, sa.DeviceMeasurement(False, error="InfrastructureError: connection lost"), {})
                 else:
                     super().measure([req], done)
 
@@ -662,7 +669,7 @@ def test_a_failing_device_does_not_stop_the_others_and_is_retried_on_resume(tmp_
     g, b = res.devices
     assert g.verdict == "met" and b.verdict == "error" and "connection lost" in b.reason
     assert b.closest is not None and b.folder == "bad/closest"       # what it had measured until then
-    lines = (tmp_path / "run" / hs.EVALUATIONS).read_text().splitlines()
+    lines = (tmp_path / "run" / so.EVALUATIONS).read_text().splitlines()
     assert all(json.loads(x)["metrics"] for x in lines)              # failures are not recorded as completed
     # the failed evaluation is tried again on resume (its device is back): nothing else is repeated
     again = FakeEvaluator(space)
@@ -676,9 +683,9 @@ def test_devices_on_one_machine_are_measured_one_after_the_other():
 
     ssh = lambda host, **kw: device(host.replace(".", "-"), transport="ssh",  # noqa: E731
                                     ssh=SSHConfig(host=host, user="u", **kw))
-    assert hs.machine_of(device("a")) == hs.machine_of(device("b")) == hs.machine_of(ssh("127.0.0.1")) == "local"
-    assert hs.machine_of(ssh("pi.lan")) != hs.machine_of(ssh("jetson.lan"))
-    assert hs.machine_of(ssh("127.0.0.1", proxy_jump="bastion")) != "local"
+    assert sev.machine_of(device("a")) == sev.machine_of(device("b")) == sev.machine_of(ssh("127.0.0.1")) == "local"
+    assert sev.machine_of(ssh("pi.lan")) != sev.machine_of(ssh("jetson.lan"))
+    assert sev.machine_of(ssh("127.0.0.1", proxy_jump="bastion")) != "local"
 
 
 def test_results_store_gets_every_evaluation_once_across_a_crash_and_resume(tmp_path):
@@ -695,7 +702,7 @@ def test_results_store_gets_every_evaluation_once_across_a_crash_and_resume(tmp_
     assert store.run("r1")["status"] == "interrupted" and len(store.evaluations("r1")) == 3
     with RunRecorder(store, "r1", "search", command=[], provenance={}, resume=True) as rec:
         res = hs.resume("r1", out=tmp_path / "r1", space=space, evaluator=FakeEvaluator(space), recorder=rec)
-    lines = [json.loads(x) for x in (tmp_path / "r1" / hs.EVALUATIONS).read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "r1" / so.EVALUATIONS).read_text().splitlines()]
     evals = store.evaluations("r1")
     assert sorted((e["device_id"], e["key"]) for e in evals) == sorted((x["device"], x["key"]) for x in lines)
     for d in res.devices:   # numbered 1..n per device, verdicts filled in at the end
@@ -780,26 +787,26 @@ def test_search_on_agreement_ranks_by_agreement(tmp_path):
     assert summary["devices"][0]["accuracy_metric"] == "agreement"
     cand = json.loads((tmp_path / "run" / "local" / "chosen" / "candidate.json").read_text())
     assert cand["accuracy_metric"] == "agreement"
-    doc = hs.result_document(res)
+    doc = sout.result_document(res)
     assert doc["devices"][0]["candidate"]["metrics"]["agreement"] == r.chosen["agreement"]
 
 
 def test_options_with_model_source_and_data_round_trip(tmp_path):
     opts = options(tmp_path, model_args={"width": 0.5}, weights="w.pt", input_shape=(1, 3, 64, 64),
                    ignore_layers=("aux",), data="d.npz", finetune_data="ft", mean="0.5,0.5,0.5")
-    hs._write_run(tmp_path / "r", "r", opts, [device()], targets_for([device()], "latency_p50_ms=1"))
-    _, back, _, _ = hs.read_run(tmp_path / "r")
+    sst.write_run(tmp_path / "r", "r", opts, [device()], targets_for([device()], "latency_p50_ms=1"))
+    _, back, _, _ = sst.read_run(tmp_path / "r")
     assert back == opts and back.input_shape == (1, 3, 64, 64) and back.ignore_layers == ("aux",)
     from host.search.data import source_key
 
     plain = options(tmp_path)
     assert source_key(plain) == {}
     space = resnet_like_space()
-    prof = hs.Profile(1, "onnx")
+    prof = so.Profile(1, "onnx")
     cand = sa.Candidate.of(space, {space.groups[0].name: 8}, "full")
     # the reference path's keys are what they were; any model-source or data option changes them
-    assert hs.candidate_key(space, plain, prof, cand) != hs.candidate_key(space, opts, prof, cand)
-    assert hs.candidate_key(space, plain, prof, cand) == hs.candidate_key(space, options(tmp_path), prof, cand)
+    assert so.candidate_key(space, plain, prof, cand) != so.candidate_key(space, opts, prof, cand)
+    assert so.candidate_key(space, plain, prof, cand) == so.candidate_key(space, options(tmp_path), prof, cand)
 
 
 def test_grouped_conv_groups_keep_multiples_of_their_slices():
@@ -832,3 +839,12 @@ def test_sensitivity_on_unlabelled_data_scores_agreement_with_dense():
     assert 0.0 <= df["top1"].iloc[0] <= 1.0 and df["drop_pp"].iloc[0] == pytest.approx(100 * (1 - df["top1"].iloc[0]))
     with pytest.raises(UsageError, match="metric: 'top1' or 'agreement'"):
         sensitivity.analyse(model, split, torch.zeros(1, 3, 32, 32), metric="f1")
+
+
+def test_every_registered_algorithm_is_one_module_named_after_it():
+    for name, where in sa.ALGORITHMS.items():
+        algo = sa.get_algorithm(name)
+        assert algo.name == name and where == f"host.search.algos.{name}:{type(algo).__name__}"
+        assert isinstance(algo, sa.SearchAlgorithm)
+    with pytest.raises(UsageError, match="--algo: unknown algorithm 'sa'; known: bisect, netadapt"):
+        sa.get_algorithm("sa")

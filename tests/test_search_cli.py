@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from edgeprune.errors import UsageError
 from host import cli
+from host.search import options as so
 from host.search import run as hs
+from host.search import state as sst
 
 from .test_search import FakeEvaluator, resnet_like_space
 
@@ -93,10 +96,10 @@ def test_devices_and_scoped_targets_from_a_fleet(tmp_path, monkeypatch, capsys, 
         {"dev-a": 1, "dev-b": 8}
     assert (run / "dev-a" / "chosen" / "candidate.json").is_file()
     assert (run / "dev-b" / "chosen" / "candidate.json").is_file()
-    n = len((run / hs.EVALUATIONS).read_text().splitlines())
+    n = len((run / so.EVALUATIONS).read_text().splitlines())
     code, out, err = search("--resume", "r1", capsys=capsys)           # finished: served from the store
     assert code == 0 and fake[-1].calls == [] and "(from the store)" in out
-    assert len((run / hs.EVALUATIONS).read_text().splitlines()) == n
+    assert len((run / so.EVALUATIONS).read_text().splitlines()) == n
     code, _, err = search("--model", "resnet20", "--fleet", str(fleet), "--devices", "zz", "--target",
                           "latency_p50_ms=1", "--max-accuracy-drop", "1", capsys=capsys)
     assert code == 2 and "--devices: zz not in the fleet" in err
@@ -124,7 +127,7 @@ def test_interrupt_prints_how_to_resume(tmp_path, monkeypatch, capsys):
     assert code == 130
     assert "search interrupted; completed evaluations are in results/search/ctrl-c/evaluations.jsonl; continue " \
            "with: edgeprune search --resume ctrl-c" in out
-    assert len((tmp_path / "results" / "search" / "ctrl-c" / hs.EVALUATIONS).read_text().splitlines()) == 1
+    assert len((tmp_path / "results" / "search" / "ctrl-c" / so.EVALUATIONS).read_text().splitlines()) == 1
     # the results store (default results/edgeprune.db) has that one evaluation, and the run says interrupted
     from host.results.store import Store
 
@@ -220,7 +223,7 @@ def test_labelled_folder_passes_the_data_check_and_agreement_works_on_labelled_d
     from .test_search import device
 
     folder = _image_folder(tmp_path / "imgs")
-    opts = hs.SearchOptions(model=SENET, input_shape=(1, 3, 32, 32), data=str(folder))
+    opts = so.SearchOptions(model=SENET, input_shape=(1, 3, 32, 32), data=str(folder))
     wl = search_data.open_search_workload(opts)
     assert wl.eval.labelled and not wl.reference_path and tuple(wl.input_shape) == (1, 3, 32, 32)
     ts = tg.device_targets([device()], tg.parse_cli(["latency_p50_ms=0.9x"], 1.0, min_agreement=0.9))
@@ -277,7 +280,7 @@ def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_r
     man = json.loads(Path(cand["manifest"]).read_text())
     assert man["input_shape"][1:] == [3, 64, 64]
     run = tmp_path / "results" / "search" / "u1"
-    lines = [json.loads(x) for x in (run / hs.EVALUATIONS).read_text().splitlines()]
+    lines = [json.loads(x) for x in (run / so.EVALUATIONS).read_text().splitlines()]
     assert 2 <= len(lines) <= 3
     assert all(x["report"]["accuracy"]["agreement"] is not None and x["report"]["accuracy"]["top1"] is None
                for x in lines)
@@ -291,10 +294,10 @@ def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_r
     # --resume: the stored model source and data are reopened; everything is served from the store
     code2, out2, err2 = search("--resume", "u1", "--json", capsys=capsys)
     assert code2 in (0, 1) and "(from the store)" in err2, err2
-    assert len((run / hs.EVALUATIONS).read_text().splitlines()) == len(lines)
+    assert len((run / so.EVALUATIONS).read_text().splitlines()) == len(lines)
     doc2 = json.loads(out2)
     assert doc2["devices"][0]["candidate"]["key"] == cand["key"]
-    _, opts, _, _ = hs.read_run(run)
+    _, opts, _, _ = sst.read_run(run)
     assert opts.data == str(npz) and opts.input_shape == (1, 3, 64, 64) and opts.weights == str(weights)
 
 
@@ -305,12 +308,12 @@ def test_resume_reopens_the_stored_data_and_refuses_changed_data(tmp_path):
     from .test_search import device
 
     npz = _unlabelled_npz(tmp_path / "unl.npz", n=8)
-    opts = hs.SearchOptions(model=SENET, input_shape=(1, 3, 64, 64), data=str(npz))
+    opts = so.SearchOptions(model=SENET, input_shape=(1, 3, 64, 64), data=str(npz))
     wl = search_data.open_search_workload(opts)
     tset = tg.device_targets([device()], tg.parse_cli(["latency_p50_ms=1"], None, min_agreement=0.5))
-    hs._write_run(tmp_path / "r", "r", opts, [device()], tset, search_data.fingerprint(wl))
-    again = hs.open_resumed_workload(tmp_path / "r", hs.read_run(tmp_path / "r")[1])
+    sst.write_run(tmp_path / "r", "r", opts, [device()], tset, search_data.fingerprint(wl))
+    again = hs.open_resumed_workload(tmp_path / "r", sst.read_run(tmp_path / "r")[1])
     assert again.eval.fingerprint == wl.eval.fingerprint and not again.eval.labelled
     _unlabelled_npz(npz, n=8, seed=1)                       # other images under the same path
-    with pytest.raises(hs.UsageError, match="--resume: the run's eval data changed since it started"):
-        hs.open_resumed_workload(tmp_path / "r", hs.read_run(tmp_path / "r")[1])
+    with pytest.raises(UsageError, match="--resume: the run's eval data changed since it started"):
+        hs.open_resumed_workload(tmp_path / "r", sst.read_run(tmp_path / "r")[1])

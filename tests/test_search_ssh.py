@@ -12,6 +12,7 @@ import yaml
 
 from agent import schema
 from host.fleet import devices
+from host.search import options as so
 from host.search import run as hs
 from host.search import algos as sa
 from host.fleet import targets as tg
@@ -61,9 +62,9 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
     assert {k: (t.targets["latency_p50_ms"].value, t.max_accuracy_drop_pp) for k, t in tset.items()} == \
         {k: (v[2], MAX_DROP_PP) for k, v in DEVICES.items()}
 
-    opts = hs.SearchOptions(model="resnet20", algo="bisect", max_evals=8, quick=True, eval_per_class=20,
+    opts = so.SearchOptions(model="resnet20", algo="bisect", max_evals=8, quick=True, eval_per_class=20,
                             cache_dir=str(tmp_path / "cache"),
-                            recovery=hs.RecoveryOptions(finetune_per_class=10, batch_size=50),
+                            recovery=so.RecoveryOptions(finetune_per_class=10, batch_size=50),
                             algo_options=sa.AlgoOptions(allocation="uniform"))
     out = tmp_path / "out"
     res = hs.start(opts, devs, tset, out=out, run_id="ssh-two")
@@ -74,7 +75,7 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
                                     [(x["ratio"], x["macs"], x["latency_p50_ms"], x["drop_pp"]) for x in r.rows])
     assert res.all_met
 
-    records = [json.loads(x) for x in (out / hs.EVALUATIONS).read_text().splitlines()]
+    records = [json.loads(x) for x in (out / so.EVALUATIONS).read_text().splitlines()]
     artifacts, kept_by = {}, {}
     for dev_id, (_, align, lat) in DEVICES.items():
         r = results[dev_id]

@@ -1,9 +1,9 @@
 """``edgeprune demo``: the whole loop on the local device, with no configuration.
 
 reference model → channel pruning at several ratios (Torch-Pruning) → optional bounded recovery
-(BatchNorm recalibration + short fine-tune) → ONNX export (verified against torch) → the agent, as a separate
-process → latency percentiles, power (modelled here, and labelled so) and accuracy measured by the agent →
-``summary.csv`` and one JSON report per candidate under ``--out``.
+(:func:`edgeprune.recovery.recover`: BatchNorm recalibration + short fine-tune) → ONNX export (verified against
+torch) → the agent, as a separate process → latency percentiles, power (modelled here, and labelled so) and
+accuracy measured by the agent → ``summary.csv`` and one JSON report per candidate under ``--out``.
 
 The model and data are any :mod:`edgeprune.sources` / :mod:`edgeprune.workload` accept (default: the bundled
 CIFAR-10 ResNet-20 and its test images). The eval shards carry the dense model's outputs, so every candidate's
@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 import torch
 
 from agent import schema
-from edgeprune import data, export, finetune, prune, shards
+from edgeprune import data, export, prune, shards
 from edgeprune.errors import DeviceError, UsageError
+from edgeprune.recovery import RecoveryPlan, recover
 from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
 from edgeprune.sources import ModelSpec
 from host.fleet.devices import DeviceConfig, local_device
@@ -83,6 +84,12 @@ class DemoOptions:
         base = dict(quick=True, finetune_epochs=1, finetune_per_class=200, finetune_seconds=20.0)
         base.update(overrides)
         return cls(**base)
+
+    def recovery_plan(self) -> RecoveryPlan:
+        """Each pruned candidate's recovery (:func:`edgeprune.recovery.recover`, when ``recovery``): BatchNorm
+        recalibration, then ``finetune_epochs`` epochs bounded by ``finetune_seconds``, no distillation."""
+        return RecoveryPlan(recalibrate=True, epochs=self.finetune_epochs, max_seconds=self.finetune_seconds,
+                            seed=self.seed)
 
     def validate(self) -> "DemoOptions":
         if not self.ratios:
@@ -206,14 +213,14 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
         pr = prune.prune(model, ratio, example, importance=opts.importance, round_to=dev.round_to,
                          extra_ignored=[dict(model.named_modules())[n] for n, m in base.named_modules() if m in keep])
         recovery = "none"
-        if ratio > 0 and cal is not None and opts.recovery:
-            finetune.recalibrate_bn(model, cal)
-            recovery = "bn"
-        if ft_split is not None and ratio > 0:
-            emit("stage", f"{tag}: recovery fine-tune", 0, None)
-            res = finetune.finetune(model, ft_split, epochs=opts.finetune_epochs, max_seconds=opts.finetune_seconds,
-                                    seed=opts.seed, progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
-            recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
+        if ratio > 0 and opts.recovery:
+            rec = recover(model, opts.recovery_plan(), calib=cal, train=ft_split,
+                          events=lambda k, m, d, t, tag=tag: emit(k, f"{tag}: {m}", d, t))
+            if rec.recalibrated:
+                recovery = "bn"
+            if rec.finetune is not None:
+                res = rec.finetune
+                recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
         emit("stage", f"{tag}: export ONNX", None, None)
         write_text_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
         onnx_path = out / "artifacts" / f"{tag}.onnx"

@@ -29,9 +29,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from edgeprune import data, export, finetune, prune, sources
+from edgeprune import data, export, prune, sources
 from edgeprune.errors import UsageError
-from edgeprune.workload import DataOptions, Workload, describe_sources, open_workload
+from edgeprune.recovery import RecoveryPlan, recover
+from edgeprune.workload import DataOptions, describe_sources, open_workload
 from host.files import write_text_atomic
 
 Events = Callable[[str, str, Optional[int], Optional[int]], None]
@@ -117,6 +118,16 @@ class PruneOptions:
     @property
     def finetunes(self) -> bool:
         return self.changes_model and (self.finetune_epochs is not None or self.finetune_minutes is not None)
+
+    def recovery_plan(self) -> RecoveryPlan:
+        """The recovery these options ask for (:func:`edgeprune.recovery.recover`): BatchNorm recalibration (when
+        ``recalibrate``), a fine-tune when ``--finetune-epochs`` or ``--finetune-minutes`` is given (minutes
+        alone: 1000 epochs planned, bounded by the wall time), distilled from the dense model with ``--distill``."""
+        return RecoveryPlan(
+            recalibrate=self.recalibrate,
+            epochs=(self.finetune_epochs or 1000) if self.finetunes else 0,
+            max_seconds=self.finetune_minutes * 60 if self.finetune_minutes is not None else None,
+            lr=self.lr, batch_size=self.batch_size, distill=self.distill, seed=self.seed)
 
 
 @dataclass
@@ -215,24 +226,17 @@ def run_prune(opts: PruneOptions, events: Optional[Events] = None) -> PruneOutco
     recovery: Dict[str, Any] = {"kind": "none"}
     if opts.changes_model and (opts.recalibrate or opts.finetunes):
         cal = wl.calib()
-        if opts.recalibrate and cal is not None:
-            emit("stage", f"{tag}: BatchNorm recalibration on {cal.name} ({len(cal)} images)", None, None)
-            finetune.recalibrate_bn(model, cal)
-            recovery = {"kind": "bn-recalibration", "split": cal.name, "n": len(cal), "source": cal.source}
+        ft = wl.finetune() if opts.finetunes else None
+        assert ft is not None or not opts.finetunes
+        rec = recover(model, opts.recovery_plan(), calib=cal, train=ft, teacher=base, masks=masks,
+                      checkpoint=out / "finetune.ckpt", events=lambda k, m, d, t: emit(k, f"{tag}: {m}", d, t))
+        if rec.recalibrated:
+            recovery = {"kind": "bn-recalibration", "split": rec.calib_split, "n": rec.calib_n,
+                        "source": rec.calib_source}
         elif opts.recalibrate:
             recovery = {"kind": "none", "note": "no calibration data: BatchNorm statistics kept from the dense model"}
-        if opts.finetunes:
-            ft = wl.finetune()
-            assert ft is not None
-            epochs = opts.finetune_epochs or 1000  # bounded by wall time alone when only minutes are given
-            seconds = opts.finetune_minutes * 60 if opts.finetune_minutes is not None else None
-            emit("stage", f"{tag}: fine-tune on {ft.name} ({len(ft)} images)", 0, None)
-            res = finetune.finetune(
-                model, ft, epochs=epochs, max_seconds=seconds, lr=opts.lr, batch_size=opts.batch_size,
-                seed=opts.seed, teacher=base, distill_alpha=opts.distill,
-                masks=masks, checkpoint=out / "finetune.ckpt",
-                progress=lambda d, t: emit("progress", f"{tag}: fine-tune", d, t))
-            recovery = {"kind": "finetune", "bn_recalibration": opts.recalibrate and cal is not None, **asdict(res)}
+        if rec.finetune is not None:
+            recovery = {"kind": "finetune", "bn_recalibration": rec.recalibrated, **asdict(rec.finetune)}
     pruned_metrics = wl.torch_metrics(model, reference=base) if opts.changes_model else \
         {**dense_metrics, **({"agreement": 1.0, "snr_db": 300.0} if dense_metrics else {})}
     top1 = pruned_metrics.get("top1")

@@ -1,9 +1,9 @@
 """The model and data of ``edgeprune search``: one :class:`~edgeprune.workload.Workload`, opened once per run.
 
 :func:`open_search_workload` opens it from the run's options (the model-source and data fields of
-:class:`host.search.run.SearchOptions`, stored with the run so ``--resume`` reopens the same); :func:`check_workload`
-refuses, before anything is recorded, targets the data cannot judge (a top-1 drop bound on unlabelled data, a
-search with no eval data at all). :class:`SearchData` is what the evaluator builds and measures with:
+:class:`host.search.options.SearchOptions`, stored with the run so ``--resume`` reopens the same);
+:func:`check_workload` refuses, before anything is recorded, targets the data cannot judge (a top-1 drop bound on
+unlabelled data, a search with no eval data at all). :class:`SearchData` is what the evaluator builds and measures with:
 
 * the eval shards the agent scores, written once per run folder (``work/eval/``, reused on ``--resume`` while
   their files and the data are unchanged) with the dense model's outputs as references, so every candidate's

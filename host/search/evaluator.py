@@ -1,0 +1,341 @@
+"""Device evaluation: the :class:`Evaluator` interface the driver asks for work through, and
+:class:`FleetEvaluator`, the real one.
+
+:class:`FleetEvaluator` builds a candidate on the host (prune by its exact per-group channel counts → recover with
+:func:`edgeprune.recovery.recover` at the candidate's recovery level → export in the device's format, verified
+against torch) under ``work/artifacts/<key>`` (reused while its files match its manifest, an interrupted
+fine-tune resumed from its checkpoint), and measures it through the device's agent
+(:func:`host.fleet.runner.run_on_device`, under the device's lease): devices on different machines in parallel,
+devices on one machine one after the other. It also scores netadapt's proposals on the host and times the layer
+configurations of netadapt's lookup tables on the devices. Results go back through callbacks; the driver
+persists them.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+from agent import schema
+from edgeprune.errors import DeviceError, EdgepruneError, ExportError, PruneError
+from host.files import write_text_atomic
+from host.fleet.devices import DeviceConfig
+from host.fleet.targets import metrics_from_report
+from host.search.algos.base import Candidate, DeviceMeasurement, LayerConfig, ModelSpace
+from host.search.options import WORK, Events, Profile, SearchOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeprune.workload import Workload
+
+@dataclass
+class Request:
+    device: DeviceConfig
+    profile: Profile
+    candidate: Candidate
+    key: str
+
+
+DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]
+LayerDone = Callable[[str, str, float, Dict[str, Any]], None]   # device id, config key, ms, identity
+
+
+class Evaluator(Protocol):
+    """Does the work the algorithms ask for; the driver (:class:`Search`) persists and caches the results."""
+
+    def measure(self, requests: Sequence[Request], done: DeviceDone) -> None:
+        """Build and measure every request, on its devices in parallel; ``done`` (thread-safe) is called as
+        each completes, with extra fields for its record (the report, the artifact's files)."""
+
+    def host_top1(self, profile: Profile, candidate: Candidate) -> float:
+        """Top-1 of the candidate with its recovery, in torch on the host, on the calib split."""
+
+    def layer_latency(self, requests: Sequence[Tuple[DeviceConfig, Profile, List[LayerConfig]]],
+                      done: LayerDone) -> Dict[str, Optional[str]]:
+        """Time each layer configuration alone on its device; ``done`` per configuration. Returns an error
+        message (or None) per device id."""
+
+
+def machine_of(dev: DeviceConfig) -> str:
+    """Which machine a device runs on, as far as its config says: devices on one machine are measured one after
+    the other."""
+    if dev.transport == "ssh" and dev.ssh is not None:
+        host = dev.ssh.host.lower()
+        return "local" if host in ("localhost", "127.0.0.1", "::1") and dev.ssh.proxy_jump is None \
+            else f"ssh:{dev.ssh.proxy_jump or ''}/{host}"
+    return "local"
+
+
+class FleetEvaluator:
+    """Builds candidates on the host (prune → recover → export, verified) and measures them through the agents."""
+
+    def __init__(self, out: Path, run_id: str, opts: SearchOptions, name: str, model: Any, meta: Mapping[str, Any],
+                 space: ModelSpace, events: Optional[Events] = None, *,
+                 workload: Optional["Workload"] = None) -> None:
+        from host.search import data as search_data
+
+        self.out, self.run_id, self.opts, self.name = Path(out), run_id, opts, name
+        self.base, self.meta, self.space = model, dict(meta), space
+        self.emit = events or (lambda *a: None)
+        self.work = self.out / WORK
+        (self.work / "artifacts").mkdir(parents=True, exist_ok=True)
+        wl = workload if workload is not None else search_data.open_search_workload(opts)
+        self.workload = wl
+        self.example = wl.example
+        # --ignore-layers / the model file's ignore_layers, as modules of self.base (wl.model.model may be another
+        # instance of the same model when the caller loaded its own)
+        names = {id(m): n for n, m in wl.model.model.named_modules()}
+        mods = dict(self.base.named_modules())
+        self.keep_names = [names[id(m)] for m in wl.model.ignored_modules() if names.get(id(m)) in mods]
+        self.data = search_data.SearchData(wl, self.work, self.base, self.emit)
+        self.eval_name = self.data.eval_name
+        self.shards = self.data.shards
+        self.shard_sha = self.data.eval_sha
+        self.check_inputs = wl.check_inputs()
+        self.host_metric = self.data.metric
+
+    @property
+    def calib(self) -> Any:
+        return self.data.calib()
+
+    # -- building
+    def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path],
+               tag: str) -> Tuple[Any, Dict[str, Any]]:
+        from edgeprune import prune
+        from edgeprune.recovery import recover
+        from host.search.data import is_labelled
+
+        model = copy.deepcopy(self.base).eval()
+        info: Dict[str, Any] = {"plan": None, "plan_sha256": "", "recovery": None}
+        if not cand.kept:
+            return model, info
+        calib = None
+        if self.opts.importance in prune.NEEDS_CALIB:
+            if self.calib is None or not is_labelled(self.calib):
+                raise PruneError(f"--importance {self.opts.importance}: needs labelled calibration images "
+                                 "(--calib-data or --finetune-data with labels); or use l1, l2 or bn_scale")
+            calib = self.calib.tensors(256)
+        self.emit("stage", "", f"{tag}: pruning ({len(cand.kept)} groups, align {profile.round_to})")
+        mods = dict(model.named_modules())
+        pr = prune.prune(model, 0.0, self.example, importance=self.opts.importance, round_to=profile.round_to,
+                         min_channels=self.opts.min_channels, prune_residual=self.opts.prune_residual,
+                         layer_ratios=self.space.layer_ratios(cand.kept_map(), profile.round_to), calib=calib,
+                         extra_ignored=[mods[n] for n in self.keep_names])
+        got = {layer.name: len(layer.keep) for layer in pr.plan.layers}
+        if got != cand.kept_map():
+            raise PruneError(f"{tag}: the plan keeps {got}, the candidate asked for {cand.kept_map()} "
+                             f"(skipped: {pr.skipped})")
+        info.update(plan=pr.plan, plan_sha256=pr.plan.sha256(), macs_counted=pr.macs_after, params=pr.params_after)
+        rec = self.opts.recovery_for(cand.recovery)
+        if rec is not None:
+            ft = self.data.finetune(rec.finetune_per_class, self.opts.seed) if rec.finetune_epochs > 0 else None
+
+            def events(kind: str, msg: str, done: Optional[int], total: Optional[int]) -> None:
+                if kind == "progress":
+                    self.emit("progress", "", f"{tag}: {msg} step {done}/{total}")
+                else:
+                    self.emit(kind, "", f"{tag}: {msg} ({cand.recovery} recovery)")
+
+            res = recover(model, rec.plan(self.opts.seed), calib=self.calib if rec.recalibrate else None, train=ft,
+                          teacher=self.base, checkpoint=checkpoint, events=events).finetune
+            if res is not None:
+                info["recovery"] = {"steps": res.steps_done, "planned": res.steps_planned,
+                                    "seconds": round(res.seconds, 2), "stopped_by_time": res.stopped_by_time}
+        return model, info
+
+    def build(self, profile: Profile, cand: Candidate, key: str) -> Dict[str, Any]:
+        """The candidate's artifact under ``work/artifacts/<key>``: reused when its files match its manifest."""
+        from edgeprune import export
+
+        folder = self.work / "artifacts" / key[:16]
+        built = folder / "built.json"
+        if built.is_file():
+            try:
+                info = json.loads(built.read_text())
+                export.Manifest.read(folder / info["manifest"]).check_files(folder)
+                if info.get("key") == key:
+                    return info
+            except (OSError, ValueError, KeyError, EdgepruneError):
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = f"{self.name}-{key[:12]}"
+        model, info = self._model(profile, cand, folder / "finetune.ckpt", tag)
+        if info.get("params") is None:   # the dense model: counted here (a pruned one was counted by prune())
+            from edgeprune import prune
+
+            info["macs_counted"], info["params"] = prune.count(model, self.example)
+        calib_inputs = None
+        if export.get_format(profile.fmt).calibration or "int8" in dict(profile.export_options).get("precision", ""):
+            calib_inputs = self.workload.calib_inputs(200)
+        self.emit("stage", "", f"{tag}: export {profile.fmt} (verified against torch)")
+        man = export.export(model, profile.fmt, folder, tag=tag, check_inputs=self.check_inputs,
+                            calib_inputs=calib_inputs, model_name=self.name,
+                            source_checkpoint_sha256=str(self.meta.get("sha256", "")),
+                            pruning_plan_sha256=info["plan_sha256"], input_shape=tuple(self.workload.input_shape),
+                            preprocess=None if self.workload.reference_path else self.workload.manifest_preprocess(),
+                            **dict(profile.export_options))
+        if info["plan"] is not None:
+            write_text_atomic(folder / "plan.json", info["plan"].to_json())
+        out = {"key": key, "tag": tag, "manifest": export.manifest_path(folder, tag, profile.fmt).name,
+               "artifact": man.file, "artifact_files": sorted(man.files), "artifact_sha256": man.sha256,
+               "plan_sha256": info["plan_sha256"], "recovery_result": info["recovery"],
+               "macs_counted": info.get("macs_counted"), "params": info.get("params"),
+               "artifact_dir": os.path.relpath(folder, self.out)}
+        write_text_atomic(built, json.dumps(out, indent=1, sort_keys=True))
+        (folder / "finetune.ckpt").unlink(missing_ok=True)
+        return out
+
+    def host_top1(self, profile: Profile, candidate: Candidate) -> float:
+        """The candidate's score on the calib split: top-1 (labelled), else agreement with the dense model."""
+        model, _ = self._model(profile, candidate, None, f"{self.name}-proposal")
+        if self.calib is None:
+            raise PruneError("netadapt scores proposals on calibration images: give --data or --calib-data")
+        return self.data.score(model, self.calib)
+
+    # -- measuring
+    def measure(self, requests: Sequence[Request], done: DeviceDone) -> None:
+        from edgeprune import export
+        from host.fleet.runner import run_on_device
+        from host.fleet.jobs import build_job
+
+        built: Dict[str, Dict[str, Any]] = {}
+        runnable = []
+        for req in requests:
+            try:
+                if req.key not in built:
+                    built[req.key] = self.build(req.profile, req.candidate, req.key)
+                info = built[req.key]
+                folder = self.out / info["artifact_dir"]
+                man = export.Manifest.read(folder / info["manifest"])
+                job = build_job(req.device, f"{self.run_id}-{req.key[:12]}", folder / info["artifact"], man,
+                                self.shards or None, "", self.eval_name, quick=self.opts.quick,
+                                seed=self.opts.seed)
+                runnable.append((req, info, job))
+            except (PruneError, ExportError, DeviceError) as e:
+                done(req, DeviceMeasurement(False, error=f"{type(e).__name__}: {e}"), {})
+
+        def one(req: Request, info: Dict[str, Any], job: schema.JobSpec) -> None:
+            o = run_on_device(req.device, job, self.work / "jobs", lease_wait_s=self.opts.lease_wait_s,
+                              events=lambda dev, kind, msg: self.emit("device", dev, msg))
+            if not o.ok or o.report is None:
+                done(req, DeviceMeasurement(False, error=f"{o.error_type}: {o.error}"), {})
+                return
+            m = DeviceMeasurement(True, metrics_from_report(o.report), None, req.key, info["artifact_sha256"],
+                                  info["plan_sha256"])
+            extra = {k: info[k] for k in ("artifact_dir", "artifact", "artifact_files", "manifest", "recovery_result",
+                                          "macs_counted", "params")}
+            plan = self.out / info["artifact_dir"] / "plan.json"
+            extra["plan"] = json.loads(plan.read_text()) if plan.is_file() else None
+            extra["report"] = schema.to_dict(o.report)
+            extra["job"] = schema.to_dict(job)
+            extra["attempts"] = o.attempts
+            done(req, m, extra)
+
+        # in parallel across machines; one after the other on one machine (local devices, SSH devices at one
+        # address), whose measurements would otherwise share its CPUs
+        by_machine: Dict[str, List[Any]] = {}
+        for r in runnable:
+            by_machine.setdefault(machine_of(r[0].device), []).append(r)
+        if not by_machine:
+            return
+        with ThreadPoolExecutor(max_workers=len(by_machine)) as pool:
+            futures = [pool.submit(lambda rs: [one(*r) for r in rs], rs) for rs in by_machine.values()]
+            for f in as_completed(futures):
+                f.result()
+
+    # -- layer latency (netadapt)
+    def _micro(self, cfg: LayerConfig, profile: Profile) -> Tuple[Path, Any]:
+        """A one-layer model of ``cfg``, exported (cached by configuration and format)."""
+        import torch
+        import torch.nn as nn
+
+        from edgeprune import export
+
+        folder = self.opts.cache() / "lut-artifacts" / f"{profile.fmt}-" \
+            f"{hashlib.sha256(repr(profile.export_options).encode()).hexdigest()[:8]}"
+        tag = cfg.key()
+        mpath = export.manifest_path(folder, tag, profile.fmt)
+        if mpath.is_file():
+            try:
+                man = export.Manifest.read(mpath)
+                man.check_files(folder)
+                return folder / man.file, man
+            except EdgepruneError:
+                pass
+        gen = torch.Generator().manual_seed(0)
+        if cfg.kind == "linear":
+            layer: nn.Module = nn.Linear(cfg.in_channels, cfg.out_channels, bias=cfg.bias)
+            shape = [1, cfg.in_channels]
+        else:
+            layer = nn.Conv2d(cfg.in_channels, cfg.out_channels, cfg.kernel, cfg.stride, cfg.padding, cfg.dilation,
+                              cfg.groups, bias=cfg.bias)
+            shape = [1, cfg.in_channels, cfg.in_hw[0], cfg.in_hw[1]]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        check = torch.randn([4] + shape[1:], generator=gen)
+        spec = export.get_format(profile.fmt)
+        calib = torch.randn([16] + shape[1:], generator=gen) if spec.calibration else None
+        man = export.export(layer.eval(), profile.fmt, folder, tag=tag, check_inputs=check, calib_inputs=calib,
+                            model_name=f"layer {tag}", source_checkpoint_sha256="", pruning_plan_sha256="",
+                            input_shape=shape, **dict(profile.export_options))
+        return folder / man.file, man
+
+    def layer_latency(self, requests: Sequence[Tuple[DeviceConfig, Profile, List[LayerConfig]]],
+                      done: LayerDone) -> Dict[str, Optional[str]]:
+        from host.fleet.runner import Lease, transport_for
+        from host.fleet.jobs import build_job
+
+        errors: Dict[str, Optional[str]] = {}
+        jobs: Dict[str, List[Tuple[str, schema.JobSpec]]] = {}
+        for dev, profile, configs in requests:   # export on the host first, then time on the devices in parallel
+            try:
+                items = []
+                for cfg in configs:
+                    path, man = self._micro(cfg, profile)
+                    job = build_job(dev, f"lut-{hashlib.sha256(cfg.key().encode()).hexdigest()[:16]}", path, man,
+                                    None, quick=True, seed=self.opts.seed)
+                    job.power = None
+                    job.timing.min_iters = min(job.timing.min_iters, 50)
+                    job.timing.min_duration_s = self.opts.lut_seconds
+                    job.timing.warmup_s = min(job.timing.warmup_s, 0.1)
+                    items.append((cfg.key(), job))
+                jobs[dev.id] = items
+            except (ExportError, DeviceError) as e:
+                errors[dev.id] = f"{type(e).__name__}: {e}"
+
+        def per_device(dev: DeviceConfig) -> None:
+            transport = None
+            try:
+                transport = transport_for(dev)
+                with Lease(transport, dev.id, wait_s=self.opts.lease_wait_s, label=f"{self.run_id} layer table"):
+                    for key, job in jobs[dev.id]:
+                        report = transport.run_job(job, self.work / "jobs" / dev.id / "lut" / job.job_id)
+                        if report.status != "ok" or report.timing is None:
+                            msg = report.error.message if report.error else "no timing"
+                            raise DeviceError(f"{key}: {msg}")
+                        ident = schema.to_dict(report.identity) if report.identity is not None else {}
+                        done(dev.id, key, float(report.timing.latency_ms.median), ident)
+                errors[dev.id] = None
+            except DeviceError as e:
+                errors[dev.id] = f"{type(e).__name__}: {e}"
+            finally:
+                if transport is not None:
+                    transport.close()
+
+        by_machine: Dict[str, List[DeviceConfig]] = {}
+        for dev, _, _ in requests:
+            if dev.id in jobs:
+                by_machine.setdefault(machine_of(dev), []).append(dev)
+        if by_machine:
+            with ThreadPoolExecutor(max_workers=len(by_machine)) as pool:
+                futures = [pool.submit(lambda ds: [per_device(d) for d in ds], ds) for ds in by_machine.values()]
+                for f in as_completed(futures):
+                    f.result()
+        return errors
