@@ -64,7 +64,7 @@ def test_demo_without_recovery_on_fresh_machine_data(tmp_path):
     env = dict(__import__("os").environ, EDGEPRUNE_DATA=str(empty))
     out = tmp_path / "d"
     r = edgeprune("demo", "--quick", "--ratios", "0,0.3", "--no-recovery", "--eval-per-class", "20",
-                  "--round-to", "8", "--out", str(out), env=env)
+                  "--round-to", "8", "--out", str(out), env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
     rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert len(rows) == 2 and rows[1]["recovery"] == "none" and int(rows[0]["eval_n"]) == 200
@@ -104,7 +104,7 @@ def test_demo_measures_under_the_device_lease(tmp_path):
     (["--device", "/nonexistent/dev.yaml"], "/nonexistent/dev.yaml: cannot read"),
 ])
 def test_demo_bad_arguments_exit_2_with_one_clear_message(tmp_path, args, match):
-    r = edgeprune("demo", "--out", str(tmp_path / "o"), *args)
+    r = edgeprune("demo", "--out", str(tmp_path / "o"), *args, cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert match in " ".join(r.stderr.split())
     assert not (tmp_path / "o" / "summary.csv").exists()
