@@ -64,14 +64,19 @@ the output-shape check cannot tell a mis-indexed channel of an untraced op that 
 channel shuffle written as a lambda) from a correct one; ``taylor`` scores come from a single ``calib`` batch in
 eval mode and need a model returning one logits tensor; scores are computed once on the unpruned model (one-shot,
 not iterative pruning).
+
+Modules: this one scores the groups, decides how many channels each keeps and prunes them (:func:`prune`);
+:mod:`edgeprune.prune_graph` traces the dependency graph and collects its groups (:func:`prunable_groups`,
+:func:`unprunable_groups`, :class:`GroupInfo`, :class:`ShortcutAPruner`); :mod:`edgeprune.prune_plan` holds the
+plan, its JSON and its replay (:class:`PruningPlan`, :class:`LayerPlan`, :data:`PLAN_VERSION`, :func:`apply_plan`);
+:mod:`edgeprune.prune_groups` the helpers for grouped convs, untraceable couplings and the output-shape check. The
+names listed in ``__all__`` are importable from here.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -80,9 +85,11 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from . import prune_groups as _pg
-from .prune_groups import HIDDEN_OP, PROTECTED, REACHES_OUTPUT, resolve_ignore_globs
 from .errors import PruneError, UsageError
-from .models import ShortcutA, protected_layers
+from .prune_graph import (GroupInfo, ShortcutAPruner, TracedGroup, collect_groups, dependency_graph,
+                          prunable_groups, resolve_ignored, unprunable_groups)
+from .prune_groups import HIDDEN_OP, PROTECTED, REACHES_OUTPUT, resolve_ignore_globs
+from .prune_plan import PLAN_VERSION, RANKINGS, LayerPlan, PruningPlan, apply_plan
 
 __all__ = [
     "IMPORTANCE",
@@ -106,9 +113,6 @@ __all__ = [
     "apply_plan",
 ]
 
-PLAN_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-RANKINGS = ("uniform", "global")
 
 # Importance criteria: a name → a factory of Torch-Pruning group importance callables. Scores are raw (no
 # per-group normaliser): ranking inside a group does not need one, and global ranking normalises them itself.
@@ -130,68 +134,6 @@ NEEDS_CALIB = frozenset({"taylor"})
 
 
 @dataclass
-class LayerPlan:
-    name: str          # qualified module name of the group's root layer
-    channels: int      # output channels before pruning
-    keep: List[int]    # output channel indices kept, ascending
-
-
-_V1_FIELDS = ("ratio", "importance", "round_to", "min_channels", "layers", "version")
-
-
-@dataclass
-class PruningPlan:
-    """What :func:`prune` did, as plain data: enough to replay it with :func:`apply_plan`.
-
-    Version 2 (written now) adds ``ranking``, ``layer_ratios`` and ``prune_residual`` to version 1's fields;
-    version-1 plans still load, replay, and serialise back to their original JSON (so their sha256 is unchanged).
-    """
-
-    ratio: float
-    importance: str
-    round_to: int
-    min_channels: int
-    layers: List[LayerPlan] = field(default_factory=list)
-    version: int = PLAN_VERSION
-    ranking: str = "uniform"                                      # "uniform" or "global"
-    layer_ratios: Dict[str, float] = field(default_factory=dict)  # per-group ratio overrides (group root names)
-    prune_residual: bool = False                                  # option-A ResNets: residual streams were prunable
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        if self.version == 1:
-            if self.ranking != "uniform" or self.layer_ratios or self.prune_residual:
-                raise PruneError("pruning plan: version 1 cannot record ranking, layer_ratios or prune_residual")
-            d = {k: d[k] for k in _V1_FIELDS}
-        return json.dumps(d, sort_keys=True, separators=(",", ":"))
-
-    def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
-    @classmethod
-    def from_json(cls, text: str) -> "PruningPlan":
-        try:
-            d = json.loads(text)
-            if not isinstance(d, dict):
-                raise TypeError("expected a JSON object")
-            version = d.get("version")
-            if version not in _READABLE_VERSIONS:
-                raise PruneError(f"pruning plan version {version!r} is not supported "
-                                 f"(knows {', '.join(map(str, _READABLE_VERSIONS))})")
-            allowed = set(_V1_FIELDS) if version == 1 else {f.name for f in fields(cls)}
-            extra = sorted(set(d) - allowed)
-            if extra:
-                raise TypeError(f"unexpected field(s) for version {version}: {', '.join(extra)}")
-            d["layers"] = [LayerPlan(**l) for l in d["layers"]]
-            plan = cls(**d)
-            if plan.ranking not in RANKINGS:
-                raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {plan.ranking!r}")
-            return plan
-        except (ValueError, TypeError, KeyError) as e:
-            raise PruneError(f"malformed pruning plan: {e}") from None
-
-
-@dataclass
 class PruneResult:
     model: nn.Module
     plan: PruningPlan
@@ -207,16 +149,6 @@ class PruneResult:
     # every group left whole by its structure, protected ones included, with the reasons (unprunable_groups())
     unprunable: Dict[str, str] = field(default_factory=dict)
 
-
-@dataclass
-class GroupInfo:
-    """One prunable dependency group of a model (see the module docstring)."""
-
-    name: str             # the root layer: the group's first output-channel layer in definition order
-    channels: int         # the root's output channels: what the group's ratio applies to
-    members: List[str]    # every named layer whose channels the group touches (outputs or inputs), in order
-    producers: List[str]  # the conv/linear layers whose *output* channels the group removes (root first)
-    channel_groups: int = 1  # >1: it touches grouped convs; each of this many equal channel slices loses as many
 
 
 def count(model: nn.Module, example_inputs: torch.Tensor) -> "tuple[int, int]":
@@ -239,195 +171,6 @@ def kept_channels(n: int, ratio: float, round_to: int = 1, min_channels: int = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
-# ShortcutA: a Torch-Pruning pruner for the option-A shortcut's channel map
-
-class ShortcutAPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning pruner for :class:`edgeprune.models.ShortcutA`.
-
-    Its input and output channels are *not* coupled (``prune_in_channels`` is a different function from
-    ``prune_out_channels``), so the residual streams on either side of a stage boundary are separate groups:
-
-    * pruning output channels removes those entries of the map;
-    * pruning input channels makes the outputs that copied them zero and renumbers the rest.
-    """
-
-    TARGET_MODULES = ShortcutA
-
-    @staticmethod
-    def _ready(layer: ShortcutA) -> int:
-        if layer.in_channels is None:
-            raise PruneError("ShortcutA without in_channels: run one forward pass (or pass in_channels) first")
-        return layer.in_channels
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        n_in = self._ready(layer)
-        drop = {int(i) for i in idxs}
-        layer.set_map(n_in, [s for j, s in enumerate(layer.src) if j not in drop])
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        n_in = self._ready(layer)
-        drop = {int(i) for i in idxs}
-        renumber = {old: new for new, old in enumerate(i for i in range(n_in) if i not in drop)}
-        layer.set_map(len(renumber), [renumber.get(s, -1) for s in layer.src])
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> Optional[int]:
-        return layer.out_channels
-
-    def get_in_channels(self, layer: nn.Module) -> Optional[int]:
-        return layer.in_channels
-
-
-_CUSTOMIZED_PRUNERS = {ShortcutA: ShortcutAPruner()}
-_ROOT_TYPES = (nn.Conv2d, nn.Linear)
-
-
-def _graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced in eval mode on ``example_inputs``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), _pg.OwnerHooks(model) as owners:
-            # a tensor is traced as ``model(x)``: Torch-Pruning would first try ``model(*x)``, which for a batch
-            # of one is an unbatched 3-D input that fully convolutional models accept (and trace differently)
-            forward = (lambda m, x: m(x)) if isinstance(example_inputs, torch.Tensor) else None
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
-                                                          customized_pruners=dict(_CUSTOMIZED_PRUNERS))
-        graph.edgeprune_owners = owners.found  # grad_fn → the module that returned it: names hidden couplings
-        return graph
-    except (RuntimeError, TypeError, ValueError, AssertionError, IndexError) as e:
-        raise PruneError(f"cannot trace {type(model).__name__} on example_inputs to build its dependency graph: "
-                         f"{type(e).__name__}: {e}") from e
-    finally:
-        model.train(was_training)
-
-
-@dataclass
-class _Group:
-    info: GroupInfo
-    root: nn.Module
-    handler: Callable
-    order: int    # definition-order index of the root
-    full: object  # the Torch-Pruning group over all of the root's channels (valid until the model is pruned)
-    slices: int = 1  # channel_groups of the GroupInfo
-
-
-def _signature(graph: tp.DependencyGraph, group) -> frozenset:
-    return frozenset((id(dep.target.module), graph.is_out_channel_pruning_fn(dep.handler), tuple(sorted(idxs)))
-                     for dep, idxs in group)
-
-
-def _full_group(graph: tp.DependencyGraph, root: nn.Module):
-    pruner = graph.get_pruner_of_module(root)
-    return graph.get_pruning_group(root, pruner.prune_out_channels, list(range(graph.get_out_channels(root))))
-
-
-def _collect(model: nn.Module, graph: tp.DependencyGraph,
-             ignored: Sequence[nn.Module]) -> Tuple[List[_Group], Dict[str, List[str]]]:
-    """The prunable groups of ``graph``, each re-rooted at its first output layer in definition order, and the
-    groups left whole with their reasons (by group name, in definition order)."""
-    names = {m: n for n, m in model.named_modules()}
-    position = {m: i for i, m in enumerate(names)}
-    # nodes whose result is a model output (nothing consumes them); pruning their output channels, or any
-    # channel of an element-wise op among them, changes the shape of the model's output
-    sinks = {node for node in graph.module2node.values() if not node.outputs}
-    hidden = _pg.hidden_couplings(model, graph, getattr(graph, "edgeprune_owners", {}))
-    custom = _pg.custom_parameters(graph, model)
-    groups: List[_Group] = []
-    whole: Dict[str, List[str]] = {}
-    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=list(_ROOT_TYPES)):
-        reasons = _pg.structural_reasons(graph, group, sinks, hidden, custom)
-        if reasons:
-            whole.setdefault(_pg.group_name(graph, group, names, position), reasons)
-            continue
-        root = group[0].dep.target.module
-        producers = [dep.target.module for dep, _ in group
-                     if isinstance(dep.target.module, _ROOT_TYPES) and graph.is_out_channel_pruning_fn(dep.handler)]
-        producers = sorted(dict.fromkeys(producers), key=lambda m: position.get(m, len(position)))
-        first = producers[0] if producers else root
-        if first is not root and graph.get_out_channels(first) == graph.get_out_channels(root):
-            regrouped = _full_group(graph, first)
-            if _signature(graph, regrouped) == _signature(graph, group):
-                root, group = first, regrouped
-        if root not in names:
-            continue
-        slices = _pg.channel_slices(graph, group, names)
-        if isinstance(slices, str):
-            whole.setdefault(names[root], [slices])
-            continue
-        producers = [root] + [m for m in producers if m is not root]
-        members = sorted({dep.target.module for dep, _ in group if dep.target.module in names},
-                         key=lambda m: position[m])
-        n = graph.get_out_channels(root)
-        info = GroupInfo(name=names[root], channels=int(n), members=[names[m] for m in members],
-                         producers=[names[m] for m in producers if m in names], channel_groups=slices)
-        groups.append(_Group(info, root, graph.get_pruner_of_module(root).prune_out_channels, position[root], group,
-                             slices))
-    groups.sort(key=lambda g: g.order)
-    if ignored:  # the groups get_all_groups left out because a protected layer produces some of their channels
-        protected = set(ignored)
-        taken = {g.info.name for g in groups} | set(whole)
-        for group in graph.get_all_groups(ignored_layers=[], root_module_types=list(_ROOT_TYPES)):
-            prot = [dep.target.module for dep, _ in group if dep.target.module in protected
-                    and dep.target.module in names and graph.is_out_channel_pruning_fn(dep.handler)]
-            prot = [names[m] for m in ([m for m in prot if isinstance(m, _ROOT_TYPES)] or prot)]
-            name = _pg.group_name(graph, group, names, position)
-            if prot and name not in taken:
-                whole[name] = ([f"{PROTECTED}: {', '.join(dict.fromkeys(prot))}"]
-                               + _pg.structural_reasons(graph, group, sinks, hidden, custom))
-    modules = dict(model.named_modules())
-    order = {n: i for i, n in enumerate(modules)}
-    return groups, {k: whole[k] for k in sorted(whole, key=lambda k: order.get(k, len(order)))}
-
-
-def _ignored(model: nn.Module, ignored_layers: Optional[Sequence[nn.Module]], prune_residual: bool,
-             example_inputs: Optional[torch.Tensor] = None, extra: Sequence[nn.Module] = ()) -> List[nn.Module]:
-    mods = set(model.modules())
-    extra = list(extra or ())
-    bad = [type(m).__name__ for m in extra if not isinstance(m, nn.Module) or m not in mods]
-    if bad:
-        raise UsageError(f"extra_ignored: {', '.join(bad)} not module(s) of this model")
-    if ignored_layers is None:
-        base = protected_layers(model, prune_residual=prune_residual, example_inputs=example_inputs)
-        return base + [m for m in extra if m not in set(base)]
-    if prune_residual:
-        raise UsageError("prune_residual: it selects the default protected layers; with ignored_layers given, "
-                         "list exactly the layers to keep there instead")
-    ignored = list(ignored_layers)
-    bad = [type(m).__name__ for m in ignored if not isinstance(m, nn.Module) or m not in mods]
-    if bad:
-        raise UsageError(f"ignored_layers: {', '.join(bad)} not module(s) of this model")
-    return ignored + [m for m in extra if m not in set(ignored)]
-
-
-def prunable_groups(model: nn.Module, example_inputs: torch.Tensor,
-                    ignored_layers: Optional[Sequence[nn.Module]] = None, *,
-                    prune_residual: bool = False, extra_ignored: Sequence[nn.Module] = ()) -> List[GroupInfo]:
-    """The groups :func:`prune` would prune with the same ``ignored_layers`` / ``prune_residual`` /
-    ``extra_ignored``, in definition order of their root layers. Their ``name`` is what ``layer_ratios`` and the
-    plan's layers refer to. ``model`` is not changed."""
-    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
-    graph = _graph(model, example_inputs)
-    return [g.info for g in _collect(model, graph, ignored)[0]]
-
-
-def unprunable_groups(model: nn.Module, example_inputs: torch.Tensor,
-                      ignored_layers: Optional[Sequence[nn.Module]] = None, *,
-                      prune_residual: bool = False, extra_ignored: Sequence[nn.Module] = ()) -> Dict[str, str]:
-    """The groups :func:`prune` leaves whole whatever the ratio, ``{group name: reason(s)}`` in definition order.
-
-    A group is named after its first conv/linear producer in definition order. Reasons (joined by ``"; "``):
-    ``protected (stem/output/ignore-layers): <layers>``, ``its channels reach a model output``, ``an op
-    Torch-Pruning cannot trace couples it (e.g. a lambda or custom function): <module (Type: op)>``, ``custom
-    module <Type> without a pruner (parameter <name>)``, or a grouped conv that cannot be pruned consistently.
-    ``model`` is not changed."""
-    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
-    graph = _graph(model, example_inputs)
-    return {k: "; ".join(v) for k, v in _collect(model, graph, ignored)[1].items()}
-
-
-# --------------------------------------------------------------------------------------------------------------
 # argument checks
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -441,7 +184,8 @@ def _check_ratio(what: str, r: object) -> float:
     return float(r)
 
 
-def _resolve_layer_ratios(model: nn.Module, groups: List[_Group], layer_ratios: Mapping[str, float]) -> Dict[str, float]:
+def _resolve_layer_ratios(model: nn.Module, groups: List[TracedGroup],
+                          layer_ratios: Mapping[str, float]) -> Dict[str, float]:
     """``layer_ratios`` keyed by group root name. A producer layer of a group is accepted for its group."""
     by_name = {g.info.name: g for g in groups}
     by_producer = {p: g for g in groups for p in g.info.producers}
@@ -507,7 +251,7 @@ def _step(round_to: int, slices: int) -> int:
     return round_to * slices // math.gcd(round_to, slices)
 
 
-def _global_keep(groups: List[_Group], scores: Dict[str, torch.Tensor], ratio: float, round_to: int,
+def _global_keep(groups: List[TracedGroup], scores: Dict[str, torch.Tensor], ratio: float, round_to: int,
                  min_channels: int) -> Dict[str, int]:
     """Keep counts from one ranking of all ``groups``' channels (scores normalised per group by their mean).
 
@@ -525,7 +269,7 @@ def _global_keep(groups: List[_Group], scores: Dict[str, torch.Tensor], ratio: f
 
     step = {g.info.name: _step(round_to, g.slices) for g in groups}
 
-    def push(i: int, g: _Group) -> None:
+    def push(i: int, g: TracedGroup) -> None:
         k, n, r = keep[g.info.name], g.info.channels, step[g.info.name]
         if k < n:
             nxt = min(n, (k // r + 1) * r)
@@ -609,7 +353,7 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
             raise UsageError(f"calib: importance {importance!r} needs gradients; pass calib=(inputs, labels), "
                              "a labelled batch from the training or calibration split")
         calib = _check_calib(calib)
-    ignored = _ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
+    ignored = resolve_ignored(model, ignored_layers, prune_residual, example_inputs, extra_ignored)
 
     macs0, params0 = count(model, example_inputs)
     plan = PruningPlan(ratio=ratio, importance=importance, round_to=round_to, min_channels=min_channels,
@@ -618,8 +362,8 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
     unprunable: Dict[str, str] = {}
     if ratio > 0 or layer_ratios:
         dense_shapes = _pg.output_shapes(model, example_inputs)
-        graph = _graph(model, example_inputs)
-        groups, whole = _collect(model, graph, ignored)
+        graph = dependency_graph(model, example_inputs)
+        groups, whole = collect_groups(model, graph, ignored)
         unprunable = {k: "; ".join(v) for k, v in whole.items()}
         if ratio > 0:  # left whole for a reason other than protection or the output shape: worth reporting
             skipped.update({k: "; ".join(v) for k, v in whole.items()
@@ -644,11 +388,11 @@ def prune(model: nn.Module, ratio: float, example_inputs: torch.Tensor, *, impor
     return PruneResult(model, plan, macs0, macs1, params0, params1, skipped, unprunable)
 
 
-def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: List[_Group], plan: PruningPlan,
+def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: List[TracedGroup], plan: PruningPlan,
                   skipped: Dict[str, str], scorer: Callable) -> None:
     # 1. score every group on the unpruned model
     scores: Dict[str, torch.Tensor] = {}
-    candidates: List[_Group] = []
+    candidates: List[TracedGroup] = []
     for g in groups:
         name, n = g.info.name, g.info.channels
         if plan.layer_ratios.get(name, plan.ratio) <= 0:
@@ -694,35 +438,3 @@ def _prune_groups(model: nn.Module, graph: tp.DependencyGraph, groups: List[_Gro
         with torch.no_grad():
             _pg.execute(graph, group)
         plan.layers.append(LayerPlan(name=name, channels=n, keep=sorted(set(range(n)) - set(drop))))
-
-
-def apply_plan(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor) -> nn.Module:
-    """Replay ``plan`` on ``model`` (a fresh copy of the model the plan was made from), in place.
-
-    Reads version-1 and version-2 plans. Raises :class:`PruneError` when the plan does not fit the model, or
-    when the replayed model does not run on ``example_inputs`` with the unpruned model's output shapes.
-    """
-    if plan.version not in _READABLE_VERSIONS:
-        raise PruneError(f"pruning plan version {plan.version!r} is not supported")
-    if not plan.layers:
-        return model
-    dense_shapes = _pg.output_shapes(model, example_inputs)
-    graph = _graph(model, example_inputs)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for layer in plan.layers:
-            root = modules.get(layer.name)
-            if root is None or root not in graph.module2node:
-                raise PruneError(f"pruning plan names layer {layer.name!r}, which this model does not have")
-            n = graph.get_out_channels(root)
-            if n != layer.channels:
-                raise PruneError(f"pruning plan: {layer.name} has {n} output channels, the plan expects {layer.channels}")
-            if (not layer.keep or any(not isinstance(k, int) or not 0 <= k < n for k in layer.keep)
-                    or len(set(layer.keep)) != len(layer.keep)):
-                raise PruneError(f"pruning plan: {layer.name}.keep must hold distinct indices in 0..{n - 1}")
-            drop = sorted(set(range(n)) - set(layer.keep))
-            if drop:
-                handler = graph.get_pruner_of_module(root).prune_out_channels
-                _pg.execute(graph, graph.get_pruning_group(root, handler, idxs=drop))
-    _pg.verify(model, example_inputs, dense_shapes, [l.name for l in plan.layers])
-    return model

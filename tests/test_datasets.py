@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeprune import data, datasets
+from edgeprune import data, datasets, preprocess
 from edgeprune.datasets import Preprocess, open_source, parse_preprocess, split_indices
 from edgeprune.errors import DataError, UsageError
 
@@ -75,7 +75,8 @@ def default_pre():
 # ----------------------------------------------------------------------------------------------- preprocess
 def test_preprocess_defaults_and_record_roundtrip():
     p = Preprocess.default((224, 224))
-    assert (p.resize, p.center_crop, p.mean, p.std) == (256, (224, 224), datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+    assert (p.resize, p.center_crop, p.mean, p.std) == (256, (224, 224), preprocess.IMAGENET_MEAN,
+                                                        preprocess.IMAGENET_STD)
     d = json.loads(json.dumps(p.to_dict()))
     assert set(d) == {"resize", "center_crop", "mean", "std", "scale"}
     assert Preprocess.from_dict(d) == p

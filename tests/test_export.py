@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from edgeprune import data, export, prune
-from edgeprune.errors import ExportError, UsageError
+from edgeprune.errors import ExportError, ToolchainError, UsageError
+from edgeprune.exporters import base
 
 
 @pytest.fixture
@@ -55,9 +56,9 @@ def test_compare_detects_a_wrong_artifact():
     ref = np.eye(4, 10, dtype=np.float32)
     bad = ref.copy()
     bad[0] = np.roll(bad[0], 1)
-    v = export.compare(ref, bad, export.Tolerance())
+    v = base.compare(ref, bad, export.Tolerance())
     assert not v.passed and v.top1_agreement == 0.75
-    assert export.compare(ref, ref, export.Tolerance()).passed
+    assert base.compare(ref, ref, export.Tolerance()).passed
 
 
 def test_fixed_batch_export(tmp_path, pruned, eval_split):
@@ -120,11 +121,11 @@ def test_unknown_format_lists_the_known_ones(tmp_path, resnet20, eval_split):
 def test_missing_toolchain_is_one_clear_error(tmp_path, monkeypatch, resnet20, eval_split, fmt, module, message):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import <module>` fail, as when it is not installed
     assert export.FORMATS[fmt].available().startswith(message)
-    with pytest.raises(export.ToolchainError, match=re.escape(message) + r" \(import .*ModuleNotFoundError"):
+    with pytest.raises(ToolchainError, match=re.escape(message) + r" \(import .*ModuleNotFoundError"):
         export.export(resnet20[0], fmt, tmp_path / "out", check_inputs=_check(eval_split),
                       calib_inputs=_check(eval_split), **IDS)
     assert not (tmp_path / "out").exists()  # checked before anything is written
-    assert issubclass(export.ToolchainError, ExportError)
+    assert issubclass(ToolchainError, ExportError)
 
 
 def test_export_writes_artifact_and_manifest_v2(tmp_path, resnet20, eval_split):
@@ -238,7 +239,7 @@ def test_verify_or_delete_removes_every_file_of_the_artifact(tmp_path):
     ref = np.eye(4, 10, dtype=np.float32)
     with pytest.raises(ExportError, match=r"m.xml: OpenVINO IR fp32 artifact disagrees with torch .*tolerance max abs "
                                           r"err <= 0.001.*not shipped: deleted \(and m.bin\)"):
-        export.verify_or_delete(files, ref, np.roll(ref, 1, axis=1), export.Tolerance(), "OpenVINO IR fp32")
+        base.verify_or_delete(files, ref, np.roll(ref, 1, axis=1), export.Tolerance(), "OpenVINO IR fp32")
     assert not any(f.exists() for f in files)
 
 

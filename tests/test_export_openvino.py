@@ -22,6 +22,8 @@ ov = pytest.importorskip("openvino")
 
 from edgeprune import data, export  # noqa: E402
 from edgeprune.errors import ExportError, UsageError  # noqa: E402
+from edgeprune.exporters import base  # noqa: E402
+from edgeprune.exporters import openvino as openvino_exporter  # noqa: E402
 
 IDS = dict(model_name="resnet20", source_checkpoint_sha256="c" * 64, pruning_plan_sha256="p" * 64)
 
@@ -75,9 +77,9 @@ def test_fp16_ir_has_half_the_weights_and_fp16_tolerance(irs: Dict[str, Any]) ->
     d = irs["dir"]
     man, v = irs["openvino-fp16"], irs["openvino-fp16"].verification
     assert (d / "r20.fp16.bin").stat().st_size < 0.55 * (d / "r20.bin").stat().st_size
-    assert v.passed and v.top1_agreement == 1.0 and v.tolerance == export.FP16_TOLERANCE.to_dict()
-    assert 1e-4 < v.max_abs_err < export.FP16_TOLERANCE.max_abs_err  # fp16 rounding shows, within bounds
-    assert v.cosine >= export.FP16_TOLERANCE.min_cosine and "inference precision f32" in v.checked_with
+    assert v.passed and v.top1_agreement == 1.0 and v.tolerance == base.FP16_TOLERANCE.to_dict()
+    assert 1e-4 < v.max_abs_err < base.FP16_TOLERANCE.max_abs_err  # fp16 rounding shows, within bounds
+    assert v.cosine >= base.FP16_TOLERANCE.min_cosine and "inference precision f32" in v.checked_with
     assert man.quantization is not None and man.quantization["weights"] == "float16"
 
 
@@ -91,13 +93,13 @@ def test_ir_runs_like_torch_on_other_images(irs: Dict[str, Any], resnet20: Any, 
 
 def test_ir_that_disagrees_is_deleted_with_its_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        resnet20: Any, check: torch.Tensor) -> None:
-    real = export._run_openvino
+    real = openvino_exporter.run_openvino
 
     def broken(path: Path, x: np.ndarray, threads: int = 1):  # a runtime returning the wrong class order
         out, how = real(path, x, threads)
         return [np.roll(o, 1, axis=1) for o in out], how  # every output, in order
 
-    monkeypatch.setattr(export, "_run_openvino", broken)
+    monkeypatch.setattr(openvino_exporter, "run_openvino", broken)
     with pytest.raises(ExportError, match=r"r20\.fp16\.xml: OpenVINO IR fp16 artifact disagrees with torch .* not "
                                           r"shipped: deleted \(and r20\.fp16\.bin\)"):
         export.export(resnet20[0], "openvino-fp16", tmp_path, check_inputs=check, tag="r20", **IDS)

@@ -31,7 +31,8 @@ if importlib.util.find_spec("openvino") is not None:
 
 from agent.schema import dumps, job_from_dict, loads_report  # noqa: E402
 from edgeprune import data, export  # noqa: E402
-from edgeprune.errors import ExportError, UsageError  # noqa: E402
+from edgeprune.errors import ExportError, ToolchainError, UsageError  # noqa: E402
+from edgeprune.exporters import base, edgetpu  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = dict(model_name="resnet20", source_checkpoint_sha256="c" * 64, pruning_plan_sha256="p" * 64)
@@ -120,8 +121,8 @@ def test_fp16_export_is_smaller_and_agrees_on_top1(tmp_path: Path, fp32: Dict[st
     assert (tmp_path / "r20.tflite-fp16.manifest.json").is_file() and man.layout == "NHWC"
     assert path.stat().st_size < 0.6 * fp32["path"].stat().st_size
     v = man.verification
-    assert v.passed and v.top1_agreement == 1.0 and v.tolerance == export.FP16_TOLERANCE.to_dict()
-    assert 1e-4 < v.max_abs_err < export.FP16_TOLERANCE.max_abs_err  # fp16 weights, not the fp32 model
+    assert v.passed and v.top1_agreement == 1.0 and v.tolerance == base.FP16_TOLERANCE.to_dict()
+    assert 1e-4 < v.max_abs_err < base.FP16_TOLERANCE.max_abs_err  # fp16 weights, not the fp32 model
     assert man.quantization is not None and man.quantization["weights"] == "float16"
     from ai_edge_litert.interpreter import Interpreter
 
@@ -228,7 +229,7 @@ def fake_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script.write_text(FAKE_COMPILER.replace("{python}", sys.executable))
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.delenv(export.EDGETPU_COMPILER_ENV, raising=False)
+    monkeypatch.delenv(edgetpu.EDGETPU_COMPILER_ENV, raising=False)
     monkeypatch.setenv("FAKE_EDGETPU_ARGV", str(tmp_path / "argv.txt"))
     return script
 
@@ -275,7 +276,7 @@ def test_compile_edgetpu_reads_the_log_or_the_console(tmp_path: Path, fake_compi
                                                        counts: Any, source: str) -> None:
     monkeypatch.setenv("FAKE_EDGETPU_MODE", mode)
     (tmp_path / "m.tflite").write_bytes(b"TFL3")
-    stats = export.compile_edgetpu(tmp_path / "m.tflite", tmp_path / "m_edgetpu.tflite")
+    stats = edgetpu.compile_edgetpu(tmp_path / "m.tflite", tmp_path / "m_edgetpu.tflite")
     assert (stats["ops_total"], stats["ops_on_edgetpu"], stats["ops_on_cpu"]) == counts
     assert stats["table_from"] == source and stats["warnings"] == []
     assert (tmp_path / "m_edgetpu.tflite").read_bytes() == b"TFL3EDGETPU"
@@ -291,24 +292,24 @@ def test_compile_edgetpu_refusals_leave_nothing(tmp_path: Path, fake_compiler: P
     monkeypatch.setenv("FAKE_EDGETPU_MODE", mode)
     (tmp_path / "m.tflite").write_bytes(b"TFL3")
     with pytest.raises(ExportError, match=message):
-        export.compile_edgetpu(tmp_path / "m.tflite", tmp_path / "out.tflite")
+        edgetpu.compile_edgetpu(tmp_path / "m.tflite", tmp_path / "out.tflite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["argv.txt", "bin", "m.tflite"]
 
 
 def test_edgetpu_without_the_compiler_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          resnet20: Any) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no edgetpu_compiler
-    monkeypatch.delenv(export.EDGETPU_COMPILER_ENV, raising=False)
+    monkeypatch.delenv(edgetpu.EDGETPU_COMPILER_ENV, raising=False)
     x = torch.zeros(2, 3, 32, 32)
     want = ("edgetpu export needs the Edge TPU Compiler (edgetpu_compiler), which is not on PATH; it is packaged "
             "for x86-64 Debian/Ubuntu only, in Coral's apt repository")
-    with pytest.raises(export.ToolchainError, match=re.escape(want) + ".*sudo apt-get install edgetpu-compiler"):
+    with pytest.raises(ToolchainError, match=re.escape(want) + ".*sudo apt-get install edgetpu-compiler"):
         export.export(resnet20[0], "edgetpu", tmp_path / "out", check_inputs=x, calib_inputs=x, **IDS)
     assert not (tmp_path / "out").exists()
     assert export.FORMATS["edgetpu"].available().startswith(want)
-    monkeypatch.setenv(export.EDGETPU_COMPILER_ENV, str(tmp_path / "nope"))
-    with pytest.raises(export.ToolchainError, match="EDGETPU_COMPILER: '.*nope' is not an executable program"):
-        export.find_edgetpu_compiler()
+    monkeypatch.setenv(edgetpu.EDGETPU_COMPILER_ENV, str(tmp_path / "nope"))
+    with pytest.raises(ToolchainError, match="EDGETPU_COMPILER: '.*nope' is not an executable program"):
+        edgetpu.find_edgetpu_compiler()
 
 
 def test_parse_edgetpu_output_of_a_partly_mapped_model() -> None:
@@ -328,13 +329,13 @@ def test_parse_edgetpu_output_of_a_partly_mapped_model() -> None:
     console = ("Edge TPU Compiler version 15.0.340273435\n\nModel compiled successfully in 93 ms.\n\n"
                "Number of Edge TPU subgraphs: 1\nTotal number of operations: 36\n"
                "Number of operations that will run on Edge TPU: 2\nNumber of operations that will run on CPU: 34\n")
-    stats = export.parse_edgetpu_output(log, console)
+    stats = edgetpu.parse_edgetpu_output(log, console)
     assert (stats["ops_total"], stats["ops_on_edgetpu"], stats["ops_on_cpu"]) == (36, 2, 34)
     assert stats["mapped_fraction"] == round(2 / 36, 4) and stats["compiler_version"] == "15.0.340273435"
     assert len(stats["operators"]) == 9 and stats["operators"][-1] == {
         "op": "CONCATENATION", "count": 1, "status": "More than one subgraph is not supported"}
     with pytest.raises(ExportError, match="no operator table"):
-        export.parse_edgetpu_output("Edge TPU Compiler version 16.0\n", "Compilation failed!\n")
+        edgetpu.parse_edgetpu_output("Edge TPU Compiler version 16.0\n", "Compilation failed!\n")
 
 
 # ---------------------------------------------------------------- one ResNet-20 through every CPU runtime

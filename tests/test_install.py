@@ -8,7 +8,6 @@ installs with it, and third-party deprecations are shown while the project's own
 from __future__ import annotations
 
 import re
-import sys
 import types
 import warnings
 from pathlib import Path

@@ -251,12 +251,13 @@ def test_bin_tampered_on_the_device_is_refused_then_replaced(fleet: Any, ir: Dic
 @pytest.mark.ssh
 def test_bad_names_never_reach_the_device(fleet: Any, ir: Dict[str, Any], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from host.fleet import ssh as host_ssh
+    from edgeprune.errors import SSHError
+    from host.fleet.ssh import transport as host_ssh  # SSHTransport looks artifact_files up here
 
     bad = _job(ssh_ov(fleet, tmp_path), ir)
     bad.artifact.files = {"../x": "b" * 64}
     with host_ssh.SSHTransport(ssh_ov(fleet, tmp_path)) as t:
-        with pytest.raises(host_ssh.SSHError, match=r"job ir1: artifact\.files: '\.\./x' must be a plain file name") \
+        with pytest.raises(SSHError, match=r"job ir1: artifact\.files: '\.\./x' must be a plain file name") \
                 as e:
             t.run_job(bad, tmp_path / "w")
         assert not e.value.infrastructure and t.counters.commands_run == 0
@@ -269,7 +270,7 @@ def test_bad_names_never_reach_the_device(fleet: Any, ir: Dict[str, Any], tmp_pa
 
     monkeypatch.setattr(host_ssh, "artifact_files", sneaky)
     with host_ssh.SSHTransport(ssh_ov(fleet, tmp_path)) as t:
-        with pytest.raises(host_ssh.SSHError, match=r"refused to link '\.\./\.\./escaped'") as e:
+        with pytest.raises(SSHError, match=r"refused to link '\.\./\.\./escaped'") as e:
             t.run_job(_job(ssh_ov(fleet, tmp_path), ir, job_id="ir3"), tmp_path / "w3")
         assert not e.value.infrastructure
     cache = tmp_path / "cache"

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgeprune import models, prune
+from edgeprune import models, prune, prune_graph
 from edgeprune.data import ASSETS
 from edgeprune.errors import PruneError, UsageError
 
@@ -40,7 +40,7 @@ def _zeroed_dense(dense: nn.Module, plan: prune.PruningPlan, x: torch.Tensor) ->
     activation here maps 0 to 0 (ReLU, hard-swish; a hard-sigmoid gate multiplies a zero channel), so the pruned
     model must compute what this one computes."""
     dense = copy.deepcopy(dense).eval()
-    graph = prune._graph(dense, x)
+    graph = prune_graph.dependency_graph(dense, x)
     modules = dict(dense.named_modules())
     with torch.no_grad():
         for layer in plan.layers:
