@@ -237,3 +237,34 @@ def test_one_version_string():
 def test_every_room_says_what_it_holds(module):
     doc = ast.get_docstring(ast.parse(MODULES[module].read_text()))
     assert doc and len(doc) > 40, f"{MODULES[module].relative_to(ROOT)}: a room's __init__ states its contract"
+
+
+def test_every_module_has_a_docstring():
+    missing = [str(p.relative_to(ROOT)) for p in MODULES.values()
+               if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, f"say in a module docstring what each of these holds: {missing}"
+
+
+def _registries():
+    import agent.power
+    import agent.runtimes
+    from edgeprune import export
+    from host.search import algos
+    return [("agent.runtimes", agent.runtimes._MEMBERS), ("agent.power", agent.power._MEMBERS),
+            ("host.search.algos", algos.ALGORITHMS),
+            ("edgeprune.exporters", {k: v + ":FORMATS" for k, v in export.REGISTRY.items()})]
+
+
+@pytest.mark.parametrize("package, members", _registries(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_registry_line_names_a_member_module(package, members):
+    """One registry line per member, naming its own module under the registry's package, where the member is
+    registered under the same name (an exporter module's FORMATS may serve several names of one format)."""
+    import importlib
+    for name, where in members.items():
+        module, _, attr = where.partition(":")
+        assert module.startswith(package + ".") and module in MODULES, f"{package}: {name!r} -> {where}"
+        obj = getattr(importlib.import_module(module), attr)
+        if isinstance(obj, dict):
+            assert name in obj, f"{module}.{attr} does not serve {name!r}"
+        else:
+            assert getattr(obj, "name", None) == name, f"{where} is not registered as {name!r}"
