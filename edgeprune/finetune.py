@@ -29,24 +29,29 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import TrainBatches, augment
 from .data import Split, batches
 from .errors import DataError, UsageError
 
+if TYPE_CHECKING:
+    from .teacher_cache import TeacherCache
+
 __all__ = ["FinetuneResult", "Progress", "default_device", "augment", "finetune", "distillation_loss",
-           "recalibrate_bn", "evaluate", "CHECKPOINT_FORMAT"]
+           "recalibrate_bn", "evaluate", "CHECKPOINT_FORMAT", "PRECISIONS"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps planned)
 
 CHECKPOINT_FORMAT = "edgeprune-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 MOMENTUM = 0.9
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -89,27 +94,6 @@ def _first(out: Any) -> torch.Tensor:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (4-pixel zero padding) and horizontal flip, per image, on a normalised NCHW batch."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=gen)
-    dx = torch.randint(0, 9, (n,), generator=gen)
-    out = _crop(padded, dy, dx, h, w)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
-
-
-def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    n = padded.shape[0]
-    iy = (dy.view(n, 1) + torch.arange(h).view(1, h))          # n×h
-    ix = (dx.view(n, 1) + torch.arange(w).view(1, w))          # n×w
-    b = torch.arange(n).view(n, 1, 1)
-    # advanced indexing: result n×h×w×C, then back to n×C×h×w
-    return padded.permute(0, 2, 3, 1)[b, iy.view(n, h, 1), ix.view(n, 1, w)].permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -197,7 +181,9 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
              distill_temperature: float = 4.0,
              masks: Optional[Mapping[str, torch.Tensor]] = None,
              checkpoint: Optional[Union[str, Path]] = None, checkpoint_every: int = 100,
-             deterministic: bool = False) -> FinetuneResult:
+             deterministic: bool = False, precision: str = "fp32", channels_last: bool = False,
+             teacher_cache: Optional["TeacherCache"] = None, compile: bool = False,
+             threads: Optional[int] = None) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``split``; stop after ``epochs``, ``max_seconds`` of wall time or
     ``max_steps`` (counted from the start of training, resumed steps included), whichever comes first.
 
@@ -213,9 +199,18 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
     on CUDA, use deterministic cuDNN kernels instead of ``cudnn.benchmark``. ``progress(step, planned)`` is
     called after each step.
 
+    Speed (the results do not depend on them except through rounding): ``precision`` "bf16" runs the forward
+    passes (student and teacher) under bf16 autocast with fp32 weights, gradients and optimizer state ("fp32":
+    none); ``channels_last`` trains in that memory layout (weights go back to the default layout at the end; on
+    a CPU the teacher always runs channels-last, the faster layout for inference there);
+    ``teacher_cache`` (:class:`~edgeprune.teacher_cache.TeacherCache`) serves the teacher's logits for batches
+    another run with the same key already computed; ``compile`` wraps the student in :func:`torch.compile`;
+    ``threads`` sets torch's intra-op threads for the run (restored after).
+
     Returns a :class:`FinetuneResult`; the model is left in eval mode on the CPU.
     """
     from .sparsity import MaskKeeper, masks_sha256
+    from .teacher_cache import cache_key
 
     epochs = _positive_int(epochs, "epochs")
     batch_size = _positive_int(batch_size, "batch_size")
@@ -230,6 +225,10 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         raise UsageError(f"weight_decay: must be >= 0, got {weight_decay}")
     if len(split) == 0:
         raise UsageError(f"split: {split.name!r} has no images")
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if threads is not None:
+        threads = _positive_int(threads, "threads")
     if teacher is None:
         if distill_alpha is not None:
             raise UsageError("distill_alpha: given without a teacher")
@@ -266,16 +265,32 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
                   "distill_alpha": alpha if teacher is not None else None,
                   "distill_temperature": temperature if teacher is not None else None,
                   "teacher_sha256": _state_sha256(teacher) if teacher is not None else None,
-                  "masks_sha256": masks_sha256(masks) if masks is not None else None}
+                  "masks_sha256": masks_sha256(masks) if masks is not None else None,
+                  "precision": precision, "channels_last": bool(channels_last), "compile": bool(compile)}
         if ckpt_path.is_file():
             ck = _load_checkpoint(ckpt_path, model, config)
         else:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
 
+    if teacher_cache is not None and teacher is not None:
+        teacher_cache.bind(cache_key(teacher_sha256=config.get("teacher_sha256") or _state_sha256(teacher),
+                                     split_sha256=config.get("split_sha256") or _split_sha256(split),
+                                     batch_size=batch_size, seed=seed, precision=precision,
+                                     channels_last=channels_last))
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    on_cpu = not device.startswith("cuda")
+    autocast = (lambda: torch.autocast("cpu" if on_cpu else "cuda", dtype=torch.bfloat16,
+                                       enabled=precision == "bf16"))
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
+    if channels_last:
+        model.to(memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, nesterov=True)
     # Masked gradients are zeroed by hooks and the weights re-masked after every opt.step().
     keeper = MaskKeeper(model, masks, optimizer=opt) if masks is not None else None
@@ -317,12 +332,30 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         p0 = next(teacher.parameters(), None)
         teacher_state = (teacher.training, p0.device if p0 is not None else None)
         teacher.to(device).eval()
+        if on_cpu:   # inference: oneDNN is fastest channels-last on a CPU (bench/recovery.py)
+            teacher.to(memory_format=torch.channels_last)
+    # a compiled student serves the full batches; an epoch's short last batch runs eager (same weights) rather
+    # than trigger a second compilation for its shape
+    student = torch.compile(model) if compile else model
+
+    def teacher_logits(x: torch.Tensor, epoch: int, pos: int) -> torch.Tensor:
+        assert teacher is not None
+        if teacher_cache is not None:
+            hit = teacher_cache.get(epoch, pos)
+            if hit is not None:
+                return hit.to(device)
+        if on_cpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast():
+            out = _first(teacher(x))
+        out = out.float().clone()   # what is used is what a cache would keep: fp32 logits
+        return teacher_cache.put(epoch, pos, out).to(device) if teacher_cache is not None else out
     cudnn_state = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
 
-    labels = torch.from_numpy(split.labels)
+    data = TrainBatches(split)
     saved_step = step if resumed_from is not None else -1
     by_time = by_steps = False
     at_boundary = True  # the state is between two steps (safe to checkpoint)
@@ -337,12 +370,13 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             if order is None or pos == steps_per_epoch:
                 order, pos, epoch = rng.permutation(n), 0, epoch + 1
             idx = order[pos * batch_size:min((pos + 1) * batch_size, n)]
-            x = augment(split.batch(idx), gen).to(device, non_blocking=True)
-            y = labels[idx].to(device, non_blocking=True)
-            logits = _first(model(x))
-            if teacher is not None and alpha > 0:
-                with torch.no_grad():
-                    t_logits = _first(teacher(x))
+            x = data.batch(idx, gen).to(device, non_blocking=True).contiguous(memory_format=layout)
+            y = data.labels_of(idx).to(device, non_blocking=True)
+            t_logits = teacher_logits(x, epoch, pos) if teacher is not None and alpha > 0 else None
+            with autocast():
+                logits = _first((student if len(idx) == batch_size else model)(x))
+            logits = logits.float()
+            if t_logits is not None:
                 if t_logits.shape != logits.shape:
                     raise UsageError(f"teacher: outputs {tuple(t_logits.shape)} for a batch where the model "
                                      f"outputs {tuple(logits.shape)}")
@@ -358,6 +392,8 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             if ckpt_path is not None and step % checkpoint_every == 0:
                 save()
                 saved_step = step
+                if teacher_cache is not None:
+                    teacher_cache.flush()
             if progress is not None:
                 progress(step, planned)
             if max_seconds is not None and time.perf_counter() - t0 >= max_seconds and step < planned:
@@ -373,6 +409,9 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
                 pass
         raise
     finally:
+        if teacher_cache is not None:
+            teacher_cache.flush()
+        torch.set_num_threads(threads_before)
         if keeper is not None:
             keeper.__exit__(None, None, None)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn_state
@@ -380,7 +419,11 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             teacher.train(teacher_state[0])
             if teacher_state[1] is not None:
                 teacher.to(teacher_state[1])
+            if on_cpu:
+                teacher.to(memory_format=torch.contiguous_format)
         model.eval().to("cpu")
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
 
     kept = keeper.violations() == 0 if keeper is not None else None
     return FinetuneResult(

@@ -18,8 +18,10 @@ def _small(per_class: int = 3) -> data.Split:
 
 def test_crop_offsets_and_flip():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
-    padded = F.pad(x, (4, 4, 4, 4))
-    out = finetune._crop(padded, torch.tensor([4, 0]), torch.tensor([4, 8]), 32, 32)
+    from edgeprune.augment import _crop_nhwc
+
+    padded = F.pad(x, (4, 4, 4, 4)).permute(0, 2, 3, 1)
+    out = _crop_nhwc(padded, torch.tensor([4, 0]), torch.tensor([4, 8]), 32, 32).permute(0, 3, 1, 2)
     assert torch.equal(out[0], x[0])                         # centre crop = identity
     assert torch.equal(out[1][:, 4:, :28], x[1][:, :28, 4:])  # shifted down-left by 4
     assert torch.all(out[1][:, :4, :] == 0)                   # zero padding came in
@@ -250,8 +252,10 @@ def test_recover_is_recalibration_then_the_same_finetune(resnet20):
     cal = _small(2)
     by_hand = copy.deepcopy(pruned)
     finetune.recalibrate_bn(by_hand, cal, device="cpu")
+    _, precision, channels_last, threads, _why = _plan().resolved()   # what "auto" means on this host
     ft = finetune.finetune(by_hand, _small(), epochs=EPOCHS, batch_size=BATCH, lr=0.05, device="cpu", seed=3,
-                           teacher=resnet20[0], distill_alpha=0.5)
+                           teacher=resnet20[0], distill_alpha=0.5, precision=precision,
+                           channels_last=channels_last, threads=threads)
     events = []
     model = copy.deepcopy(pruned)
     res = recover(model, _plan(distill=0.5), calib=cal, train=_small(), teacher=resnet20[0],
@@ -259,7 +263,8 @@ def test_recover_is_recalibration_then_the_same_finetune(resnet20):
     assert _same(model, by_hand) and res.finetune is not None and res.finetune.final_loss == ft.final_loss
     assert res.recalibrated and res.calib_split == cal.name and res.calib_n == len(cal) and res.finetuned
     assert events[0] == ("stage", f"BatchNorm recalibration on {cal.name} ({len(cal)} images)", None, None)
-    assert events[1] == ("stage", f"fine-tune on {_small().name} ({len(_small())} images)", 0, None)
+    assert events[1] == ("stage", f"fine-tune on {_small().name} ({len(_small())} images, {precision})", 0, None)
+    assert res.precision == precision
     assert events[2:] == [("progress", "fine-tune", i, 8) for i in range(1, 9)]
     # recalibration only: no fine-tune split, or epochs 0
     only_bn = copy.deepcopy(pruned)
@@ -273,8 +278,12 @@ def test_recover_is_recalibration_then_the_same_finetune(resnet20):
     assert not r.recalibrated and not r.finetuned and _same(m, pruned)
 
 
-def test_recover_interrupted_then_resumed_is_bit_identical(resnet20, uninterrupted, tmp_path):
+def test_recover_interrupted_then_resumed_is_bit_identical(resnet20, tmp_path):
+    """With the host's defaults (bf16 autocast and channels-last where the CPU has bf16)."""
     from edgeprune.recovery import recover
+
+    whole = copy.deepcopy(resnet20[0])
+    recover(whole, _plan(recalibrate=False), train=_small())
 
     ck = tmp_path / "ft.ckpt"
 
@@ -287,7 +296,7 @@ def test_recover_interrupted_then_resumed_is_bit_identical(resnet20, uninterrupt
                 checkpoint=ck, events=boom)
     model = copy.deepcopy(resnet20[0])
     res = recover(model, _plan(recalibrate=False, checkpoint_every=2), train=_small(), checkpoint=ck)
-    assert res.finetune is not None and res.finetune.resumed_from_step == 5 and _same(model, uninterrupted[0])
+    assert res.finetune is not None and res.finetune.resumed_from_step == 5 and _same(model, whole)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(distill=0.5), "distillation needs a teacher"),

@@ -98,6 +98,10 @@ class FleetEvaluator:
         self.shard_sha = self.data.eval_sha
         self.check_inputs = wl.check_inputs()
         self.host_metric = self.data.metric
+        # the dense teacher's logits, computed once per (data, seed) for every candidate's distillation
+        from edgeprune.teacher_cache import TeacherCache
+
+        self.teacher_cache = TeacherCache(self.work / "teacher-cache")
 
     @property
     def calib(self) -> Any:
@@ -141,11 +145,15 @@ class FleetEvaluator:
                 else:
                     self.emit(kind, "", f"{tag}: {msg} ({cand.recovery} recovery)")
 
-            res = recover(model, rec.plan(self.opts.seed), calib=self.calib if rec.recalibrate else None, train=ft,
-                          teacher=self.base, checkpoint=checkpoint, events=events).finetune
+            out = recover(model, rec.plan(self.opts.seed), calib=self.calib if rec.recalibrate else None, train=ft,
+                          teacher=self.base, checkpoint=checkpoint, events=events,
+                          teacher_cache=self.teacher_cache if rec.distill > 0 else None)
+            res = out.finetune
             if res is not None:
                 info["recovery"] = {"steps": res.steps_done, "planned": res.steps_planned,
-                                    "seconds": round(res.seconds, 2), "stopped_by_time": res.stopped_by_time}
+                                    "seconds": round(res.seconds, 2), "stopped_by_time": res.stopped_by_time,
+                                    "images_seen": res.images_seen, "precision": out.precision,
+                                    "teacher_cache_hits": (out.teacher_cache or {}).get("hits")}
         return model, info
 
     def build(self, profile: Profile, cand: Candidate, key: str) -> Dict[str, Any]:
