@@ -49,7 +49,7 @@ __all__ = ["FinetuneResult", "Progress", "default_device", "augment", "finetune"
 Progress = Callable[[int, int], None]  # (steps done, steps planned)
 
 CHECKPOINT_FORMAT = "edgeprune-finetune-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2   # 2: precision, layout, compile and the augmentation in the configuration
 MOMENTUM = 0.9
 PRECISIONS = ("fp32", "bf16")
 
@@ -77,6 +77,9 @@ class FinetuneResult:
     distill_temperature: Optional[float] = None
     sparse_layers: int = 0
     sparsity_kept: Optional[bool] = None
+    precision: str = "fp32"
+    compiled: bool = False                  # the student ran under torch.compile
+    compile_error: Optional[str] = None     # why torch.compile was given up for eager (None: it was not)
 
     @property
     def completed(self) -> bool:
@@ -143,7 +146,7 @@ def _load_checkpoint(path: Path, model: nn.Module, config: Dict[str, Any]) -> Di
         raise DataError(f"{path}: not an edgeprune fine-tuning checkpoint (delete it or choose another path)")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"{path}: checkpoint version {ck.get('version')!r}, this edgeprune reads "
-                        f"{CHECKPOINT_VERSION}")
+                        f"{CHECKPOINT_VERSION} (written by another edgeprune); delete it to fine-tune from the start")
     saved, own = ck["model"], model.state_dict()
     problems = [f"missing {k}" for k in own if k not in saved] + [f"unexpected {k}" for k in saved if k not in own]
     problems += [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
@@ -210,7 +213,8 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
     Returns a :class:`FinetuneResult`; the model is left in eval mode on the CPU.
     """
     from .sparsity import MaskKeeper, masks_sha256
-    from .teacher_cache import cache_key
+    from .cpu import BF16_FLAGS, cpu_flags
+    from .teacher_cache import AUGMENTATION, cache_key
 
     epochs = _positive_int(epochs, "epochs")
     batch_size = _positive_int(batch_size, "batch_size")
@@ -250,6 +254,7 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         raise UsageError(f"checkpoint: {ckpt_path} is a directory; give a file path")
     if masks is not None:
         MaskKeeper(model, masks)  # validate names and shapes before anything changes
+    data = TrainBatches(split)    # decoded once; checks the split's mean/std against its channels
 
     t0 = time.perf_counter()
     n = len(split)
@@ -266,7 +271,8 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
                   "distill_temperature": temperature if teacher is not None else None,
                   "teacher_sha256": _state_sha256(teacher) if teacher is not None else None,
                   "masks_sha256": masks_sha256(masks) if masks is not None else None,
-                  "precision": precision, "channels_last": bool(channels_last), "compile": bool(compile)}
+                  "precision": precision, "channels_last": bool(channels_last), "compile": bool(compile),
+                  "augmentation": AUGMENTATION}
         if ckpt_path.is_file():
             ck = _load_checkpoint(ckpt_path, model, config)
         else:
@@ -276,10 +282,10 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         teacher_cache.bind(cache_key(teacher_sha256=config.get("teacher_sha256") or _state_sha256(teacher),
                                      split_sha256=config.get("split_sha256") or _split_sha256(split),
                                      batch_size=batch_size, seed=seed, precision=precision,
-                                     channels_last=channels_last))
-    threads_before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+                                     channels_last=channels_last,
+                                     context={"normalise": [list(split.mean), list(split.std), split.scale],
+                                              "device": device, "torch": torch.__version__,
+                                              "bf16_units": sorted(cpu_flags() & set(BF16_FLAGS))}))
     layout = torch.channels_last if channels_last else torch.contiguous_format
     on_cpu = not device.startswith("cuda")
     autocast = (lambda: torch.autocast("cpu" if on_cpu else "cuda", dtype=torch.bfloat16,
@@ -288,80 +294,92 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model.to(device).train()
-    if channels_last:
-        model.to(memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, nesterov=True)
-    # Masked gradients are zeroed by hooks and the weights re-masked after every opt.step().
-    keeper = MaskKeeper(model, masks, optimizer=opt) if masks is not None else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, planned) / planned)))
-
-    # Training position: `epoch` epochs begun, `pos` batches of the current one done, `order` its permutation.
-    step, epoch, pos, order, seen, loss_v = 0, 0, 0, None, 0, float("nan")
-    resumed_from: Optional[int] = None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, epoch, pos, seen, loss_v = ck["step"], ck["epoch"], ck["pos"], ck["images_seen"], ck["final_loss"]
-        order = ck["order"].numpy() if ck["order"] is not None else None
-        torch.set_rng_state(ck["rng"]["torch"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available() \
-                and len(ck["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        gen.set_state(ck["rng"]["generator"])
-        rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
-        resumed_from = step
-
-    def save() -> None:
-        assert ckpt_path is not None
-        _atomic_save({
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
-            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "step": step, "epoch": epoch, "pos": pos, "images_seen": seen, "final_loss": loss_v,
-            "order": torch.from_numpy(order) if order is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "numpy": json.dumps(rng.bit_generator.state)},
-        }, ckpt_path)
-
+    # everything below changes the process, the model or the teacher: the finally clause puts each back
+    threads_before = torch.get_num_threads()
+    cudnn_state = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     teacher_state = None
     if teacher is not None:
         p0 = next(teacher.parameters(), None)
-        teacher_state = (teacher.training, p0.device if p0 is not None else None)
-        teacher.to(device).eval()
-        if on_cpu:   # inference: oneDNN is fastest channels-last on a CPU (bench/recovery.py)
-            teacher.to(memory_format=torch.channels_last)
-    # a compiled student serves the full batches; an epoch's short last batch runs eager (same weights) rather
-    # than trigger a second compilation for its shape
-    student = torch.compile(model) if compile else model
-
-    def teacher_logits(x: torch.Tensor, epoch: int, pos: int) -> torch.Tensor:
-        assert teacher is not None
-        if teacher_cache is not None:
-            hit = teacher_cache.get(epoch, pos)
-            if hit is not None:
-                return hit.to(device)
-        if on_cpu:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast():
-            out = _first(teacher(x))
-        out = out.float().clone()   # what is used is what a cache would keep: fp32 logits
-        return teacher_cache.put(epoch, pos, out).to(device) if teacher_cache is not None else out
-    cudnn_state = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-
-    data = TrainBatches(split)
-    saved_step = step if resumed_from is not None else -1
-    by_time = by_steps = False
+        teacher_state = (teacher.training, p0.device if p0 is not None else None,
+                         p0 is not None and p0.dim() == 4 and p0.is_contiguous(memory_format=torch.channels_last)
+                         and not p0.is_contiguous())
+    keeper = None
+    started = False   # the loop has begun: only then is an interrupted state worth a checkpoint
+    # Training position: `epoch` epochs begun, `pos` batches of the current one done, `order` its permutation.
+    step, epoch, pos, order, seen, loss_v = 0, 0, 0, None, 0, float("nan")
+    resumed_from: Optional[int] = None
+    saved_step, by_time, by_steps = -1, False, False
     at_boundary = True  # the state is between two steps (safe to checkpoint)
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model.to(device).train()
+        if channels_last:
+            model.to(memory_format=layout)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay,
+                              nesterov=True)
+        # Masked gradients are zeroed by hooks and the weights re-masked after every opt.step().
+        keeper = MaskKeeper(model, masks, optimizer=opt) if masks is not None else None
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, planned) / planned)))
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            step, epoch, pos, seen, loss_v = ck["step"], ck["epoch"], ck["pos"], ck["images_seen"], ck["final_loss"]
+            order = ck["order"].numpy() if ck["order"] is not None else None
+            torch.set_rng_state(ck["rng"]["torch"])
+            if ck["rng"]["cuda"] is not None and torch.cuda.is_available() \
+                    and len(ck["rng"]["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+            gen.set_state(ck["rng"]["generator"])
+            rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+            resumed_from = step
+
+        def save() -> None:
+            assert ckpt_path is not None
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+                "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+                "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "epoch": epoch, "pos": pos, "images_seen": seen, "final_loss": loss_v,
+                "order": torch.from_numpy(order) if order is not None else None,
+                "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "numpy": json.dumps(rng.bit_generator.state)},
+            }, ckpt_path)
+
+        if teacher is not None:
+            teacher.to(device).eval()
+            if on_cpu:   # inference: oneDNN is fastest channels-last on a CPU (bench/recovery.py)
+                teacher.to(memory_format=torch.channels_last)
+        # a compiled student serves the full batches; an epoch's short last batch runs eager (same weights) rather
+        # than trigger a second compilation for its shape
+        student = torch.compile(model) if compile else model
+        compiled_once, compile_error = False, None
+
+        def teacher_logits(x: torch.Tensor, epoch: int, pos: int) -> torch.Tensor:
+            assert teacher is not None
+            if teacher_cache is not None:
+                hit = teacher_cache.get(epoch, pos)
+                if hit is not None:
+                    return hit.to(device)
+            if on_cpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast():
+                out = _first(teacher(x))
+            out = out.float().clone()   # what is used is what a cache would keep: fp32 logits
+            return teacher_cache.put(epoch, pos, out).to(device) if teacher_cache is not None else out
+
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = not deterministic
+            torch.backends.cudnn.deterministic = deterministic
+        if resumed_from is not None:
+            saved_step = step
         if keeper is not None:
             keeper.__enter__()
+        started = True
         while step < planned:
             if max_steps is not None and step >= max_steps:
                 by_steps = True
@@ -373,8 +391,18 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
             x = data.batch(idx, gen).to(device, non_blocking=True).contiguous(memory_format=layout)
             y = data.labels_of(idx).to(device, non_blocking=True)
             t_logits = teacher_logits(x, epoch, pos) if teacher is not None and alpha > 0 else None
+            fwd = student if len(idx) == batch_size else model
             with autocast():
-                logits = _first((student if len(idx) == batch_size else model)(x))
+                try:
+                    out = fwd(x)
+                except Exception as e:   # torch.compile failed (no compiler, unsupported op): go on eager
+                    if fwd is model or compiled_once:
+                        raise
+                    compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    student = fwd = model
+                    out = fwd(x)
+                compiled_once = compiled_once or fwd is not model
+                logits = _first(out)
             logits = logits.float()
             if t_logits is not None:
                 if t_logits.shape != logits.shape:
@@ -402,7 +430,7 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         if ckpt_path is not None and step != saved_step:
             save()
     except BaseException:
-        if ckpt_path is not None and at_boundary and step != saved_step:
+        if ckpt_path is not None and started and at_boundary and step != saved_step:
             try:
                 save()  # interrupted between steps: keep the progress made
             except Exception:  # best effort (the save itself may be what failed); the original error matters
@@ -412,15 +440,14 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         if teacher_cache is not None:
             teacher_cache.flush()
         torch.set_num_threads(threads_before)
-        if keeper is not None:
+        if keeper is not None and started:
             keeper.__exit__(None, None, None)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn_state
         if teacher is not None and teacher_state is not None:
             teacher.train(teacher_state[0])
             if teacher_state[1] is not None:
                 teacher.to(teacher_state[1])
-            if on_cpu:
-                teacher.to(memory_format=torch.contiguous_format)
+            teacher.to(memory_format=torch.channels_last if teacher_state[2] else torch.contiguous_format)
         model.eval().to("cpu")
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -432,18 +459,22 @@ def finetune(model: nn.Module, split: Split, *, epochs: int = 1, max_seconds: Op
         checkpoint=str(ckpt_path) if ckpt_path is not None else None,
         distill_alpha=alpha if teacher is not None else None,
         distill_temperature=temperature if teacher is not None else None,
-        sparse_layers=len(keeper) if keeper is not None else 0, sparsity_kept=kept)
+        sparse_layers=len(keeper) if keeper is not None else 0, sparsity_kept=kept, precision=precision,
+        compiled=compile and compile_error is None, compile_error=compile_error)
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 200, device: Optional[str] = None) -> int:
     """Re-estimate BatchNorm running statistics on ``split`` (no labels, no gradient). Returns images used.
 
-    Only the BatchNorm buffers change; weights (and so pruning and 2:4 sparsity patterns) are untouched.
+    Only the BatchNorm buffers change; weights (and so pruning and 2:4 sparsity patterns) are untouched. Each
+    layer's ``momentum`` is put back afterwards (the pass itself averages cumulatively), so a fine-tune that
+    follows tracks its statistics as training does, and a compiled student has no per-layer graph break.
     The model is left in eval mode on the CPU."""
     batch_size = _positive_int(batch_size, "batch_size")
     device = device or default_device()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the whole pass
@@ -452,6 +483,8 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 200, device
         for sl in batches(len(split), batch_size):
             model(split.batch(sl).to(device))
     finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
         model.eval().to("cpu")
     return len(split)
 

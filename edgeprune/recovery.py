@@ -13,15 +13,18 @@ Contract of :func:`recover`:
   never run; ``plan.distill > 0`` without a teacher is a UsageError); ``masks`` (2:4 sparsity) are kept exactly.
   Without ``train`` there is no fine-tune, whatever ``plan.epochs`` says (recovery is then recalibration only).
 * **Budget**: ``plan.max_seconds`` bounds the whole call's wall time (recalibration included): the fine-tune
-  gets what the recalibration left and stops after the step that reaches it (a step overshoots by at most one
-  step's time; a cut cosine schedule does not anneal, so size ``epochs`` to the budget).
+  gets what the recalibration left (at least one step) and stops after the step that reaches it: it overshoots
+  by at most one step (the first step of a compiled student includes the compilation, about a minute; a cut
+  cosine schedule does not anneal, so size ``epochs`` to the budget).
 * **Fast on a CPU** (the speed-ups of ``bench/recovery.py``): ``plan.precision`` "auto" trains under bf16 autocast
   where the CPU has AVX512-BF16 or AMX (:func:`edgeprune.cpu.bf16_support`; fp32 weights, gradients and optimizer;
   fp32 elsewhere and on CUDA), ``plan.channels_last`` the student's memory layout (off by default: measured no
   faster for training here; the teacher's inference always runs channels-last on a CPU, where it is),
   ``plan.threads`` (None: every core this process may use), ``plan.compile`` :func:`torch.compile` (None: when
   the fine-tune will see at least :data:`COMPILE_MIN_IMAGES` images on a CPU: compiling a shape costs about a
-  minute on 2 cores and pays back within minutes; a search's short probes stay eager). With
+  minute on 2 cores and pays back within minutes; a search's short probes stay eager; only where
+  :func:`edgeprune.cpu.compile_support` says it can run, and a compilation that fails falls back to eager
+  before any step, said in the result). With
   ``teacher_cache`` (:class:`~edgeprune.teacher_cache.TeacherCache`) the teacher's logits are computed once per
   (teacher, data, seed) and reused by every later recovery with the same key (a search's candidates). The accuracy
   a caller measures afterwards is fp32: the model leaves in fp32, in the default layout.
@@ -32,8 +35,9 @@ Contract of :func:`recover`:
   is refused (UsageError). Recalibration is not checkpointed: it is one pass, and a resumed fine-tune's
   checkpoint replaces every weight and buffer. The caller deletes the file once it no longer needs it.
 * **Deterministic**: the same model, data, plan and seed give the same weights on the same host (bf16 is chosen
-  by the CPU, so two hosts may round differently). With ``precision="fp32"`` these are the numbers every command
-  published before this module existed.
+  by the CPU, so two hosts may round differently). The batches are those of :mod:`edgeprune.augment` (uint8
+  crops padded with the mean pixel): not bit-identical to the float augmentation of earlier versions, whose
+  checkpoints (version 1) are refused with a message to delete them.
 * ``events(kind, message, done, total)``: ``("stage", "BatchNorm recalibration on <split> (<n> images)", None,
   None)``, ``("stage", "fine-tune on <split> (<n> images, <precision>)", 0, None)``, then ``("progress",
   "fine-tune", step, planned)`` after every fine-tune step. Callers prefix their own tag.
@@ -163,8 +167,8 @@ def recover(model: nn.Module, plan: RecoveryPlan, *, calib: Optional[Split] = No
         out.precision, out.precision_reason = precision, why
         compile_ = plan.compile
         if compile_ is None:
-            compile_ = not device.startswith("cuda") and plan.epochs * len(train) >= COMPILE_MIN_IMAGES
-        out.compiled = bool(compile_)
+            compile_ = (not device.startswith("cuda") and plan.epochs * len(train) >= COMPILE_MIN_IMAGES
+                        and cpu.compile_support()[0])
         left = None
         if plan.max_seconds is not None:
             left = max(plan.max_seconds - (time.perf_counter() - t0), 1e-3)
@@ -177,7 +181,8 @@ def recover(model: nn.Module, plan: RecoveryPlan, *, calib: Optional[Split] = No
             teacher=teacher, distill_alpha=plan.distill if teacher is not None else None,
             distill_temperature=plan.temperature, masks=masks, checkpoint=checkpoint,
             checkpoint_every=plan.checkpoint_every)
-        if teacher_cache is not None:
+        if teacher_cache is not None and teacher is not None and plan.distill > 0:
             out.teacher_cache = teacher_cache.stats()
+        out.compiled = out.finetune.compiled
     out.seconds = time.perf_counter() - t0
     return out

@@ -20,7 +20,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Set, Tuple, Union
+import threading
+from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
 import torch
 
@@ -33,10 +34,12 @@ DEFAULT_MAX_BYTES = 512 << 20
 
 
 def cache_key(*, teacher_sha256: str, split_sha256: str, batch_size: int, seed: int, precision: str,
-              channels_last: bool) -> str:
-    """The content key of one teacher's logits over one split's augmented batches."""
+              channels_last: bool, context: Optional[Mapping[str, Any]] = None) -> str:
+    """The content key of one teacher's logits over one split's augmented batches. ``context``: whatever else
+    changes the logits (the split's normalisation, the device, the torch version, the CPU's bf16 units)."""
     spec = {"teacher": teacher_sha256, "split": split_sha256, "batch_size": int(batch_size), "seed": int(seed),
-            "precision": precision, "channels_last": bool(channels_last), "augmentation": AUGMENTATION}
+            "precision": precision, "channels_last": bool(channels_last), "augmentation": AUGMENTATION,
+            "context": dict(context or {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -55,6 +58,7 @@ class TeacherCache:
         self._logits: Dict[Tuple[int, int], torch.Tensor] = {}
         self._loaded: Set[int] = set()
         self._dirty: Set[int] = set()
+        self._partial: Set[int] = set()   # epochs read back only in part (max_bytes): never rewritten
         self._bytes = 0
         self.hits = self.misses = 0
 
@@ -65,6 +69,7 @@ class TeacherCache:
         if key != self.key:
             self.flush()
             self.key, self._logits, self._loaded, self._dirty, self._bytes = key, {}, set(), set(), 0
+            self._partial = set()
         return self
 
     def _file(self, epoch: int) -> Optional[Path]:
@@ -86,9 +91,13 @@ class TeacherCache:
             path.unlink(missing_ok=True)
             return
         for pos, t in items.items():
-            if (epoch, pos) not in self._logits and self._room(t):
-                self._logits[(epoch, pos)] = t
-                self._bytes += t.numel() * t.element_size()
+            if (epoch, pos) in self._logits:
+                continue
+            if not self._room(t):
+                self._partial.add(epoch)
+                continue
+            self._logits[(epoch, pos)] = t
+            self._bytes += t.numel() * t.element_size()
 
     def _room(self, t: torch.Tensor) -> bool:
         return self._bytes + t.numel() * t.element_size() <= self.max_bytes
@@ -101,28 +110,30 @@ class TeacherCache:
         t = self._logits.get((epoch, pos))
         if t is None:
             self.misses += 1
-        else:
-            self.hits += 1
-        return t
+            return None
+        self.hits += 1
+        return t.clone()   # the caller may change its copy; the cache's stays as computed
 
     def put(self, epoch: int, pos: int, logits: torch.Tensor) -> torch.Tensor:
-        """Keep ``logits`` (as fp32 on the CPU) and return what the fine-tune must use: the kept tensor."""
+        """Keep ``logits`` (as fp32 on the CPU) and return what the fine-tune must use: those values (a tensor the
+        caller may change)."""
         t = logits.detach().float().cpu().contiguous()
         if self.key is not None and (epoch, pos) not in self._logits and self._room(t):
             self._logits[(epoch, pos)] = t
             self._bytes += t.numel() * t.element_size()
             self._dirty.add(epoch)
+            return t.clone()
         return t
 
     def flush(self) -> None:
         """Write the epochs that gained logits since the last flush (no-op without a folder)."""
-        for epoch in sorted(self._dirty):
+        for epoch in sorted(self._dirty - self._partial):
             path = self._file(epoch)
             if path is None:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             items: Dict[str, Any] = {str(p): t for (e, p), t in self._logits.items() if e == epoch}
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
             try:
                 torch.save({"key": self.key, "logits": items}, tmp)
                 os.replace(tmp, path)

@@ -144,20 +144,26 @@ def test_the_cache_stops_keeping_past_its_size_limit(pruned, resnet20):
 
 # ----------------------------------------------------------------------------------------------- budget, resume
 
-@pytest.mark.parametrize("budget", [2.0, 4.0])
-def test_the_wall_time_budget_is_honoured_within_10_percent(pruned, resnet20, budget):
-    calib = _small(2)
+def test_the_wall_time_budget_is_honoured_within_10_percent(pruned, resnet20):
+    budget = 5.0
+    model = copy.deepcopy(pruned)
     t0 = time.perf_counter()
-    res = recover(copy.deepcopy(pruned), _plan(epochs=200, max_seconds=budget, recalibrate=True), calib=calib,
-                  train=_small(), teacher=resnet20[0])
+    res = recover(model, _plan(epochs=500, max_seconds=budget, recalibrate=True), calib=_small(2), train=_small(),
+                  teacher=resnet20[0])
     wall = time.perf_counter() - t0
     assert res.finetune.stopped_by_time and not res.finetune.completed
-    assert abs(wall - budget) <= 0.1 * budget, (wall, budget)
-    assert abs(res.seconds - budget) <= 0.1 * budget
+    assert budget <= res.seconds <= wall <= 1.1 * budget, (res.seconds, wall, budget)
 
 
-def test_interrupted_and_resumed_with_every_speed_up_is_bit_identical(pruned, resnet20, tmp_path):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=pytest.mark.slow)])  # True compiles: ~30 s
+def test_interrupted_and_resumed_with_every_speed_up_is_bit_identical(pruned, resnet20, tmp_path, monkeypatch,
+                                                                       channels_last):
+    monkeypatch.setenv(cpu.ENV_BF16, "1")     # bf16 (emulated where the CPU lacks it), a cache, compile
     kw = dict(train=_small(), teacher=resnet20[0])
+    # one variant compiled as well (compiling costs time; the other checks the eager path)
+    _plan = functools.partial(globals()["_plan"], channels_last=channels_last,
+                              compile=channels_last and cpu.compile_support()[0])
     whole = copy.deepcopy(pruned)
     recover(whole, _plan(checkpoint_every=2), teacher_cache=TeacherCache(), **kw)
     ck = tmp_path / "r.ckpt"

@@ -279,7 +279,7 @@ def test_recover_is_recalibration_then_the_same_finetune(resnet20):
 
 
 def test_recover_interrupted_then_resumed_is_bit_identical(resnet20, tmp_path):
-    """With the host's defaults (bf16 autocast and channels-last where the CPU has bf16)."""
+    """With the host's defaults (bf16 autocast where the CPU has it)."""
     from edgeprune.recovery import recover
 
     whole = copy.deepcopy(resnet20[0])

@@ -62,7 +62,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
                                                                       "(default 1; 0: BN recalibration only)")
     sr.add_argument("--finetune-per-class", type=per_class, default=argparse.SUPPRESS,
                     help="finetune-split images per class for recovery (default 500), or 'full'")
-    sr.add_argument("--finetune-seconds", type=float, default=None, help="wall-time cap per recovery fine-tune")
+    sr.add_argument("--finetune-seconds", type=float, default=None,
+                    help="wall-time cap per candidate's recovery (recalibration and fine-tune)")
     sr.add_argument("--distill", type=float, default=None, help="recovery: weight of distillation from the dense "
                                                                 "model, 0..1 (default 0)")
     sr.add_argument("--eval-per-class", type=per_class, default=argparse.SUPPRESS,

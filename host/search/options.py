@@ -44,7 +44,7 @@ class RecoveryOptions:
     recalibrate: bool = True
     finetune_epochs: int = 1                    # 0: no fine-tune
     finetune_per_class: Optional[int] = 500     # finetune-split images per class (None: all)
-    finetune_seconds: Optional[float] = None    # wall-time cap (makes the result depend on the machine's speed)
+    finetune_seconds: Optional[float] = None    # wall-time cap of the recovery (result depends on machine speed)
     lr: float = 0.01
     batch_size: int = 128
     distill: float = 0.0                        # weight of distillation from the dense model
