@@ -547,6 +547,12 @@ def test_bisect_end_to_end_on_the_local_device(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out" / so.EVALUATIONS).read_text().splitlines()]
     assert len(lines) == r.device_evals and all(x["artifact_sha256"] and x["report"]["status"] == "ok" for x in lines)
     assert any(e[0] == "result" for e in events)
+    # each pruned candidate's recovery is reported: wall time, images seen, precision
+    pruned = [row for row in r.rows if row["recovery"] != "none"]
+    assert pruned and all(row["recovery_s"] > 0 and row["images_seen"] > 0 and row["recovery_precision"] in
+                          ("fp32", "bf16") for row in pruned)
+    header = (tmp_path / "out" / "local" / "pareto.csv").read_text().splitlines()[0]
+    assert "recovery_s,images_seen,recovery_precision" in header
 
 
 KILLER = """

@@ -71,6 +71,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
     sr.add_argument("--probe-recovery", default=None, help="bisect: recovery of the candidates it searches with: "
                                                            "full (default), short or none; then the chosen one again "
                                                            "with full recovery")
+    sr.add_argument("--budget-minutes", type=float, default=None, metavar="MIN",
+                    help="bisect: wall-time budget of the whole search: cheap probes for the first third, then the "
+                         "chosen candidate fully recovered in the time left (sets --probe-recovery short unless "
+                         "given)")
     sr.add_argument("--netadapt-max-proposals", type=int, default=None,
                     help="netadapt: proposals per iteration (default: one per group)")
     sr.add_argument("--cache-dir", type=Path, default=None, help="sensitivity and layer-latency tables "
@@ -86,7 +90,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 # options that define a search: given with --resume they would silently differ from the stored ones
 _SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop", "algo", "max_evals", "run_id",
                     "quick", "allocation", "importance", "prune_residual", "max_ratio", "probe_recovery",
-                    "finetune_epochs",
+                    "finetune_epochs", "budget_minutes",
                     "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed",
                     "min_agreement", "min_snr_db", "model_arg", "weights", "trust_pickle", "input_size",
                     "input_shape", "ignore_layers", "data", "calib_data", "finetune_data", "resize", "center_crop",
@@ -122,6 +126,10 @@ def _search_options(args: argparse.Namespace) -> "object":
                       ("netadapt_max_proposals", "netadapt_max_proposals")):
         if getattr(args, arg) is not None:
             setattr(algo, name, getattr(args, arg))
+    if args.budget_minutes is not None:
+        opts.budget_minutes = args.budget_minutes
+        if args.probe_recovery is None:
+            algo.probe_recovery = "short"
     opts.algo_options = algo
     return opts.validate()
 

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
 from edgeprune.errors import UsageError
 from host.files import write_text_atomic
@@ -23,6 +23,7 @@ from host.fleet.devices import DeviceConfig
 from host.fleet.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, impossible_reason
 from host.search.algos import get_algorithm
 from host.search.algos.base import DeviceContext, DeviceEval, DeviceMeasurement, HostEval, LayerLatency, ModelSpace
+from host.search.budget import PROBE_SHARE, SearchBudget, probe_rates
 from host.search.evaluator import Evaluator, Request
 from host.search.options import (EVALUATIONS, RECORD_VERSION, ROW_METRICS, RUN_FILE, Events, Profile, SearchOptions,
                                  candidate_key, profile_for)
@@ -60,13 +61,17 @@ class Search:
 
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
                  targets: Mapping[str, TargetSet], space: ModelSpace, evaluator: Evaluator,
-                 events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None) -> None:
+                 events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
+                 clock: Optional[Callable[[], float]] = None) -> None:
         self.out, self.run_id, self.opts = Path(out), run_id, opts
         self.recorder = recorder
         self.devices, self.targets, self.space, self.evaluator = devices, dict(targets), space, evaluator
         self.emit = events or (lambda *a: None)
         self.log = EvaluationLog(self.out / EVALUATIONS)
         self._lut_lock = threading.Lock()
+        self.budget: Optional[SearchBudget] = None
+        if opts.budget_minutes is not None:
+            self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic)
 
     # -- the results store (the run folder's evaluations.jsonl stays the search's own record for --resume)
     def _record(self, rec: Mapping[str, Any]) -> None:
@@ -104,6 +109,9 @@ class Search:
             for rec in self.log.records:   # a resumed run: what the killed process may not have recorded
                 self._record(rec)
         algo = get_algorithm(self.opts.algo)
+        if self.budget is not None:
+            self.emit("info", "", self.budget.plan(self.opts.max_evals, self.opts.algo_options.probe_recovery,
+                                                   self.opts.recovery))
         devs: List[_Dev] = []
         for dev in self.devices:
             prof = profile_for(dev)
@@ -228,6 +236,11 @@ class Search:
             self._advance(d, {c.key(): table[c.key()] for c in d.pending.configs})
 
     # -- device evaluations
+    def _finetune_size(self) -> int:
+        """The full fine-tune split's size, as the evaluator knows it (an evaluator without data: 50,000)."""
+        size = getattr(self.evaluator, "finetune_size", None)
+        return int(size(None)) if callable(size) else 50_000
+
     def _device_evals(self, devs: List[_Dev]) -> None:
         results: Dict[str, DeviceMeasurement] = {}
         lock = threading.Lock()
@@ -238,16 +251,31 @@ class Search:
                 devs.remove(d)
                 continue
             cand = d.pending.candidate
-            key = candidate_key(self.space, self.opts, d.profile, cand)
+            recovery = None
+            size = self._finetune_size() if self.budget is not None and cand.kept and cand.recovery == "full" else 0
+            if size > 0:   # the final candidate under a budget: its recovery gets the time left
+                recovery, how = self.budget.final_recovery(
+                    d.dev.id, self.opts.recovery, size, probe_rates(d.records))
+                self.emit("info", d.dev.id, f"final recovery: {recovery.finetune_epochs} epoch(s) over "
+                          f"{how['images']} images in at most {how['seconds'] / 60:.1f} min (estimated "
+                          f"{how['images_per_s']:.0f} images/s, {how['rate_source']})")
+            key = candidate_key(self.space, self.opts, d.profile, cand, recovery=recovery)
             rec = self.log.get("device", d.dev.id, key)
             if rec is not None:
                 results[d.dev.id] = measurement_of(rec, cached=True)
                 if all(r["key"] != key for r in d.records):
                     d.records.append(rec)
                 self.emit("cached", d.dev.id, f"evaluation {d.ctx.evals + 1}: {cand_text(cand)} (from the store)")
+            elif self.budget is not None and cand.kept and cand.recovery != "full" and (
+                    key in self.budget.skipped or not self.budget.probes_open()):
+                self.budget.skip(key)
+                results[d.dev.id] = DeviceMeasurement(
+                    False, error=f"probes may start until minute {PROBE_SHARE * self.budget.total_s / 60:.0f} of "
+                                 f"the {self.budget.minutes:g}-minute budget", skipped=True)
+                self.emit("info", d.dev.id, f"{cand_text(cand)}: not built, {results[d.dev.id].error}")
             else:
                 self.emit("eval", d.dev.id, f"evaluation {d.ctx.evals + 1}: {cand_text(cand)}")
-                requests.append(Request(d.dev, d.profile, cand, key))
+                requests.append(Request(d.dev, d.profile, cand, key, recovery))
         by_id = {d.dev.id: d for d in devs}
 
         def done(req: Request, m: DeviceMeasurement, extra: Dict[str, Any]) -> None:
@@ -270,9 +298,17 @@ class Search:
                       (metrics_text(m.metrics) if m.ok else f"failed: {m.error}"))
 
         if requests:
+            t0 = self.budget.clock() if self.budget is not None else 0.0
             self.evaluator.measure(requests, done)
+            if self.budget is not None:
+                new = [r for d in devs for r in d.records if r.get("key") in {q.key for q in requests}]
+                self.budget.note_round(self.budget.clock() - t0, max(
+                    ((r.get("recovery_result") or {}).get("seconds") or 0.0 for r in new), default=0.0))
         for d in devs:
             m = results.get(d.dev.id) or DeviceMeasurement(False, error="no result")
+            if m.skipped:
+                self._advance(d, m)
+                continue
             d.ctx.evals += 1
             d.failed = d.failed or not m.ok
             self._advance(d, m)
@@ -309,6 +345,9 @@ class Search:
                                "pruned_fraction": round(self.space.pruned_fraction(cand["kept"]), 4),
                                "recovery": cand["recovery"], "macs": rec["macs"], "note": cand.get("note", ""),
                                "artifact_sha256": rec.get("artifact_sha256", "")}
+        rr = rec.get("recovery_result") or {}
+        row.update(recovery_s=rr.get("seconds"), images_seen=rr.get("images_seen"),
+                   recovery_precision=rr.get("precision"))
         row.update({k: m.get(k) for k in ROW_METRICS})
         power = (rec.get("report") or {}).get("power") or {}
         row["power_source"] = power.get("source") if isinstance(power, dict) else None

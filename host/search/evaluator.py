@@ -28,7 +28,7 @@ from host.files import write_text_atomic
 from host.fleet.devices import DeviceConfig
 from host.fleet.targets import metrics_from_report
 from host.search.algos.base import Candidate, DeviceMeasurement, LayerConfig, ModelSpace
-from host.search.options import WORK, Events, Profile, SearchOptions
+from host.search.options import WORK, Events, Profile, RecoveryOptions, SearchOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.workload import Workload
@@ -39,6 +39,7 @@ class Request:
     profile: Profile
     candidate: Candidate
     key: str
+    recovery: Optional[RecoveryOptions] = None   # replaces the candidate level's (a budget's final recovery)
 
 
 DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]
@@ -108,8 +109,14 @@ class FleetEvaluator:
         return self.data.calib()
 
     # -- building
-    def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path],
-               tag: str) -> Tuple[Any, Dict[str, Any]]:
+    def finetune_size(self, per_class: Optional[int] = None) -> int:
+        """Images in the fine-tune split at ``per_class`` (None: all); 0 without fine-tune data."""
+        if not self.workload.has_finetune_data:
+            return 0
+        return len(self.data.finetune(per_class, self.opts.seed))
+
+    def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path], tag: str,
+               recovery: Optional[RecoveryOptions] = None) -> Tuple[Any, Dict[str, Any]]:
         from edgeprune import prune
         from edgeprune.recovery import recover
         from host.search.data import is_labelled
@@ -135,7 +142,7 @@ class FleetEvaluator:
             raise PruneError(f"{tag}: the plan keeps {got}, the candidate asked for {cand.kept_map()} "
                              f"(skipped: {pr.skipped})")
         info.update(plan=pr.plan, plan_sha256=pr.plan.sha256(), macs_counted=pr.macs_after, params=pr.params_after)
-        rec = self.opts.recovery_for(cand.recovery)
+        rec = recovery if recovery is not None else self.opts.recovery_for(cand.recovery)
         if rec is not None:
             ft = self.data.finetune(rec.finetune_per_class, self.opts.seed) if rec.finetune_epochs > 0 else None
 
@@ -156,7 +163,8 @@ class FleetEvaluator:
                                     "teacher_cache_hits": (out.teacher_cache or {}).get("hits")}
         return model, info
 
-    def build(self, profile: Profile, cand: Candidate, key: str) -> Dict[str, Any]:
+    def build(self, profile: Profile, cand: Candidate, key: str,
+              recovery: Optional[RecoveryOptions] = None) -> Dict[str, Any]:
         """The candidate's artifact under ``work/artifacts/<key>``: reused when its files match its manifest."""
         from edgeprune import export
 
@@ -173,7 +181,7 @@ class FleetEvaluator:
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         tag = f"{self.name}-{key[:12]}"
-        model, info = self._model(profile, cand, folder / "finetune.ckpt", tag)
+        model, info = self._model(profile, cand, folder / "finetune.ckpt", tag, recovery)
         if info.get("params") is None:   # the dense model: counted here (a pruned one was counted by prune())
             from edgeprune import prune
 
@@ -217,7 +225,7 @@ class FleetEvaluator:
         for req in requests:
             try:
                 if req.key not in built:
-                    built[req.key] = self.build(req.profile, req.candidate, req.key)
+                    built[req.key] = self.build(req.profile, req.candidate, req.key, req.recovery)
                 info = built[req.key]
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])

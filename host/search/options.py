@@ -89,6 +89,7 @@ class SearchOptions:
     lease_wait_s: float = 300.0
     cache_dir: Optional[str] = None             # default results/search/cache
     algo_options: AlgoOptions = field(default_factory=AlgoOptions)
+    budget_minutes: Optional[float] = None      # wall-time budget of the whole search (host.search.budget)
     # model source (edgeprune.sources) and data (edgeprune.workload): see host.search.data
     model_args: Dict[str, Any] = field(default_factory=dict)
     weights: Optional[str] = None
@@ -126,6 +127,15 @@ class SearchOptions:
         self.recovery.validate("finetune")
         self.short_recovery.validate("short-finetune")
         self.algo_options.validate()
+        if self.budget_minutes is not None:
+            if not self.budget_minutes > 0:
+                raise UsageError(f"--budget-minutes: must be > 0, got {self.budget_minutes}")
+            if self.algo != "bisect":
+                raise UsageError("--budget-minutes: only with --algo bisect (netadapt recovers every device "
+                                 "evaluation fully and has no single final recovery to give the time left)")
+            if self.algo_options.probe_recovery == "full":
+                raise UsageError("--budget-minutes: needs --probe-recovery short or none (with full recovery of "
+                                 "every probe there is no final recovery to size)")
         return self
 
     def recovery_for(self, level: str) -> Optional[RecoveryOptions]:
@@ -196,9 +206,10 @@ def profile_for(dev: DeviceConfig) -> Profile:
 
 
 def candidate_key(space: ModelSpace, opts: SearchOptions, profile: Profile, cand: Candidate,
-                  kind: str = "device") -> str:
-    """sha256 of what determines the candidate's artifact (device evaluations) or its host top-1 (``host``)."""
-    rec = opts.recovery_for(cand.recovery)
+                  kind: str = "device", recovery: Optional[RecoveryOptions] = None) -> str:
+    """sha256 of what determines the candidate's artifact (device evaluations) or its host top-1 (``host``);
+    ``recovery`` replaces the candidate's level's options (a budget's sized final recovery)."""
+    rec = recovery if recovery is not None else opts.recovery_for(cand.recovery)
     doc: Dict[str, Any] = {
         "v": 1, "kind": kind, "model": space.model, "checkpoint": space.checkpoint_sha256,
         "importance": opts.importance, "min_channels": opts.min_channels, "prune_residual": opts.prune_residual,

@@ -50,7 +50,8 @@ class SearchResult:
         return all(d.verdict == "met" for d in self.devices)
 
 
-PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "macs", *ROW_METRICS, "power_source", "drop_pp",
+PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "recovery_s", "images_seen", "recovery_precision",
+                  "macs", *ROW_METRICS, "power_source", "drop_pp",
                   "meets", "meets_resources", "violation", "resource_violation", "front_latency", "front_energy",
                   "note", "artifact_sha256"]
 SUMMARY_COLUMNS = ["device", "verdict", "targets", "latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w",

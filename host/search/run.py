@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence
 
 from edgeprune.errors import UsageError
 from host.fleet.devices import DeviceConfig
@@ -79,9 +79,10 @@ __all__ = ["EVALUATIONS", "SearchOptions", "SearchResult", "open_resumed_workloa
 def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping[str, TargetSet], *,
           out: Optional[Path] = None, run_id: Optional[str] = None, events: Optional[Events] = None,
           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
-          recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
-    """A new search. ``space``/``evaluator`` replace the real ones (tests); ``workload``: the run's model and data
-    when the caller opened them already (:func:`host.search.data.open_search_workload` of ``opts``). UsageError
+          recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None,
+          clock: Optional[Callable[[], float]] = None) -> SearchResult:
+    """A new search. ``space``/``evaluator``/``clock`` replace the real ones (tests); ``workload``: the run's model
+    and data when the caller opened them already (:func:`host.search.data.open_search_workload` of ``opts``). UsageError
     before anything runs for bad options, devices, model or data, targets the data cannot judge, or a run folder
     that already holds a search."""
     from host.search import data as search_data
@@ -104,13 +105,15 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
     write_run(folder, run_id, opts, devices, targets,
                search_data.fingerprint(workload) if workload is not None else None)
     return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder,
-                    workload)
+                    workload, clock)
 
 
 def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] = None,
            space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
-           recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None) -> SearchResult:
-    """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated."""
+           recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None,
+           clock: Optional[Callable[[], float]] = None) -> SearchResult:
+    """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated
+    (a budget continues from the time the run had spent)."""
     from host.results.store import check_run_id
 
     check_run_id(run_id)
@@ -121,7 +124,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     opts.validate()
     if workload is None and (space is None or evaluator is None):
         workload = open_resumed_workload(folder, opts)
-    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload)
+    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload, clock)
 
 
 def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
@@ -144,7 +147,7 @@ def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
 def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
              targets: Dict[str, TargetSet], events: Optional[Events], space: Optional[ModelSpace],
              evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None,
-             workload: Optional["Workload"] = None) -> SearchResult:
+             workload: Optional["Workload"] = None, clock: Optional[Callable[[], float]] = None) -> SearchResult:
     emit = events or (lambda *a: None)
     if space is None or evaluator is None:
         import torch
@@ -178,4 +181,4 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
             evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
-    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder).run()
+    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder, clock).run()

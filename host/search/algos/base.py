@@ -255,6 +255,7 @@ class DeviceMeasurement:
     artifact_sha256: str = ""
     plan_sha256: str = ""
     cached: bool = False
+    skipped: bool = False     # not run: the search's probe time is spent (host.search.budget)
 
 
 @dataclass

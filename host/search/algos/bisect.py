@@ -106,7 +106,9 @@ class Bisect(SearchAlgorithm):
         if stop or bounds is None or dense is None:
             return stop
         pts = [Point(ctx.dense(), ctx.space.dense_macs, dense.metrics, False)]
-        reason = yield from self._search(ctx, bounds, pts)
+        # cheap probes leave one evaluation for the chosen one, fully recovered
+        reserve = 0 if o.probe_recovery == "full" else 1
+        reason = yield from self._search(ctx, bounds, pts, reserve)
         if o.probe_recovery == "full" or reason.startswith("device error"):
             return reason
         # probes were built with a cheaper recovery (latency does not depend on the weights): the most accurate
@@ -123,13 +125,15 @@ class Bisect(SearchAlgorithm):
             return f"device error: {m.error}"
         return f"{reason}; ratio {best.ratio:.3f} measured again with full recovery"
 
-    def _search(self, ctx: DeviceContext, bounds: Bounds, pts: List[Point]) -> Generator[Work, Any, str]:
+    def _search(self, ctx: DeviceContext, bounds: Bounds, pts: List[Point],
+                reserve: int = 0) -> Generator[Work, Any, str]:
         o = ctx.options
         seen = {ctx.dense()}
         r_max = o.max_ratio
         while True:
-            if ctx.evals >= ctx.max_evals:
-                return f"--max-evals {ctx.max_evals} reached"
+            if ctx.evals >= ctx.max_evals - reserve:
+                return f"--max-evals {ctx.max_evals} reached" + (" (one kept for the final candidate)"
+                                                                 if reserve else "")
             feas = [p for p in pts if p.resources_ok]
             best = min(feas, key=lambda p: p.ratio) if feas else None
             lo = max((p.ratio for p in pts if not p.resources_ok and (best is None or p.ratio < best.ratio)),
@@ -162,6 +166,8 @@ class Bisect(SearchAlgorithm):
                             f"round_to={ctx.round_to} makes them identical)")
             seen.add(cand)
             m = yield DeviceEval(cand)
+            if m.skipped:
+                return f"probe time spent ({m.error})"
             if not m.ok:
                 return f"device error: {m.error}"
             pts.append(Point(cand, ctx.macs(cand), m.metrics, bounds.assess(m.metrics).meets_resources))
