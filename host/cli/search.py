@@ -174,7 +174,8 @@ def main_search(args: argparse.Namespace, console: Console) -> int:
     if args.json:  # stdout carries the JSON document alone: progress and the table go to stderr
         console = Console(stderr=True, width=console.width if console.is_terminal else 140)
     if args.resume is not None:
-        given = [a for a in _SEARCH_DEFINING if getattr(args, a, None) not in (None, False, [])]
+        given = [a for a in _SEARCH_DEFINING
+                 if (v := getattr(args, a, None)) is not None and v is not False and v != []]
         given += [a for a in ("finetune_per_class", "eval_per_class") if hasattr(args, a)]
         given += ["target"] if args.target else []
         if given:

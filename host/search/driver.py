@@ -62,7 +62,7 @@ class Search:
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
                  targets: Mapping[str, TargetSet], space: ModelSpace, evaluator: Evaluator,
                  events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
-                 clock: Optional[Callable[[], float]] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None, started: Optional[float] = None) -> None:
         self.out, self.run_id, self.opts = Path(out), run_id, opts
         self.recorder = recorder
         self.devices, self.targets, self.space, self.evaluator = devices, dict(targets), space, evaluator
@@ -71,7 +71,7 @@ class Search:
         self._lut_lock = threading.Lock()
         self.budget: Optional[SearchBudget] = None
         if opts.budget_minutes is not None:
-            self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic)
+            self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic, t0=started)
 
     # -- the results store (the run folder's evaluations.jsonl stays the search's own record for --resume)
     def _record(self, rec: Mapping[str, Any]) -> None:
@@ -121,6 +121,19 @@ class Search:
         for d in devs:
             d.gen = algo.run(d.ctx)
             self._advance(d, None, first=True)
+        if self.budget is not None:
+            self.budget.start_saving()
+        try:
+            self._loop(devs)
+        finally:
+            if self.budget is not None:
+                self.budget.stop_saving()
+        results = [self._conclude(d) for d in devs]
+        res = SearchResult(self.run_id, self.out, self.opts.algo, results, time.monotonic() - t0)
+        self._write_outputs(res)
+        return res
+
+    def _loop(self, devs: List[_Dev]) -> None:
         while True:
             active = [d for d in devs if not d.done]
             if not active:
@@ -137,10 +150,6 @@ class Search:
             for d in active:
                 if not d.done and not isinstance(d.pending, (HostEval, LayerLatency, DeviceEval)):
                     raise TypeError(f"{self.opts.algo} yielded {d.pending!r}: not a work item")
-        results = [self._conclude(d) for d in devs]
-        res = SearchResult(self.run_id, self.out, self.opts.algo, results, time.monotonic() - t0)
-        self._write_outputs(res)
-        return res
 
     def _advance(self, d: _Dev, value: Any, first: bool = False) -> None:
         try:
@@ -254,8 +263,9 @@ class Search:
             recovery = None
             size = self._finetune_size() if self.budget is not None and cand.kept and cand.recovery == "full" else 0
             if size > 0:   # the final candidate under a budget: its recovery gets the time left
+                waiting = sum(1 for o in devs if o.dev.id not in self.budget.finals) or 1
                 recovery, how = self.budget.final_recovery(
-                    d.dev.id, self.opts.recovery, size, probe_rates(d.records))
+                    d.dev.id, self.opts.recovery, size, probe_rates(d.records), share=waiting)
                 self.emit("info", d.dev.id, f"final recovery: {recovery.finetune_epochs} epoch(s) over "
                           f"{how['images']} images in at most {how['seconds'] / 60:.1f} min (estimated "
                           f"{how['images_per_s']:.0f} images/s, {how['rate_source']})")
@@ -275,7 +285,9 @@ class Search:
                 self.emit("info", d.dev.id, f"{cand_text(cand)}: not built, {results[d.dev.id].error}")
             else:
                 self.emit("eval", d.dev.id, f"evaluation {d.ctx.evals + 1}: {cand_text(cand)}")
-                requests.append(Request(d.dev, d.profile, cand, key, recovery))
+                requests.append(Request(d.dev, d.profile, cand, key, recovery,
+                                        self.budget.hard_stop(recovery) if recovery is not None and
+                                        self.budget is not None else None))
         by_id = {d.dev.id: d for d in devs}
 
         def done(req: Request, m: DeviceMeasurement, extra: Dict[str, Any]) -> None:
@@ -302,8 +314,8 @@ class Search:
             self.evaluator.measure(requests, done)
             if self.budget is not None:
                 new = [r for d in devs for r in d.records if r.get("key") in {q.key for q in requests}]
-                self.budget.note_round(self.budget.clock() - t0, max(
-                    ((r.get("recovery_result") or {}).get("seconds") or 0.0 for r in new), default=0.0))
+                self.budget.note_round(self.budget.clock() - t0, sum(
+                    (r.get("recovery_result") or {}).get("seconds") or 0.0 for r in new))
         for d in devs:
             m = results.get(d.dev.id) or DeviceMeasurement(False, error="no result")
             if m.skipped:

@@ -13,6 +13,7 @@ persists them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ class Request:
     candidate: Candidate
     key: str
     recovery: Optional[RecoveryOptions] = None   # replaces the candidate level's (a budget's final recovery)
+    max_seconds: Optional[float] = None          # the recovery's hard stop now (a budget's time left; not keyed)
 
 
 DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]
@@ -116,7 +118,8 @@ class FleetEvaluator:
         return len(self.data.finetune(per_class, self.opts.seed))
 
     def _model(self, profile: Profile, cand: Candidate, checkpoint: Optional[Path], tag: str,
-               recovery: Optional[RecoveryOptions] = None) -> Tuple[Any, Dict[str, Any]]:
+               recovery: Optional[RecoveryOptions] = None,
+               max_seconds: Optional[float] = None) -> Tuple[Any, Dict[str, Any]]:
         from edgeprune import prune
         from edgeprune.recovery import recover
         from host.search.data import is_labelled
@@ -152,7 +155,10 @@ class FleetEvaluator:
                 else:
                     self.emit(kind, "", f"{tag}: {msg} ({cand.recovery} recovery)")
 
-            out = recover(model, rec.plan(self.opts.seed), calib=self.calib if rec.recalibrate else None, train=ft,
+            plan = rec.plan(self.opts.seed)
+            if max_seconds is not None:   # a resumed final must not get its whole time again
+                plan = dataclasses.replace(plan, max_seconds=min(plan.max_seconds or max_seconds, max_seconds))
+            out = recover(model, plan, calib=self.calib if rec.recalibrate else None, train=ft,
                           teacher=self.base, checkpoint=checkpoint, events=events,
                           teacher_cache=self.teacher_cache if rec.distill > 0 else None)
             res = out.finetune
@@ -163,8 +169,8 @@ class FleetEvaluator:
                                     "teacher_cache_hits": (out.teacher_cache or {}).get("hits")}
         return model, info
 
-    def build(self, profile: Profile, cand: Candidate, key: str,
-              recovery: Optional[RecoveryOptions] = None) -> Dict[str, Any]:
+    def build(self, profile: Profile, cand: Candidate, key: str, recovery: Optional[RecoveryOptions] = None,
+              max_seconds: Optional[float] = None) -> Dict[str, Any]:
         """The candidate's artifact under ``work/artifacts/<key>``: reused when its files match its manifest."""
         from edgeprune import export
 
@@ -181,7 +187,7 @@ class FleetEvaluator:
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         tag = f"{self.name}-{key[:12]}"
-        model, info = self._model(profile, cand, folder / "finetune.ckpt", tag, recovery)
+        model, info = self._model(profile, cand, folder / "finetune.ckpt", tag, recovery, max_seconds)
         if info.get("params") is None:   # the dense model: counted here (a pruned one was counted by prune())
             from edgeprune import prune
 
@@ -225,7 +231,8 @@ class FleetEvaluator:
         for req in requests:
             try:
                 if req.key not in built:
-                    built[req.key] = self.build(req.profile, req.candidate, req.key, req.recovery)
+                    built[req.key] = self.build(req.profile, req.candidate, req.key, req.recovery,
+                                                req.max_seconds)
                 info = built[req.key]
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])

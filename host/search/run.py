@@ -54,6 +54,7 @@ The names the CLI uses (:class:`SearchOptions`, :data:`EVALUATIONS`, :func:`run_
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -88,6 +89,7 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
     from host.search import data as search_data
     from host.results.store import check_run_id, new_run_id
 
+    started = (clock or time.monotonic)()   # a budget counts everything from here
     opts.validate()
     check_devices(devices)
     missing = [d.id for d in devices if d.id not in targets]
@@ -105,7 +107,7 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
     write_run(folder, run_id, opts, devices, targets,
                search_data.fingerprint(workload) if workload is not None else None)
     return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder,
-                    workload, clock)
+                    workload, clock, started)
 
 
 def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] = None,
@@ -116,6 +118,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     (a budget continues from the time the run had spent)."""
     from host.results.store import check_run_id
 
+    started = (clock or time.monotonic)()
     check_run_id(run_id)
     folder = run_dir(run_id, out)
     stored_id, opts, devices, targets = read_run(folder)
@@ -124,7 +127,8 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     opts.validate()
     if workload is None and (space is None or evaluator is None):
         workload = open_resumed_workload(folder, opts)
-    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload, clock)
+    return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload, clock,
+                    started)
 
 
 def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
@@ -147,7 +151,8 @@ def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
 def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[DeviceConfig],
              targets: Dict[str, TargetSet], events: Optional[Events], space: Optional[ModelSpace],
              evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None,
-             workload: Optional["Workload"] = None, clock: Optional[Callable[[], float]] = None) -> SearchResult:
+             workload: Optional["Workload"] = None, clock: Optional[Callable[[], float]] = None,
+             started: Optional[float] = None) -> SearchResult:
     emit = events or (lambda *a: None)
     if space is None or evaluator is None:
         import torch
@@ -181,4 +186,4 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
             evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
-    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder, clock).run()
+    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder, clock, started).run()
