@@ -157,6 +157,20 @@ def eval_split(per_class: Optional[int] = DEFAULT_EVAL_PER_CLASS) -> Split:
     return Split("eval", images[idx], labels[idx], str(bundled))
 
 
+def holdout_split(eval_per_class: Optional[int] = DEFAULT_EVAL_PER_CLASS) -> Optional[Split]:
+    """The CIFAR-10 test images that :func:`eval_split` at ``eval_per_class`` leaves out (the other 9,000 at the
+    default): a search chooses on ``eval`` and re-checks its choice here. None when the eval split is the whole
+    test set or only the bundled subset is there."""
+    full = _full(TEST_FILE)
+    if full is None or eval_per_class is None:
+        return None
+    images, labels = load_npz(full)
+    idx = stratified_indices(labels, None, EVAL_SEED, offset=eval_per_class)
+    if idx.size == 0:
+        return None
+    return Split("holdout", images[idx], labels[idx], str(full))
+
+
 def calib_split(per_class: int = DEFAULT_CALIB_PER_CLASS) -> Split:
     """The ``calib`` split from the CIFAR-10 training set."""
     full = _full(TRAIN_FILE)

@@ -110,6 +110,7 @@ class Workload:
     options: DataOptions
     notes: List[str] = field(default_factory=list)
     reference_path: bool = False
+    holdout: Optional[EvalData] = None          # test images the eval split leaves out (reference path), else None
     _calib: Optional[data.Split] = None
     _calib_from: Optional[Tuple[Any, ...]] = None
     _finetune: Optional[data.Split] = None
@@ -348,21 +349,28 @@ def _reference_workload(loaded: LoadedModel, opts: DataOptions) -> Workload:
                   notes=[f"eval split {ev.name}, {len(ev)} images from {ev.source}"])
     wl._calib_from = ("split", data.calib_split)
     wl._finetune_from = ("split", lambda: data.finetune_split(opts.finetune_per_class))
+    ho = data.holdout_split(opts.eval_per_class)
+    if ho is not None:
+        wl.holdout = EvalData(name=ho.name, n=len(ho), description=ho.source, labelled=True,
+                              fingerprint=f"cifar10:{ho.name}:{len(ho)}", _split=ho)
     return wl
 
 
-def shard_batches(wl: Workload, reference: Optional[nn.Module], batch_size: int = _BATCH
+def shard_batches(wl: Workload, reference: Optional[nn.Module], batch_size: int = _BATCH,
+                  part: Optional[EvalData] = None
                   ) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray], Optional[List[np.ndarray]]]]:
-    """(data, labels, reference outputs) batches of the eval data for the agent's shards: ``reference`` (the dense
-    model) run here on exactly the samples shipped, every output in the ONNX export's order."""
-    assert wl.eval is not None
+    """(data, labels, reference outputs) batches of the eval data (or of ``part``: the hold-out) for the agent's
+    shards: ``reference`` (the dense model) run here on exactly the samples shipped, every output in the ONNX
+    export's order."""
+    ev = part if part is not None else wl.eval
+    assert ev is not None
     if reference is not None:
         reference.eval()
-    for batch, labels in wl.eval.batches(batch_size):
+    for batch, labels in ev.batches(batch_size):
         refs = None
         if reference is not None:
             with torch.no_grad():
-                refs = [t.detach().cpu().float().numpy() for t in flatten_outputs(reference(wl.eval.to_tensor(batch)))]
+                refs = [t.detach().cpu().float().numpy() for t in flatten_outputs(reference(ev.to_tensor(batch)))]
         yield batch, labels, refs
 
 

@@ -18,6 +18,7 @@ from edgeprune.errors import UsageError
 from host.cli.common import (MODEL_HELP, data_source_args, db_argument, model_source_args, open_recorder,
                              per_class, select_devices, source_kwargs)
 from host.fmt import NA
+from host.search.budget import BUDGET_DISTILL, DEFAULT_BUDGET_MINUTES
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -65,16 +66,19 @@ def register(sub: "argparse._SubParsersAction") -> None:
     sr.add_argument("--finetune-seconds", type=float, default=None,
                     help="wall-time cap per candidate's recovery (recalibration and fine-tune)")
     sr.add_argument("--distill", type=float, default=None, help="recovery: weight of distillation from the dense "
-                                                                "model, 0..1 (default 0)")
+                                                                "model, 0..1 (default 0.5 under a budget, else 0)")
     sr.add_argument("--eval-per-class", type=per_class, default=argparse.SUPPRESS,
                     help="eval images per class the agent scores (default 100: the shipped 1,000)")
     sr.add_argument("--probe-recovery", default=None, help="bisect: recovery of the candidates it searches with: "
-                                                           "full (default), short or none; then the chosen one again "
-                                                           "with full recovery")
+                                                           "short (default under a budget), none or full; then the "
+                                                           "chosen one again with full recovery")
     sr.add_argument("--budget-minutes", type=float, default=None, metavar="MIN",
-                    help="bisect: wall-time budget of the whole search: cheap probes for the first third, then the "
-                         "chosen candidate fully recovered in the time left (sets --probe-recovery short unless "
-                         "given)")
+                    help=f"bisect: wall-time budget of the whole search: cheap probes for the first third, then the "
+                         f"chosen candidate fully recovered in the time left (default {DEFAULT_BUDGET_MINUTES:g} "
+                         f"unless --finetune-epochs/-per-class/-seconds or --probe-recovery full is given; 0: no "
+                         f"budget)")
+    sr.add_argument("--no-holdout", action="store_true", default=None,
+                    help="do not re-check the chosen candidate on the test images it was not chosen on")
     sr.add_argument("--netadapt-max-proposals", type=int, default=None,
                     help="netadapt: proposals per iteration (default: one per group)")
     sr.add_argument("--cache-dir", type=Path, default=None, help="sensitivity and layer-latency tables "
@@ -90,7 +94,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 # options that define a search: given with --resume they would silently differ from the stored ones
 _SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop", "algo", "max_evals", "run_id",
                     "quick", "allocation", "importance", "prune_residual", "max_ratio", "probe_recovery",
-                    "finetune_epochs", "budget_minutes",
+                    "finetune_epochs", "budget_minutes", "no_holdout",
                     "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed",
                     "min_agreement", "min_snr_db", "model_arg", "weights", "trust_pickle", "input_size",
                     "input_shape", "ignore_layers", "data", "calib_data", "finetune_data", "resize", "center_crop",
@@ -126,10 +130,19 @@ def _search_options(args: argparse.Namespace) -> "object":
                       ("netadapt_max_proposals", "netadapt_max_proposals")):
         if getattr(args, arg) is not None:
             setattr(algo, name, getattr(args, arg))
-    if args.budget_minutes is not None:
-        opts.budget_minutes = args.budget_minutes
+    budget = args.budget_minutes
+    if budget is None and opts.algo == "bisect" and args.finetune_epochs is None and \
+            args.finetune_seconds is None and not hasattr(args, "finetune_per_class") and \
+            args.probe_recovery != "full":
+        budget = DEFAULT_BUDGET_MINUTES   # the default: a search that ends within its budget
+    if budget is not None and budget != 0:
+        opts.budget_minutes = budget
         if args.probe_recovery is None:
             algo.probe_recovery = "short"
+        if args.distill is None:   # the final's long recovery: distillation measured to recover more per minute
+            opts.recovery.distill = BUDGET_DISTILL
+    if args.no_holdout:
+        opts.holdout = False
     opts.algo_options = algo
     return opts.validate()
 
@@ -164,6 +177,57 @@ def _search_table(result: "object") -> Table:
             acc = "\n".join(parts) or NA
         table.add_row(r.device_id, r.targets, "\n".join(achieved) or NA, acc, evals, verdict)
     return table
+
+
+def _candidates_table(r: "object") -> Table:
+    """One device's candidates in evaluation order: the recovery each got, its wall time and images seen, and what
+    the device measured (on the selection split)."""
+    from host.fmt import fixed, pct
+
+    split = getattr(r, "selection_split", "") or "the eval split"
+    table = Table(title=f"{r.device_id}: candidates (measured on the device; chosen on {split})")  # type: ignore
+    for col in ("#", "candidate", "recovery", "recovery time", "images seen", "p50 ms", "top-1", "drop", ""):
+        table.add_column(col, justify="left" if col in ("candidate", "recovery", "") else "right")
+    pick = (r.chosen or r.closest or {}).get("key")  # type: ignore[attr-defined]
+    for i, row in enumerate(r.rows, 1):  # type: ignore[attr-defined]
+        dense = not row.get("pruned_fraction") and row.get("recovery") == "none" and not row.get("ratio")
+        what = "dense" if dense else f"ratio {fixed(row.get('ratio'))}"
+        secs = row.get("recovery_s")
+        seen = row.get("images_seen")
+        drop = row.get("drop_pp")
+        mark = ("chosen" if r.chosen else "closest") if row.get("key") == pick else ""  # type: ignore[attr-defined]
+        prec = row.get("recovery_precision")
+        rec = "—" if dense else str(row.get("recovery")) + (f", {prec}" if prec else "")
+        table.add_row(str(i), what, rec,
+                      (f"{secs:.0f} s" if secs < 90 else f"{secs / 60:.1f} min") if isinstance(secs, (int, float))
+                      else NA,
+                      f"{int(seen):,}" if isinstance(seen, (int, float)) else NA,
+                      fixed(row.get("latency_p50_ms")), pct(row.get("top1")),
+                      f"{drop:.2f} pp" if isinstance(drop, (int, float)) else NA, mark)
+    return table
+
+
+def _holdout_line(r: "object") -> str:
+    """The pick's re-check on the hold-out split, as one line."""
+    ho = getattr(r, "holdout", None) or {}
+    dev = r.device_id  # type: ignore[attr-defined]
+    if not ho:
+        return ""
+    if ho.get("error"):
+        return f"{dev}: hold-out re-check ({ho.get('split')}) failed: {ho['error']}"
+    if not ho.get("split"):
+        return f"{dev}: {ho.get('reason', 'no hold-out')}"
+    line = f"{dev}: re-checked on {ho['split']} (not chosen on)"
+    if ho.get("top1") is not None:
+        line += f": top-1 {ho['top1']:.2%}"
+    if ho.get("drop_pp") is not None:
+        line += f", drop {ho['drop_pp']:.2f} pp"
+        if ho.get("meets_accuracy") is False and getattr(r, "verdict", "") == "met":
+            line += " — OVER the accuracy bound here: the split it was chosen on flattered it"
+    if ho.get("test_top1") is not None:
+        line += (f"; whole test set ({ho['test_images']:,} images): top-1 {ho['test_top1']:.2%}, drop "
+                 f"{ho['test_drop_pp']:.2f} pp")
+    return line
 
 
 def main_search(args: argparse.Namespace, console: Console) -> int:
@@ -237,6 +301,9 @@ def main_search(args: argparse.Namespace, console: Console) -> int:
             console.print(f"search interrupted; completed evaluations are in {folder / search.EVALUATIONS}; "
                           f"continue with: {resume_hint}")
             raise
+    for r in result.devices:
+        if r.rows:
+            console.print(_candidates_table(r))
     console.print(_search_table(result))
     if any(r.accuracy_metric != "top1" for r in result.devices):
         console.print("accuracy: top-1 agreement (and SNR) with the dense model's outputs, measured by the agent on "
@@ -246,6 +313,8 @@ def main_search(args: argparse.Namespace, console: Console) -> int:
         if r.folder:
             line += f" → {folder / r.folder}"
         console.print(line, highlight=False)
+        if _holdout_line(r):
+            console.print(_holdout_line(r), highlight=False)
     if any((r.chosen or r.closest or {}).get("power_source") == "model" for r in result.devices):
         console.print("* power and energy of some devices are MODELLED (no power sensor there), not measured.")
     console.print(f"wrote {folder / 'summary.csv'}, per-device pareto.csv/json and {folder / search.EVALUATIONS}")

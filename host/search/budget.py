@@ -7,7 +7,8 @@ With a budget of *B* minutes (bisect; its probes use a cheap recovery, ``--probe
   table, the eval shards and the dense measurement count: the clock starts with ``start()``/``resume()``). A probe due later is not built; the algorithm
   is told the probe time is spent (:attr:`DeviceMeasurement.skipped`) and goes on to its final candidate.
 * **The final candidate** (the chosen one, rebuilt with the full recovery) gets what is left, less a reserve for
-  its export and device measurement (1.5 × the slowest device round so far, at least :data:`MIN_RESERVE_S`) and a
+  its export and device measurement and the hold-out re-check after it (1.5 × the slowest device round so far, per
+  job, at least :data:`MIN_RESERVE_S`) and a
   margin of :data:`MARGIN_SHARE` of *B*, divided among the devices still waiting for their final (their
   recoveries run one after another on this host); never less than :data:`MIN_FINAL_S`. Its fine-tune runs over the whole
   fine-tune split (``finetune_per_class`` all) for as many epochs as fit at the throughput the probes' own
@@ -40,6 +41,8 @@ from host.files import write_text_atomic
 from host.search.options import RecoveryOptions
 
 BUDGET_FILE = "budget.json"
+DEFAULT_BUDGET_MINUTES = 40.0   # edgeprune search's default (bisect): a ResNet-56 search within 45 min on 2 cores
+BUDGET_DISTILL = 0.5            # the CLI's --distill under a budget (bench/recovery.py's budget runs used it)
 PROBE_SHARE = 0.35        # probes may start until this share of the budget
 MARGIN_SHARE = 0.05       # kept free at the end
 MIN_RESERVE_S = 120.0     # the final's export + device measurement, before any was timed
@@ -57,7 +60,7 @@ class SearchBudget:
     tests."""
 
     def __init__(self, folder: Path, minutes: float, clock: Callable[[], float] = time.monotonic,
-                 t0: Optional[float] = None) -> None:
+                 t0: Optional[float] = None, later_jobs: int = 0) -> None:
         if not minutes > 0:
             raise UsageError(f"--budget-minutes: must be > 0, got {minutes}")
         self.path = Path(folder) / BUDGET_FILE
@@ -67,6 +70,7 @@ class SearchBudget:
         self.finals: Dict[str, Dict[str, Any]] = {}
         self.skipped: List[str] = []
         self.round_overhead_s = 0.0
+        self.later_jobs = int(later_jobs)   # device jobs after the final's (the hold-out re-check)
         if self.path.is_file():
             try:
                 doc = json.loads(self.path.read_text())
@@ -92,7 +96,7 @@ class SearchBudget:
         return self.elapsed() < PROBE_SHARE * self.total_s
 
     def reserve_s(self) -> float:
-        return max(MIN_RESERVE_S, 1.5 * self.round_overhead_s)
+        return max(MIN_RESERVE_S, 1.5 * self.round_overhead_s * (1 + self.later_jobs))
 
     def note_round(self, wall_s: float, recovery_s: float) -> None:
         """A device round took ``wall_s``, ``recovery_s`` of it recovering: the rest is export + measurement."""

@@ -113,7 +113,8 @@ class SearchData:
         self._calib_done = False
         self._ft: Dict[Optional[int], Optional["Split"]] = {}
         self._ref: Dict[int, List[Any]] = {}
-        self.shards, self.eval_sha = self._eval_shards()
+        self.shards, self.eval_sha = self._write_shards(wl.eval, "eval")
+        self._holdout: Optional[Tuple[List["ShardInfo"], str]] = None
 
     # -- eval shards
     @property
@@ -129,14 +130,28 @@ class SearchData:
         """What the host-side score is: ``top1`` (labelled eval data) or ``agreement`` with the dense model."""
         return "top1" if self.labelled else "agreement"
 
-    def _eval_shards(self) -> Tuple[List["ShardInfo"], str]:
+    @property
+    def holdout_name(self) -> Optional[str]:
+        """The hold-out split's name and size for reports (``holdout, 9000 images``), None without one."""
+        ho = self.wl.holdout
+        return None if ho is None else f"{ho.name}, {ho.n} images"
+
+    def holdout_shards(self) -> Optional[Tuple[List["ShardInfo"], str]]:
+        """The hold-out's shards (test images the eval split leaves out; written on first use, under
+        ``work/holdout/``) and their sha256; None when the workload has no hold-out."""
+        if self.wl.holdout is None:
+            return None
+        if self._holdout is None:
+            self._holdout = self._write_shards(self.wl.holdout, "holdout")
+        return self._holdout
+
+    def _write_shards(self, ev: Any, where: str) -> Tuple[List["ShardInfo"], str]:
         from edgeprune import export, models, shards
         from edgeprune.workload import shard_batches
 
-        ev = self.wl.eval
         if ev is None:
             return [], ""
-        folder = self.work / "eval"
+        folder = self.work / where
         index = folder / SHARDS_FILE
         want = {"fingerprint": ev.fingerprint, "n": ev.n, "input_shape": list(self.wl.input_shape),
                 "references": True, "v": 1}
@@ -148,10 +163,10 @@ class SearchData:
                     return got, str(doc["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.emit("stage", "", f"writing the eval shards ({ev.n} images, with the dense model's outputs)")
+        self.emit("stage", "", f"writing the {where} shards ({ev.n} images, with the dense model's outputs)")
         for old in folder.glob("*.npz"):
             old.unlink()
-        written = shards.write_shards(shard_batches(self.wl, self.dense), folder,
+        written = shards.write_shards(shard_batches(self.wl, self.dense, part=ev), folder,
                                       prefix=f"{ev.name}-{ev.n}")
         sha = written[0].sha256 if len(written) == 1 else export.sha256_text(",".join(s.sha256 for s in written))
         from host.files import write_text_atomic

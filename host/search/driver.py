@@ -24,6 +24,7 @@ from host.fleet.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, im
 from host.search.algos import get_algorithm
 from host.search.algos.base import DeviceContext, DeviceEval, DeviceMeasurement, HostEval, LayerLatency, ModelSpace
 from host.search.budget import PROBE_SHARE, SearchBudget, probe_rates
+from host.search import holdout
 from host.search.evaluator import Evaluator, Request
 from host.search.options import (EVALUATIONS, RECORD_VERSION, ROW_METRICS, RUN_FILE, Events, Profile, SearchOptions,
                                  candidate_key, profile_for)
@@ -71,7 +72,9 @@ class Search:
         self._lut_lock = threading.Lock()
         self.budget: Optional[SearchBudget] = None
         if opts.budget_minutes is not None:
-            self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic, t0=started)
+            self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic, t0=started,
+                                       later_jobs=2 if opts.holdout and getattr(evaluator, "holdout_name", None)
+                                       else 0)
 
     # -- the results store (the run folder's evaluations.jsonl stays the search's own record for --resume)
     def _record(self, rec: Mapping[str, Any]) -> None:
@@ -129,6 +132,7 @@ class Search:
             if self.budget is not None:
                 self.budget.stop_saving()
         results = [self._conclude(d) for d in devs]
+        holdout.recheck(self, devs, results)
         res = SearchResult(self.run_id, self.out, self.opts.algo, results, time.monotonic() - t0)
         self._write_outputs(res)
         return res
@@ -348,7 +352,8 @@ class Search:
                 closest = min(rows, key=lambda r: (r["resource_violation"], r["violation"], -quality(r, metric)))
         return DeviceResult(d.dev.id, verdict, d.reason, describe(d.targets, bounds),
                             bounds.to_dict() if bounds else None, chosen, closest, len(d.records), d.new_evals,
-                            d.host_evals, d.lut_jobs, rows, round_to=d.profile.round_to, accuracy_metric=metric)
+                            d.host_evals, d.lut_jobs, rows, round_to=d.profile.round_to, accuracy_metric=metric,
+                            selection_split=str(getattr(self.evaluator, "selection_split", "") or ""))
 
     def _row(self, rec: Dict[str, Any], bounds: Optional[Bounds]) -> Dict[str, Any]:
         cand = rec["candidate"]
@@ -422,5 +427,5 @@ class Search:
             "macs": rec["macs"], "metrics": rec["metrics"], "plan_sha256": rec.get("plan_sha256"),
             "artifact_sha256": rec.get("artifact_sha256"), "targets": r.targets, "bounds": r.bounds,
             "round_to": r.round_to, "layer_ratios": self.space.layer_ratios(rec["candidate"]["kept"], r.round_to),
-            "accuracy_metric": r.accuracy_metric,
+            "accuracy_metric": r.accuracy_metric, "selection_split": r.selection_split, "holdout": r.holdout,
         }, indent=1, sort_keys=True))

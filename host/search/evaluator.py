@@ -42,6 +42,7 @@ class Request:
     key: str
     recovery: Optional[RecoveryOptions] = None   # replaces the candidate level's (a budget's final recovery)
     max_seconds: Optional[float] = None          # the recovery's hard stop now (a budget's time left; not keyed)
+    split: str = "eval"                          # "holdout": scored on the test images the search did not choose on
 
 
 DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]
@@ -111,6 +112,17 @@ class FleetEvaluator:
         return self.data.calib()
 
     # -- building
+    @property
+    def selection_split(self) -> str:
+        """The split candidates are compared and chosen on (``eval, 1000 images``)."""
+        ev = self.workload.eval
+        return "" if ev is None else f"{ev.name}, {ev.n} images"
+
+    @property
+    def holdout_name(self) -> Optional[str]:
+        """The hold-out split as reports name it (``holdout, 9000 images``); None without one."""
+        return self.data.holdout_name
+
     def finetune_size(self, per_class: Optional[int] = None) -> int:
         """Images in the fine-tune split at ``per_class`` (None: all); 0 without fine-tune data."""
         if not self.workload.has_finetune_data:
@@ -236,9 +248,14 @@ class FleetEvaluator:
                 info = built[req.key]
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])
-                job = build_job(req.device, f"{self.run_id}-{req.key[:12]}", folder / info["artifact"], man,
-                                self.shards or None, "", self.eval_name, quick=self.opts.quick,
-                                seed=self.opts.seed)
+                shards, split_name, tag = self.shards, self.eval_name, req.key[:12]
+                if req.split == "holdout":
+                    held = self.data.holdout_shards()
+                    if held is None:
+                        raise DeviceError("no hold-out data: the eval split is all the test data there is")
+                    shards, split_name, tag = held[0], "holdout", f"{tag}-holdout"
+                job = build_job(req.device, f"{self.run_id}-{tag}", folder / info["artifact"], man,
+                                shards or None, "", split_name, quick=self.opts.quick, seed=self.opts.seed)
                 runnable.append((req, info, job))
             except (PruneError, ExportError, DeviceError) as e:
                 done(req, DeviceMeasurement(False, error=f"{type(e).__name__}: {e}"), {})

@@ -90,6 +90,7 @@ class SearchOptions:
     cache_dir: Optional[str] = None             # default results/search/cache
     algo_options: AlgoOptions = field(default_factory=AlgoOptions)
     budget_minutes: Optional[float] = None      # wall-time budget of the whole search (host.search.budget)
+    holdout: bool = True                        # re-check the pick on test images it was not chosen on
     # model source (edgeprune.sources) and data (edgeprune.workload): see host.search.data
     model_args: Dict[str, Any] = field(default_factory=dict)
     weights: Optional[str] = None
@@ -129,7 +130,8 @@ class SearchOptions:
         self.algo_options.validate()
         if self.budget_minutes is not None:
             if not self.budget_minutes > 0:
-                raise UsageError(f"--budget-minutes: must be > 0, got {self.budget_minutes}")
+                raise UsageError(f"--budget-minutes: must be > 0 (0 on the command line: no budget), got "
+                                 f"{self.budget_minutes}")
             if self.algo != "bisect":
                 raise UsageError("--budget-minutes: only with --algo bisect (netadapt recovers every device "
                                  "evaluation fully and has no single final recovery to give the time left)")

@@ -35,6 +35,8 @@ class DeviceResult:
     folder: Optional[str] = None      # chosen/ or closest/, relative to the run folder
     round_to: int = 1
     accuracy_metric: str = "top1"     # what candidates were ranked by: top1, agreement (unlabelled data) or snr_db
+    selection_split: str = ""         # the split candidates were compared and chosen on (name, images)
+    holdout: Optional[Dict[str, Any]] = None   # the pick re-checked on the hold-out split (host.search.holdout)
 
 
 @dataclass
@@ -55,7 +57,8 @@ PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "recovery_s", "
                   "meets", "meets_resources", "violation", "resource_violation", "front_latency", "front_energy",
                   "note", "artifact_sha256"]
 SUMMARY_COLUMNS = ["device", "verdict", "targets", "latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w",
-                   "top1", "agreement", "snr_db", "drop_pp", "accuracy_metric", "device_evals", "host_evals",
+                   "top1", "agreement", "snr_db", "drop_pp", "accuracy_metric", "selection_split", "holdout_split",
+                   "holdout_top1", "holdout_drop_pp", "test_top1", "test_drop_pp", "device_evals", "host_evals",
                    "lut_jobs", "folder", "reason"]
 
 
@@ -103,7 +106,9 @@ def summary_row(r: DeviceResult) -> Dict[str, Any]:
     return {"device": r.device_id, "verdict": r.verdict, "targets": r.targets,
             **{k: pick.get(k) for k in ("latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w", "top1",
                                         "agreement", "snr_db", "drop_pp")},
-            "accuracy_metric": r.accuracy_metric,
+            "accuracy_metric": r.accuracy_metric, "selection_split": r.selection_split,
+            **{f"holdout_{k}": (r.holdout or {}).get(k) for k in ("split", "top1", "drop_pp")},
+            **{k: (r.holdout or {}).get(k) for k in ("test_top1", "test_drop_pp")},
             "device_evals": r.device_evals, "host_evals": r.host_evals, "lut_jobs": r.lut_jobs,
             "folder": r.folder or "", "reason": r.reason}
 
@@ -168,6 +173,7 @@ def result_document(res: SearchResult) -> Dict[str, Any]:
                     "meets": bool(pick.get("meets")), "meets_resources": bool(pick.get("meets_resources"))}
         devices.append({"device": r.device_id, "verdict": r.verdict, "targets_met": r.verdict == "met",
                         "targets": r.targets, "bounds": r.bounds, "accuracy_metric": r.accuracy_metric,
+                        "selection_split": r.selection_split, "holdout": r.holdout,
                         "reason": r.reason, "device_evals": r.device_evals, "host_evals": r.host_evals,
                         "candidate_kind": "chosen" if r.chosen else "closest" if r.closest else None,
                         "candidate": cand})
