@@ -64,7 +64,7 @@ def search(*args, capsys):
     (["--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "1", "--max-evals", "0"],
      "--max-evals: must be >= 1"),
     (["--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "1", "--allocation", "x"],
-     "--allocation: 'sensitivity' or 'uniform'"),
+     "--allocation: one of sensitivity, latency, uniform"),
     (["--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "1", "--run-id", "a b"],
      "--run-id: 'a b' must match"),
     (["--resume", "r1", "--target", "latency_p50_ms=1"], "--resume: continues with the run's stored options; drop "

@@ -53,8 +53,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
                     help="continue this run with its stored options (give --out too if it was given)")
     db_argument(sr)
     sr.add_argument("--quick", action="store_true", default=None, help="short timing windows on the devices")
-    sr.add_argument("--allocation", default=None, help="global ratio -> per-group ratios: sensitivity (default) or "
-                                                       "uniform")
+    sr.add_argument("--allocation", default=None, help="global ratio -> per-group ratios: sensitivity (default), "
+                                                       "latency (bisect: latency measured per layer on the device, "
+                                                       "per accuracy lost) or uniform")
     sr.add_argument("--importance", default=None, help="channel importance: l1 (default), l2, bn_scale, taylor")
     sr.add_argument("--prune-residual", action="store_true", default=None,
                     help="option-A ResNets: also prune each stage's residual stream")

@@ -16,16 +16,13 @@ its eval data is all the search is given (the result says so). ``--no-holdout`` 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from host.search.algos.base import Candidate, DeviceMeasurement
 from host.search.evaluator import Request
 from host.search.options import RECORD_VERSION, RecoveryOptions
+from host.search.outcome import DeviceResult
 from host.search.state import now
-
-if TYPE_CHECKING:  # pragma: no cover
-    from host.search.driver import Search, _Dev
-    from host.search.outcome import DeviceResult
 
 KIND = "holdout"
 
@@ -36,7 +33,7 @@ def _candidate(rec: Dict[str, Any]) -> Candidate:
                      float(c.get("ratio") or 0.0), c.get("note") or "")
 
 
-def _final_recovery(search: "Search", device_id: str, rec: Dict[str, Any]) -> Optional[RecoveryOptions]:
+def _final_recovery(search: Any, device_id: str, rec: Dict[str, Any]) -> Optional[RecoveryOptions]:
     """The sized recovery a budget's final was built with (only needed if its artifact must be rebuilt)."""
     if search.budget is None or not rec["candidate"].get("kept") or rec["candidate"].get("recovery") != "full":
         return None
@@ -45,9 +42,10 @@ def _final_recovery(search: "Search", device_id: str, rec: Dict[str, Any]) -> Op
     return RecoveryOptions(**doc) if doc else None
 
 
-def recheck(search: "Search", devs: Sequence["_Dev"], results: Sequence["DeviceResult"]) -> None:
+def recheck(search: Any, devs: Sequence[Any], results: Sequence[DeviceResult]) -> None:
     """Measure each device's pick and its dense model on the hold-out split (or serve them from the log) and put
-    the figures into ``results[i].holdout``."""
+    the figures into ``results[i].holdout``; ``search`` is the :class:`host.search.driver.Search`, ``devs`` its
+    per-device states."""
     name = getattr(search.evaluator, "holdout_name", None)
     if not search.opts.holdout:
         return

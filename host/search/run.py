@@ -175,7 +175,7 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
         keep = loaded.ignored_modules()
         sens = None
         ao = opts.algo_options
-        if (opts.algo == "bisect" and ao.allocation == "sensitivity") or \
+        if (opts.algo == "bisect" and ao.allocation in ("sensitivity", "latency")) or \
                 (opts.algo == "netadapt" and ao.netadapt_max_proposals is not None):
             sens = sensitivity_table(model, name, meta, opts, emit, workload=wl, extra_ignored=keep)
         if space is None:

@@ -24,7 +24,9 @@ Algorithms
     points that bracket it, or an extrapolation from the lowest measured point (slope from the two lowest, or a
     prior "fixed share + MACs-proportional share" model after the dense measurement alone). The global ratio
     becomes per-group ratios by sensitivity (:func:`allocate`: less sensitive groups lose more, the
-    channel-weighted mean stays the requested ratio). It stops when a resource-feasible candidate is within
+    channel-weighted mean stays the requested ratio), or with ``allocation="latency"`` by measured latency bought
+    per accuracy lost: the device's layer-latency table (as netadapt's, :mod:`host.search.algos.latency`) gives
+    each group's latency saved per channel removed, divided by its sensitivity. It stops when a resource-feasible candidate is within
     ``slack_tol`` of the binding bound, when the bracket is narrower than ``ratio_tol``, when no untested
     candidate lies between the bracket ends (channel alignment makes neighbouring ratios identical), when the
     next step would lower the best ratio by less than ``ratio_tol``, at the maximum ratio, or at ``max_evals``.
@@ -47,7 +49,8 @@ Layout
 The shared types (:class:`ModelSpace`, :class:`Candidate`, the work items, :class:`AlgoOptions`,
 :class:`DeviceContext`, :class:`SearchAlgorithm`) live in :mod:`host.search.algos.base` and are re-exported here;
 each algorithm is one module beside it, named in :data:`ALGORITHMS` and imported only when asked for
-(:func:`get_algorithm`). Adding an algorithm: a module with a :class:`SearchAlgorithm` subclass (importing from
+(:func:`get_algorithm`); the layer-latency tables both use are in :mod:`host.search.algos.latency`. Adding an
+algorithm: a module with a :class:`SearchAlgorithm` subclass (importing from
 ``base``, never from this package) and one line in :data:`ALGORITHMS`.
 """
 from __future__ import annotations

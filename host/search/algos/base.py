@@ -158,14 +158,18 @@ class ModelSpace:
 
 
 def allocate(space: ModelSpace, ratio: float, *, cap: float = 0.9, sensitivity: bool = True,
-             alpha: float = 0.5, floor_pp: float = 0.5) -> Dict[str, float]:
+             alpha: float = 0.5, floor_pp: float = 0.5, gain: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
     """Per-group ratios for a global ``ratio``: their channel-weighted mean is ``ratio`` (before rounding to the
     device's alignment), each at most ``cap``.
 
     With ``sensitivity`` and every group's ``sensitivity_pp`` known, group *g* gets ``c * w_g`` (capped) with
     ``w_g = ((median + floor) / (s_g + floor)) ** alpha``: a group whose accuracy drops less when pruned alone
     loses more channels; ``floor`` (pp) keeps groups whose measured drop is ~0 (within noise) from taking
-    everything. Otherwise every group gets ``ratio`` (uniform)."""
+    everything. With ``gain`` (per group, the device's measured latency saved per channel removed:
+    :func:`host.search.algos.latency.group_gains`) the weight is ``((gain_g / (s_g + floor)) / median) ** alpha``:
+    latency bought per accuracy lost, the ratio a Lagrangian allocation of a quadratic accuracy cost against a
+    linear latency gain gives (``alpha`` < 1 damps noisy estimates); without sensitivities, the gain alone.
+    Otherwise every group gets ``ratio`` (uniform)."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"ratio: must be in [0, 1), got {ratio}")
     ratio = min(ratio, cap)
@@ -173,11 +177,23 @@ def allocate(space: ModelSpace, ratio: float, *, cap: float = 0.9, sensitivity: 
     sens = [g.sensitivity_pp for g in groups]
     if ratio <= 0 or not groups:
         return {g.name: 0.0 for g in groups}
-    if not sensitivity or any(s is None for s in sens):
+    known = sensitivity and not any(s is None for s in sens)
+    if gain is not None and all(g.name in gain for g in groups):
+        merit = [float(gain[g.name]) / ((max(0.0, float(x)) if known else 0.0) + floor_pp)  # type: ignore[arg-type]
+                 for g, x in zip(groups, sens)]
+        mid = sorted(merit)[len(merit) // 2]
+        w = [(m / mid) ** alpha if mid > 0 else 1.0 for m in merit]
+        return _scaled(groups, w, ratio, cap)
+    if not known:
         return {g.name: ratio for g in groups}
     s = [max(0.0, float(x)) for x in sens]  # type: ignore[arg-type]
     med = sorted(s)[len(s) // 2]
     w = [((med + floor_pp) / (x + floor_pp)) ** alpha for x in s]
+    return _scaled(groups, w, ratio, cap)
+
+
+def _scaled(groups: List[Group], w: List[float], ratio: float, cap: float) -> Dict[str, float]:
+    """``min(cap, c * w_g)`` per group, ``c`` such that the channel-weighted mean is ``ratio``."""
     n = [g.channels for g in groups]
     total = float(sum(n))
 
@@ -197,6 +213,7 @@ def allocate(space: ModelSpace, ratio: float, *, cap: float = 0.9, sensitivity: 
 # ------------------------------------------------------------------------------------------ candidates, work
 
 RECOVERY_LEVELS = ("none", "short", "full")
+ALLOCATIONS = ("sensitivity", "latency", "uniform")
 
 
 @dataclass(frozen=True)
@@ -261,7 +278,7 @@ class DeviceMeasurement:
 @dataclass
 class AlgoOptions:
     max_ratio: float = 0.9              # no group loses more than this fraction of its channels
-    allocation: str = "sensitivity"     # "sensitivity" | "uniform"
+    allocation: str = "sensitivity"     # "sensitivity" | "latency" (bisect) | "uniform"
     alpha: float = 0.5                  # strength of the sensitivity weighting
     aim_margin: float = 0.03            # aim this far inside a bound (measurements are noisy)
     slack_tol: float = 0.05             # stop when the binding metric is within this of its bound
@@ -282,8 +299,8 @@ class AlgoOptions:
             raise UsageError(f"--max-ratio: must be in (0, 1), got {self.max_ratio}")
         if self.probe_recovery not in RECOVERY_LEVELS:
             raise UsageError(f"--probe-recovery: one of {', '.join(RECOVERY_LEVELS)}, got {self.probe_recovery!r}")
-        if self.allocation not in ("sensitivity", "uniform"):
-            raise UsageError(f"--allocation: 'sensitivity' or 'uniform', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation: one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not 0.0 < self.netadapt_decay < 1.0:
             raise UsageError(f"--netadapt-decay: must be in (0, 1), got {self.netadapt_decay}")
         if self.netadapt_iterations < 1:
@@ -310,13 +327,15 @@ class DeviceContext:
     options: AlgoOptions = field(default_factory=AlgoOptions)
     impossible: Callable[[Bounds], Optional[str]] = lambda bounds: None
     evals: int = 0
+    gain: Optional[Dict[str, float]] = None   # ms saved per channel per group, from the device's layer table
 
     def dense(self) -> Candidate:
         return Candidate((), "none", 0.0, "dense")
 
     def layer_ratios(self, ratio: float) -> Dict[str, float]:
         o = self.options
-        return allocate(self.space, ratio, cap=o.max_ratio, sensitivity=o.allocation == "sensitivity", alpha=o.alpha)
+        return allocate(self.space, ratio, cap=o.max_ratio, sensitivity=o.allocation != "uniform", alpha=o.alpha,
+                        gain=self.gain if o.allocation == "latency" else None)
 
     def candidate(self, ratio: float, recovery: str = "full") -> Candidate:
         kept = self.space.kept_for(self.layer_ratios(ratio), self.round_to)

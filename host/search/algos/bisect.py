@@ -4,7 +4,9 @@ Per resource target it fits a monotone (isotonic) model of the measured metric a
 and steps to where the fit crosses the bound: a secant between the measured points that bracket it, or an
 extrapolation from the lowest measured point (slope from the two lowest, or a prior "fixed share +
 MACs-proportional share" model after the dense measurement alone). The global ratio becomes per-group ratios by
-sensitivity (:func:`host.search.algos.base.allocate`). Stopping rules, step limits and cheap probes
+sensitivity (:func:`host.search.algos.base.allocate`), or, with ``allocation="latency"``, by the latency each group
+buys per accuracy lost (the device's layer-latency table, measured once after the dense model:
+:func:`host.search.algos.latency.group_gains`). Stopping rules, step limits and cheap probes
 (``probe_recovery``): see :mod:`host.search.algos`. Plain arithmetic over the shared types of
 :mod:`host.search.algos.base`; no torch, no files, no devices.
 """
@@ -15,7 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Generator, List, Mapping, Optional, Sequence, Tuple
 
 from host.fleet.targets import METRICS, Bounds
-from host.search.algos.base import Candidate, DeviceContext, DeviceEval, SearchAlgorithm, Work
+from host.search.algos.base import Candidate, DeviceContext, DeviceEval, LayerLatency, SearchAlgorithm, Work
+from host.search.algos.latency import LutEstimator, group_gains, lut_configs
 
 # ------------------------------------------------------------------------------------------ fitting helpers
 
@@ -105,6 +108,11 @@ class Bisect(SearchAlgorithm):
         dense, bounds, stop = yield from self._dense(ctx)
         if stop or bounds is None or dense is None:
             return stop
+        if o.allocation == "latency":   # the device's layer table: each group's latency saved per channel removed
+            lut = yield LayerLatency(lut_configs(ctx.space, ctx.round_to, o.netadapt_levels, o.max_ratio))
+            est = LutEstimator(ctx.space, lut, dense.metrics.get("latency_p50_ms", 1.0), ctx.round_to,
+                               o.netadapt_levels, o.max_ratio)
+            ctx.gain = group_gains(ctx.space, est, ctx.round_to, o.netadapt_levels, o.max_ratio)
         pts = [Point(ctx.dense(), ctx.space.dense_macs, dense.metrics, False)]
         # cheap probes leave one evaluation for the chosen one, fully recovered
         reserve = 0 if o.probe_recovery == "full" else 1
