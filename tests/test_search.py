@@ -545,7 +545,13 @@ def test_bisect_end_to_end_on_the_local_device(tmp_path):
     assert rep.timing.latency_ms.median == pytest.approx(r.chosen["latency_p50_ms"])
     assert rep.accuracy.n == 200 and rep.timing.latency_ms.median <= r.bounds["limits"]["latency_p50_ms"]
     lines = [json.loads(x) for x in (tmp_path / "out" / so.EVALUATIONS).read_text().splitlines()]
-    assert len(lines) == r.device_evals and all(x["artifact_sha256"] and x["report"]["status"] == "ok" for x in lines)
+    evals = [x for x in lines if x["kind"] == "device"]
+    assert len(evals) == r.device_evals and all(x["artifact_sha256"] and x["report"]["status"] == "ok" for x in evals)
+    # the pick and dense re-checked by the agent on the 9,800 test images the search did not choose on
+    held = [x for x in lines if x["kind"] == "holdout"]
+    assert sorted(x["key"] for x in held) == sorted({evals[0]["key"], r.chosen["key"]})
+    assert all(x["accuracy"]["n"] == 9800 and x["accuracy"]["split"] == "holdout" for x in held)
+    assert r.holdout["images"] == 9800 and r.holdout["test_images"] == 10_000   # eval: 20 per class here
     assert any(e[0] == "result" for e in events)
     # each pruned candidate's recovery is reported: wall time, images seen, precision
     pruned = [row for row in r.rows if row["recovery"] != "none"]
