@@ -187,10 +187,15 @@ def _candidates_table(r: "object") -> Table:
 
     split = getattr(r, "selection_split", "") or "the eval split"
     table = Table(title=f"{r.device_id}: candidates (measured on the device; chosen on {split})")  # type: ignore
-    for col in ("#", "candidate", "recovery", "recovery time", "images seen", "p50 ms", "top-1", "drop", ""):
+    for col in ("#", "candidate", "recovery", "recovery time", "images seen", "p50 ms", "× dense", "top-1", "drop",
+                ""):
         table.add_column(col, justify="left" if col in ("candidate", "recovery", "") else "right")
     pick = (r.chosen or r.closest or {}).get("key")  # type: ignore[attr-defined]
+    first = (r.rows[0] if r.rows else {}).get("latency_p50_ms")  # type: ignore[attr-defined]
     for i, row in enumerate(r.rows, 1):  # type: ignore[attr-defined]
+        beside = row.get("dense_p50_beside_ms") or first   # relative targets: dense measured right after it
+        p50 = row.get("latency_p50_ms")
+        speed = f"{p50 / beside:.3f}" if isinstance(p50, (int, float)) and beside else NA
         dense = not row.get("pruned_fraction") and row.get("recovery") == "none" and not row.get("ratio")
         what = "dense" if dense else f"ratio {fixed(row.get('ratio'))}"
         secs = row.get("recovery_s")
@@ -203,7 +208,7 @@ def _candidates_table(r: "object") -> Table:
                       (f"{secs:.0f} s" if secs < 90 else f"{secs / 60:.1f} min") if isinstance(secs, (int, float))
                       else NA,
                       f"{int(seen):,}" if isinstance(seen, (int, float)) else NA,
-                      fixed(row.get("latency_p50_ms")), pct(row.get("top1")),
+                      fixed(p50), speed, pct(row.get("top1")),
                       f"{drop:.2f} pp" if isinstance(drop, (int, float)) else NA, mark)
     return table
 

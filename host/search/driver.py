@@ -13,7 +13,7 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
@@ -32,6 +32,24 @@ from host.search.outcome import (PARETO_COLUMNS, SUMMARY_COLUMNS, DeviceResult, 
                                  finite, mark_fronts, measurement_of, metrics_text, quality, result_dict,
                                  summary_row, to_csv)
 from host.search.state import EvaluationLog, now
+
+PAIRED = "paired"   # evaluations.jsonl records: the dense model measured right after a candidate (its key)
+
+
+def paired_metrics(targets: TargetSet) -> List[str]:
+    """The resource metrics bounded relative to dense: measured again beside every candidate."""
+    return [t.metric for t in targets.targets.values() if t.relative and t.metric not in ACCURACY_METRICS]
+
+
+def corrected(metrics: Mapping[str, float], first: Mapping[str, float], beside: Mapping[str, float],
+              names: List[str]) -> Dict[str, float]:
+    """``metrics`` with each of ``names`` scaled by ``first / beside`` (the dense model's first measurement over the
+    one taken beside the candidate)."""
+    out = dict(metrics)
+    for k in names:
+        if k in out and first.get(k) and beside.get(k):
+            out[k] = out[k] * float(first[k]) / float(beside[k])
+    return out
 
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
@@ -292,10 +310,19 @@ class Search:
                 requests.append(Request(d.dev, d.profile, cand, key, recovery,
                                         self.budget.hard_stop(recovery) if recovery is not None and
                                         self.budget is not None else None))
+                if cand.kept and paired_metrics(d.targets):   # dense again, right after it on the same device
+                    dense = d.ctx.dense()
+                    requests.append(Request(d.dev, d.profile, dense, candidate_key(self.space, self.opts, d.profile,
+                                                                                   dense), pairs=key))
         by_id = {d.dev.id: d for d in devs}
 
         def done(req: Request, m: DeviceMeasurement, extra: Dict[str, Any]) -> None:
             d = by_id[req.device.id]
+            if req.pairs:   # the dense model re-measured beside a candidate: kept for that candidate's verdict
+                if m.ok:
+                    self.log.put({"v": RECORD_VERSION, "kind": PAIRED, "device": req.device.id, "key": req.pairs,
+                                  "at": now(), "t": round(time.time(), 3), "metrics": m.metrics})
+                return
             m.key = req.key
             if m.ok:
                 rec = {"v": RECORD_VERSION, "kind": "device", "device": req.device.id, "key": req.key, "at": now(),
@@ -322,12 +349,27 @@ class Search:
                     (r.get("recovery_result") or {}).get("seconds") or 0.0 for r in new))
         for d in devs:
             m = results.get(d.dev.id) or DeviceMeasurement(False, error="no result")
+            m = self._drift_corrected(d, m)
             if m.skipped:
                 self._advance(d, m)
                 continue
             d.ctx.evals += 1
             d.failed = d.failed or not m.ok
             self._advance(d, m)
+
+    # -- drift: relative targets judged against the dense model measured beside each candidate
+    def _dense_record(self, d: _Dev) -> Optional[Dict[str, Any]]:
+        return next((r for r in d.records if not r["candidate"]["kept"]), None)
+
+    def _drift_corrected(self, d: _Dev, m: DeviceMeasurement) -> DeviceMeasurement:
+        """What the algorithm sees: a candidate's relatively-bounded metrics in units of the *first* dense
+        measurement (× first dense / dense measured beside it), so a machine that slowed down or sped up between
+        them does not move the search (the log keeps the raw measurements)."""
+        first = self._dense_record(d)
+        paired = self.log.get(PAIRED, d.dev.id, m.key) if m.ok and m.key else None
+        if first is None or paired is None:
+            return m
+        return replace(m, metrics=corrected(m.metrics, first["metrics"], paired["metrics"], paired_metrics(d.targets)))
 
     # -- verdicts and output
     def _conclude(self, d: _Dev) -> DeviceResult:
@@ -339,7 +381,8 @@ class Search:
             except UsageError:
                 d.failed = True   # the reason says which metric the report lacks
         metric = d.targets.accuracy_metric
-        rows = [self._row(r, bounds) for r in d.records]
+        rows = [self._row(r, self._bounds_beside(d, r, bounds), self.log.get(PAIRED, d.dev.id, r["key"]))
+                for r in d.records]
         mark_fronts(rows, metric)
         chosen = closest = None
         meeting = [r for r in rows if r["meets"]]
@@ -355,7 +398,18 @@ class Search:
                             d.host_evals, d.lut_jobs, rows, round_to=d.profile.round_to, accuracy_metric=metric,
                             selection_split=str(getattr(self.evaluator, "selection_split", "") or ""))
 
-    def _row(self, rec: Dict[str, Any], bounds: Optional[Bounds]) -> Dict[str, Any]:
+    def _bounds_beside(self, d: _Dev, rec: Dict[str, Any], bounds: Optional[Bounds]) -> Optional[Bounds]:
+        """The candidate's bounds: relative ones resolved against the dense model measured beside it, when it was."""
+        paired = self.log.get(PAIRED, d.dev.id, rec["key"]) if bounds is not None else None
+        if paired is None:
+            return bounds
+        try:
+            return d.targets.resolve(paired["metrics"])
+        except UsageError:
+            return bounds
+
+    def _row(self, rec: Dict[str, Any], bounds: Optional[Bounds],
+             paired: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         cand = rec["candidate"]
         m = rec["metrics"]
         row: Dict[str, Any] = {"key": rec["key"], "ratio": round(float(cand["ratio"]), 4),
@@ -366,6 +420,7 @@ class Search:
         row.update(recovery_s=rr.get("seconds"), images_seen=rr.get("images_seen"),
                    recovery_precision=rr.get("precision"))
         row.update({k: m.get(k) for k in ROW_METRICS})
+        row["dense_p50_beside_ms"] = ((paired or {}).get("metrics") or {}).get("latency_p50_ms")
         power = (rec.get("report") or {}).get("power") or {}
         row["power_source"] = power.get("source") if isinstance(power, dict) else None
         if bounds is not None:

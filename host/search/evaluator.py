@@ -43,6 +43,7 @@ class Request:
     recovery: Optional[RecoveryOptions] = None   # replaces the candidate level's (a budget's final recovery)
     max_seconds: Optional[float] = None          # the recovery's hard stop now (a budget's time left; not keyed)
     split: str = "eval"                          # "holdout": scored on the test images the search did not choose on
+    pairs: str = ""                              # the dense model measured right after the candidate of this key
 
 
 DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]

@@ -53,7 +53,7 @@ class SearchResult:
 
 
 PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "recovery_s", "images_seen", "recovery_precision",
-                  "macs", *ROW_METRICS, "power_source", "drop_pp",
+                  "macs", *ROW_METRICS, "dense_p50_beside_ms", "power_source", "drop_pp",
                   "meets", "meets_resources", "violation", "resource_violation", "front_latency", "front_energy",
                   "note", "artifact_sha256"]
 SUMMARY_COLUMNS = ["device", "verdict", "targets", "latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w",
