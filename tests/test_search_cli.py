@@ -281,8 +281,10 @@ def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_r
     man = json.loads(Path(cand["manifest"]).read_text())
     assert man["input_shape"][1:] == [3, 64, 64]
     run = tmp_path / "results" / "search" / "u1"
-    lines = [json.loads(x) for x in (run / so.EVALUATIONS).read_text().splitlines()]
+    records = [json.loads(x) for x in (run / so.EVALUATIONS).read_text().splitlines()]
+    lines = [x for x in records if x["kind"] == "device"]    # besides: dense paired with each candidate
     assert 2 <= len(lines) <= 3
+    assert [x["kind"] for x in records].count("paired") == len(lines) - 1
     assert all(x["report"]["accuracy"]["agreement"] is not None and x["report"]["accuracy"]["top1"] is None
                for x in lines)
     assert lines[0]["metrics"]["agreement"] == 1.0    # dense against its own outputs
@@ -295,7 +297,7 @@ def test_user_model_unlabelled_data_min_agreement_on_the_local_device_json_and_r
     # --resume: the stored model source and data are reopened; everything is served from the store
     code2, out2, err2 = search("--resume", "u1", "--json", capsys=capsys)
     assert code2 in (0, 1) and "(from the store)" in err2, err2
-    assert len((run / so.EVALUATIONS).read_text().splitlines()) == len(lines)
+    assert len((run / so.EVALUATIONS).read_text().splitlines()) == len(records)
     doc2 = json.loads(out2)
     assert doc2["devices"][0]["candidate"]["key"] == cand["key"]
     _, opts, _, _ = sst.read_run(run)
