@@ -108,3 +108,35 @@ def test_demo_bad_arguments_exit_2_with_one_clear_message(tmp_path, args, match)
     assert r.returncode == 2, r.stdout + r.stderr
     assert match in " ".join(r.stderr.split())
     assert not (tmp_path / "o" / "summary.csv").exists()
+
+
+@pytest.mark.parametrize("runtime,fmt,suffix", [("openvino", "openvino", ".xml"), ("tflite", "tflite", ".tflite")])
+def test_demo_on_a_device_file_with_another_runtime_exports_what_it_loads(tmp_path, runtime, fmt, suffix):
+    """`class: local` with another runtime: the class's onnxruntime options are not inherited, the candidates are
+    exported in the format that runtime loads and measured by it; the title names the device and runtime."""
+    pytest.importorskip({"openvino": "openvino", "tflite": "litert_torch"}[runtime])
+    device = tmp_path / "ov.yaml"
+    device.write_text(f"id: cpu-{runtime}\nclass: local\nruntime: {{name: {runtime}}}\ncache_dir: {tmp_path / 'c'}\n")
+    out = tmp_path / "d"
+    r = edgeprune("demo", "--quick", "--ratios", "0,0.5", "--no-recovery", "--eval-per-class", "10", "--device",
+                  str(device), "--out", str(out), "--db", str(tmp_path / "s.db"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    title = " ".join(r.stdout.split())
+    assert f"on device 'cpu-{runtime}' ({runtime}, {fmt}, 1 thread(s))" in title, r.stdout
+    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [x["status"] for x in rows] == ["ok", "ok"] and int(rows[0]["eval_n"]) == 100
+    assert float(rows[0]["agreement"]) == 1.0          # the dense artifact agrees with torch's dense outputs
+    for tag in ("resnet20-r000", "resnet20-r050"):
+        assert (out / "artifacts" / f"{tag}{suffix}").is_file()
+        man = json.loads((out / "artifacts" / f"{tag}.{fmt}.manifest.json").read_text())
+        assert man["export_format"] == fmt
+        rep = schema.loads_report((out / "reports" / f"{tag}.json").read_text())
+        assert rep.identity.runtime == runtime
+
+
+def test_demo_refuses_a_runtime_precision_it_cannot_export_naming_the_file(tmp_path):
+    device = tmp_path / "odd.yaml"
+    device.write_text("id: odd\nclass: local\nprecisions: [int8]\n")
+    r = edgeprune("demo", "--device", str(device), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{device}: runtime onnxruntime with precision int8: no export format for it" in " ".join(r.stderr.split())

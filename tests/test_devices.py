@@ -195,3 +195,34 @@ def test_class_targets_merge_per_metric_under_the_device(tmp_path):
                                           r"'broken'\)"):
         load("id: b\nclass: broken\n")
     assert load("id: b\nclass: broken\ntargets: {latency_ms: 2}\n").targets == {"latency_p50_ms": 2.0}
+
+
+def test_a_fleet_file_of_one_device_needs_no_devices_list(tmp_path):
+    one = tmp_path / "pi.yaml"
+    one.write_text("id: pi-1\nclass: rpi5\n" + SSH)
+    got = devices.load_fleet(one)
+    assert [d.id for d in got] == ["pi-1"] and got[0].source == str(one) and got[0].runtime.threads == 4
+    assert devices.resolve_device(str(one)).id == "pi-1"      # demo --device takes it too
+    two = tmp_path / "two.yaml"
+    two.write_text("devices:\n  - id: a\n  - id: b\n")
+    with pytest.raises(ConfigError, match=r"two.yaml: --device takes one device; this fleet has 2 \(a, b\)"):
+        devices.resolve_device(str(two))
+    assert devices.resolve_device(str(tmp_path / "two.yaml").replace("two", "pi")).id == "pi-1"
+
+
+@pytest.mark.parametrize("cls,runtime,expect_threads", [("local", "openvino", 1), ("rpi4", "tflite", 4),
+                                                        ("ncs2", "onnxruntime", 0)])
+def test_another_runtime_than_the_class_starts_from_its_own_defaults(tmp_path, cls, runtime, expect_threads):
+    """The class's runtime options belong to the class's runtime (onnxruntime's providers, OpenVINO's device):
+    a device that names another runtime does not inherit them; the board's thread count stays."""
+    p = tmp_path / "d.yaml"
+    p.write_text(f"id: d\nclass: {cls}\nruntime: {{name: {runtime}}}\n" + ("" if cls == "local" else SSH))
+    dev = devices.load_device(p)
+    assert dev.runtime.name == runtime and dev.runtime.options == {} and dev.runtime.threads == expect_threads
+    p.write_text(f"id: d\nclass: {cls}\nruntime: {{name: {runtime}, options: {{x: 1}}}}\n" +
+                 ("" if cls == "local" else SSH))
+    assert devices.load_device(p).runtime.options == {"x": 1}
+    # the same runtime as the class: options merge key by key, as before
+    p.write_text("id: d\nclass: local\nruntime: {name: onnxruntime, options: {intra_op_spinning: false}}\n")
+    assert devices.load_device(p).runtime.options == {"providers": ["CPUExecutionProvider"],
+                                                      "intra_op_spinning": False}

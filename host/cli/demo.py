@@ -1,4 +1,4 @@
-"""``edgeprune demo``: the whole loop on the local device (prune, export, measure, record), as a table.
+"""``edgeprune demo``: the whole loop on one device (prune, export, measure, record), as a table.
 
 Contract: parses the arguments, checks the model and data before the results store records a run, calls
 :func:`host.commands.demo.run_demo` with a progress display and prints its rows; exit 1 when a candidate failed.
@@ -21,12 +21,12 @@ from host.fmt import NA, field
 
 def register(sub: "argparse._SubParsersAction") -> None:
     """Add ``demo`` to the ``edgeprune`` parser's subcommands."""
-    d = sub.add_parser("demo", help="prune, export and measure a reference model on the local device")
+    d = sub.add_parser("demo", help="prune, export and measure a model on the local device (or --device FILE)")
     d.add_argument("--model", default="resnet20", help=MODEL_HELP + "; default resnet20 (bundled with CIFAR-10 "
                    "test images; resnet32/44/56 need EDGEPRUNE_DATA)")
     d.add_argument("--ratios", type=ratio_list, default=None, help="channel pruning ratios, e.g. 0,0.3,0.5,0.7")
     d.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default results/demo)")
-    d.add_argument("--device", default=None, help="device config YAML (default: the built-in local device)")
+    d.add_argument("--device", default=None, help="device config YAML, or a fleet file of one device: any transport (local, ssh) and runtime; the artifacts are exported in the format its runtime loads (default: the built-in local device, onnxruntime)")
     d.add_argument("--quick", action="store_true", help="small eval split, short recovery and timing (< 3 min)")
     d.add_argument("--no-recovery", action="store_true", help="skip BN recalibration and fine-tuning")
     d.add_argument("--finetune-epochs", type=int, default=None)
@@ -124,7 +124,8 @@ def main_demo(args: argparse.Namespace, console: Console) -> int:
         recorder.summary = {"rows": result.rows, "failures": result.failures}
 
     console.print(_demo_table(result.rows, f"edgeprune demo — {workload.model.name} on device '{device.id}' "
-                                           f"(onnxruntime, {device.runtime.threads} thread(s))"))
+                                           f"({device.runtime.name}, {result.format}, "
+                                           f"{device.runtime.threads} thread(s))"))
     modelled = any(r.get("power_source") == "model" for r in result.rows)
     if result.eval_n:
         console.print(f"accuracy on split '{result.eval_split}' ({result.eval_n} images), measured by the agent; "

@@ -1,9 +1,11 @@
-"""``edgeprune demo``: the whole loop on the local device, with no configuration.
+"""``edgeprune demo``: the whole loop on one device — the local machine with no configuration, or any device file.
 
 reference model → channel pruning at several ratios (Torch-Pruning) → optional bounded recovery
-(:func:`edgeprune.recovery.recover`: BatchNorm recalibration + short fine-tune) → ONNX export (verified against
-torch) → the agent, as a separate process → latency percentiles, power (modelled here, and labelled so) and
-accuracy measured by the agent → ``summary.csv`` and one JSON report per candidate under ``--out``.
+(:func:`edgeprune.recovery.recover`: BatchNorm recalibration + short fine-tune) → export in the format the
+device's runtime loads (:func:`host.fleet.formats.profile_for`: ONNX for onnxruntime, OpenVINO IR, TFLite, ...;
+verified against torch) → the agent on the device (a separate process here, or over SSH) → latency percentiles,
+power (modelled where there is no sensor, and labelled so) and accuracy measured by the agent → ``summary.csv``
+and one JSON report per candidate under ``--out``.
 
 The model and data are any :mod:`edgeprune.sources` / :mod:`edgeprune.workload` accept (default: the bundled
 CIFAR-10 ResNet-20 and its test images). The eval shards carry the dense model's outputs, so every candidate's
@@ -31,6 +33,7 @@ from edgeprune.recovery import RecoveryPlan, recover
 from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
 from edgeprune.sources import ModelSpec
 from host.fleet.devices import DeviceConfig, local_device
+from host.fleet.formats import profile_for
 from host.fleet.jobs import build_job
 from host.fleet.runner import Lease, transport_for
 from host.files import write_text_atomic
@@ -107,13 +110,7 @@ class DemoOptions:
             raise UsageError("--eval-per-class: must be >= 1")
         if not self.lease_wait_s >= 0:
             raise UsageError(f"--lease-wait: must be >= 0, got {self.lease_wait_s}")
-        if self.device.transport != "local":
-            raise UsageError(f"{self.device.source or 'device'}: transport: the demo runs on this machine and needs "
-                             f"transport: local, not {self.device.transport!r} (measure an SSH device with "
-                             "edgeprune bench --fleet or edgeprune search --fleet)")
-        if self.device.runtime.name != "onnxruntime":
-            raise UsageError(f"{self.device.source or 'device'}: runtime.name: the demo exports ONNX and needs "
-                             f"onnxruntime, not {self.device.runtime.name!r}")
+        profile_for(self.device)   # a runtime and precision the demo can export for (UsageError naming the file)
         return self
 
 
@@ -126,6 +123,7 @@ class DemoResult:
     eval_n: int
     finetune_split: Optional[str]
     failures: int
+    format: str = "onnx"                       # the export format the device's runtime loaded
 
 
 def _write_summary(path: Path, rows: List[Dict[str, object]]) -> None:
@@ -202,6 +200,8 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     check_inputs = wl.check_inputs()
     keep = loaded.ignored_modules()
     dev = opts.device
+    profile = profile_for(dev)     # the format the device's runtime loads: onnx, openvino IR, tflite, ...
+    calib_inputs = None
     transport = transport_for(dev)
     # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,
     # so that their latencies are compared under the same machine conditions, not minutes and a fine-tune apart.
@@ -221,16 +221,17 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
             if rec.finetune is not None:
                 res = rec.finetune
                 recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
-        emit("stage", f"{tag}: export ONNX", None, None)
+        emit("stage", f"{tag}: export {profile.fmt} (verified against torch)", None, None)
         write_text_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
-        onnx_path = out / "artifacts" / f"{tag}.onnx"
-        man = export.export_onnx(model, onnx_path, check_inputs=check_inputs, model_name=name,
-                                 source_checkpoint_sha256=str(meta["sha256"]), pruning_plan_sha256=pr.plan.sha256(),
-                                 input_shape=tuple(wl.input_shape))
-        man.preprocess = wl.manifest_preprocess()
-        man.write(out / "artifacts" / f"{tag}.manifest.json")
-        job = build_job(dev, tag, onnx_path, man, shard_list or None, eval_split=ev.name if ev else "eval",
-                        quick=opts.quick, seed=opts.seed)
+        if calib_inputs is None and (export.get_format(profile.fmt).calibration
+                                     or "int8" in str(dict(profile.export_options).get("precision", ""))):
+            calib_inputs = wl.calib_inputs(200)
+        man = export.export(model, profile.fmt, out / "artifacts", tag=tag, check_inputs=check_inputs,
+                            calib_inputs=calib_inputs, model_name=name, source_checkpoint_sha256=str(meta["sha256"]),
+                            pruning_plan_sha256=pr.plan.sha256(), input_shape=tuple(wl.input_shape),
+                            preprocess=wl.manifest_preprocess(), **dict(profile.export_options))
+        job = build_job(dev, tag, out / "artifacts" / man.file, man, shard_list or None,
+                        eval_split=ev.name if ev else "eval", quick=opts.quick, seed=opts.seed)
         built.append((tag, ratio, pr, recovery, job, man))
         emit("built", tag, len(built), len(opts.ratios))
 
@@ -271,4 +272,4 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
         "ratios": list(opts.ratios), "quick": opts.quick, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, indent=1, default=str))
     return DemoResult(rows, out, summary, ev.name if ev else "", ev.n if ev else 0,
-                      ft_split.name if ft_split else None, failures)
+                      ft_split.name if ft_split else None, failures, profile.fmt)

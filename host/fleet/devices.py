@@ -246,6 +246,12 @@ def device_from_mapping(data: Any, source: Path, node: Optional[yaml.Node] = Non
             line = _line_of(node, ("class",))
             raise ConfigError(f"{source}{f':{line}' if line else ''}: class: unknown device class {cls!r}; known: "
                               f"{', '.join(class_names(classes_dir))}") from None
+        tr, dr = template.get("runtime"), data.get("runtime")
+        if isinstance(tr, dict) and isinstance(dr, dict) and "name" in dr and \
+                dr["name"] != tr.get("name", RuntimeConfig.model_fields["name"].default):
+            # another runtime than the class's: its options are that runtime's (the class's would be unknown
+            # to it); the thread count stays, it describes the board's cores
+            template = dict(template, runtime={k: v for k, v in tr.items() if k == "threads"})
         ct, dt = template.get("targets"), data.get("targets")
         if isinstance(ct, dict) and isinstance(dt, dict):   # per metric, whichever alias each side spells it with
             mine = {_target_metric(k) for k in dt}
@@ -278,7 +284,8 @@ def load_device(path: Union[str, Path]) -> DeviceConfig:
 
 def load_fleet(path: Union[str, Path]) -> List[DeviceConfig]:
     """A fleet: a YAML file with a ``devices:`` list (inline mappings or ``{include: FILE}``, relative to the
-    fleet file), or a folder of device YAML files (``classes/`` inside it is skipped). Ids must be unique."""
+    fleet file), one device's mapping (a fleet of one, no ``devices:`` needed), or a folder of device YAML files
+    (``classes/`` inside it is skipped). Ids must be unique."""
     path = Path(os.path.expanduser(str(path)))
     devices: List[DeviceConfig] = []
     if path.is_dir():
@@ -286,8 +293,11 @@ def load_fleet(path: Union[str, Path]) -> List[DeviceConfig]:
             devices.append(load_device(f))
     else:
         data, node = _parse_yaml(path)
+        if isinstance(data, dict) and "devices" not in data and "id" in data:   # one device's file: a fleet of one
+            return [device_from_mapping(data, path, node)]
         if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
-            raise ConfigError(f"{path}: a fleet file needs a 'devices:' list (or pass a folder of device files)")
+            raise ConfigError(f"{path}: a fleet file needs a 'devices:' list, or is one device's mapping with its "
+                              "'id:' (or pass a folder of device files)")
         unknown = sorted(set(data) - {"devices"})
         if unknown:
             raise ConfigError(f"{path}:{_line_of(node, (unknown[0],))}: {unknown[0]}: unknown field in a fleet file")
@@ -381,11 +391,17 @@ def check_local_files(dev: DeviceConfig) -> None:
         raise ConfigError(f"{where}: ssh.known_hosts: {problem}")
 
 
-def resolve_device(spec: Optional[str]) -> DeviceConfig:
-    """``None`` or ``"local"``: the embedded default; anything else: a device YAML file."""
+def resolve_device(spec: Optional[str], what: str = "--device") -> DeviceConfig:
+    """``None`` or ``"local"``: the embedded default; anything else: a device YAML file, or a fleet file or
+    folder (:func:`load_fleet`) that holds exactly one device."""
     if spec in (None, "local"):
         return local_device()
-    return load_device(os.path.expanduser(str(spec)))
+    path = Path(os.path.expanduser(str(spec)))
+    devices = load_fleet(path)
+    if len(devices) != 1:
+        raise ConfigError(f"{path}: {what} takes one device; this fleet has {len(devices)} "
+                          f"({', '.join(d.id for d in devices)}): pass one device's file")
+    return devices[0]
 
 
 def auto_affinity(threads: int) -> List[int]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequen
 
 from edgeprune.errors import UsageError
 from host.fleet.devices import DeviceConfig
+from host.fleet.formats import Profile, profile_for  # noqa: F401  (the search names them too)
 from host.search.algos import AlgoOptions, Candidate, ModelSpace, get_algorithm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,39 +173,6 @@ class SearchOptions:
             return kind(**kw)
 
         return build(cls, d, "options")
-
-
-# ------------------------------------------------------------------------------------------ device profiles
-
-@dataclass(frozen=True)
-class Profile:
-    """What a device's artifacts depend on: channel alignment and export format (and its options)."""
-
-    round_to: int
-    fmt: str
-    export_options: Tuple[Tuple[str, Any], ...] = ()
-
-
-def profile_for(dev: DeviceConfig) -> Profile:
-    """The export format and precision a device's runtime runs: its config's first precision, or the precision
-    its runtime options fix (tensorrt), or the Edge TPU delegate."""
-    rt = dev.runtime.name
-    opts = dev.runtime.options
-    prec = str(opts.get("precision") or (dev.precisions[0] if dev.precisions else "fp32"))
-    table: Dict[str, Dict[str, str]] = {
-        "onnxruntime": {"fp32": "onnx"}, "torch": {"fp32": "torchscript"},
-        "openvino": {"fp32": "openvino", "fp16": "openvino-fp16"},
-        "tflite": {"fp32": "tflite", "fp16": "tflite-fp16", "int8": "tflite-int8"},
-    }
-    if rt == "tflite" and opts.get("delegate") == "edgetpu":
-        return Profile(dev.round_to, "edgetpu")
-    if rt == "tensorrt":
-        return Profile(dev.round_to, "tensorrt", (("precision", prec),))
-    fmt = table.get(rt, {}).get(prec)
-    if fmt is None:
-        raise UsageError(f"{dev.source or dev.id}: runtime {rt} with precision {prec}: no export format for it "
-                         f"(known runtimes: {', '.join(sorted(table))}, tensorrt)")
-    return Profile(dev.round_to, fmt)
 
 
 def candidate_key(space: ModelSpace, opts: SearchOptions, profile: Profile, cand: Candidate,
