@@ -70,9 +70,10 @@ def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
 
 def main_demo(args: argparse.Namespace, console: Console) -> int:
     from host.commands.demo import DemoOptions, run_demo
-    from host.fleet.devices import resolve_device
+    from host.fleet.devices import check_local_files, resolve_device
 
     device = resolve_device(args.device)
+    check_local_files(device)     # an SSH device's key and known_hosts, before anything is built
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError("--threads: must be >= 1")
