@@ -109,13 +109,16 @@ def test_unknown_format_lists_the_known_ones(tmp_path, resnet20, eval_split):
     assert list(tmp_path.iterdir()) == []
 
 
+TFLITE_HINT = "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0 ai-edge-quantizer==0.10.0 (part of edgeprune's default install on Linux and arm64 macOS)"
+
+
 @pytest.mark.parametrize("fmt, module, message", [
-    ("openvino", "openvino", "openvino export needs openvino: pip install 'edgeprune[openvino]'"),
-    ("openvino-fp16", "openvino", "openvino-fp16 export needs openvino: pip install 'edgeprune[openvino]'"),
-    ("tflite", "litert_torch", "tflite export needs litert-torch: pip install 'edgeprune[tflite]'"),
-    ("tflite-fp16", "litert_torch", "tflite-fp16 export needs litert-torch: pip install 'edgeprune[tflite]'"),
-    ("tflite-int8", "litert_torch", "tflite-int8 export needs litert-torch: pip install 'edgeprune[tflite]'"),
-    ("edgetpu", "litert_torch", "edgetpu export needs litert-torch: pip install 'edgeprune[tflite]'"),
+    ("openvino", "openvino", "openvino export needs openvino: pip install 'openvino>=2023.1' (part of edgeprune's default install)"),
+    ("openvino-fp16", "openvino", "openvino-fp16 export needs openvino: pip install 'openvino>=2023.1' (part of edgeprune's default install)"),
+    ("tflite", "litert_torch", "tflite export needs litert-torch: " + TFLITE_HINT),
+    ("tflite-fp16", "litert_torch", "tflite-fp16 export needs litert-torch: " + TFLITE_HINT),
+    ("tflite-int8", "litert_torch", "tflite-int8 export needs litert-torch: " + TFLITE_HINT),
+    ("edgetpu", "litert_torch", "edgetpu export needs litert-torch: " + TFLITE_HINT),
     ("onnx", "onnxruntime", "onnx export needs onnxruntime: pip install onnxruntime"),
 ])
 def test_missing_toolchain_is_one_clear_error(tmp_path, monkeypatch, resnet20, eval_split, fmt, module, message):

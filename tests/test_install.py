@@ -42,7 +42,7 @@ def _constraints() -> dict:
     return pins
 
 
-def _requirements(extras=("test", "tflite")) -> list:
+def _requirements(extras=("test",)) -> list:
     proj = _pyproject()["project"]
     reqs = [Requirement(r) for r in proj["dependencies"]]
     for e in extras:
@@ -61,6 +61,16 @@ def test_constraints_pin_every_requirement_within_pyproject_bounds():
         for extra in req.extras:  # psycopg[binary] -> psycopg-binary
             assert canonicalize_name(f"{req.name}-{extra}") in pins or extra not in ("binary",), \
                 f"constraints.txt: no pin for {req.name}[{extra}]'s package"
+
+
+def test_the_default_install_has_the_three_runtimes_and_tflite_export():
+    """onnxruntime, OpenVINO and a LiteRT interpreter (with litert-torch for export) without asking for an extra;
+    on Linux x86-64, this machine's platform, the LiteRT stack's markers hold."""
+    env = {"sys_platform": "linux", "platform_machine": "x86_64"}
+    default = {canonicalize_name(r.name) for r in _requirements(extras=()) if r.marker is None or r.marker.evaluate(env)}
+    assert {"onnxruntime", "openvino", "ai-edge-litert", "litert-torch"} <= default
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert extras["openvino"] == [] and extras["tflite"] == []     # old install lines still resolve
 
 
 def test_constraints_pin_torch_without_local_label():

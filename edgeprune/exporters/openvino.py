@@ -1,7 +1,7 @@
 """The ``openvino`` and ``openvino-fp16`` formats: OpenVINO IR (``.xml`` + ``.bin``) from the verified ONNX.
 
 Consumed by: the agent's ``openvino`` runtime (it loads the ``.xml`` with its ``.bin`` beside it). Toolchain
-here: the ``onnx`` format's (torch, onnx, onnxruntime) plus ``openvino`` (``pip install 'edgeprune[openvino]'``).
+here: the ``onnx`` format's (torch, onnx, onnxruntime) plus ``openvino`` (in edgeprune's default install).
 Verified here: every IR is compiled on OpenVINO's CPU plugin with the f32 precision hint and run against torch
 before it may ship (ResNet-20 tests; ResNet-56 pruned 50 %, align 8, on 2,000 images: a slow test); no other
 OpenVINO device plugin is run here.
@@ -42,7 +42,7 @@ from .base import (FP16_TOLERANCE, ExportFormat, Tolerance, as_numpy, batched, d
 from .manifest import Manifest, default_preprocess
 from .onnx import NEEDS_ONNX, export_onnx
 
-PIP_OPENVINO = "pip install 'edgeprune[openvino]'"
+PIP_OPENVINO = "pip install 'openvino>=2023.1' (part of edgeprune's default install)"
 NEEDS_OPENVINO = NEEDS_ONNX + (("openvino", "openvino", PIP_OPENVINO),)
 
 

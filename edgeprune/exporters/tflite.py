@@ -3,8 +3,8 @@ fixed batch, verified with LiteRT's interpreter.
 
 Consumed by: the agent's ``tflite`` runtime (``ai_edge_litert`` or ``tflite_runtime``, XNNPACK; int8 inputs
 quantized with the model's own scale and zero point). Toolchain here: ``litert-torch`` and ``ai-edge-litert``;
-``tflite-fp16`` also ``ai-edge-quantizer``, ``tflite-int8`` also ``torchao`` (all with ``pip install
-'edgeprune[tflite]'``). Verified here: every artifact is run by the LiteRT interpreter (XNNPACK, CPU) against
+``tflite-fp16`` also ``ai-edge-quantizer``, ``tflite-int8`` also ``torchao`` (all in edgeprune's default
+install on Linux and arm64 macOS). Verified here: every artifact is run by the LiteRT interpreter (XNNPACK, CPU) against
 torch before it may ship (ResNet-20 tests; ResNet-56 pruned 50 %, align 8, on 2,000 images: a slow test); GPU
 delegates are not run here.
 
@@ -43,7 +43,8 @@ from .base import (FP16_TOLERANCE, ExportFormat, Tolerance, as_numpy, batched, d
                    torch_outputs, verify_or_delete, warning_lines)
 from .manifest import Manifest, default_preprocess
 
-PIP_TFLITE = "pip install 'edgeprune[tflite]'"
+PIP_TFLITE = ("pip install litert-torch==0.10.0 ai-edge-litert==2.3.0 ai-edge-quantizer==0.10.0 (part of "
+              "edgeprune's default install on Linux and arm64 macOS)")
 NEEDS_TFLITE = (("litert_torch", "litert-torch", PIP_TFLITE),
                 ("ai_edge_litert.interpreter", "ai-edge-litert", PIP_TFLITE))
 NEEDS_TFLITE_FP16 = NEEDS_TFLITE + (("ai_edge_quantizer", "ai-edge-quantizer", PIP_TFLITE),)
