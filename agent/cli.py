@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec and write its report")
     run.add_argument("job", type=Path, help="job spec JSON (paths in it are relative to its folder)")
     run.add_argument("--out", type=Path, help="report JSON path, written atomically (default: stdout)")
+    se = sub.add_parser("serve", help="an agent session: JSON-line requests on stdin, replies on stdout "
+                        "(protocol in agent/session.py)")
+    se.add_argument("--log", default=None, help="append what the agent and the runtimes print to this file "
+                    "(default: a temp file, named in the hello reply; removed when the session ends with bye)")
     pr = sub.add_parser("probe", help="describe this device")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.add_argument("--disk", default="~", help="report free disk space for this folder (default: home)")
@@ -149,4 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_run(args.job, args.out)
     if args.command == "lease":
         return _cmd_lease(args)
+    if args.command == "serve":
+        from agent import session
+
+        return session.main(args.log)
     return _cmd_probe(args.json, args.disk, args.devices)

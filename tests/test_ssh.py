@@ -70,7 +70,9 @@ def test_job_over_ssh_then_cache_hits_upload_nothing(fleet, tmp_path, job_inputs
         assert again.status == "ok", again.error
         c = t.counters.as_dict()
         assert c["bytes_uploaded"] == first["bytes_uploaded"] and c["files_uploaded"] == 3
-        assert c["cache_hits"] == 3 and c["commands_run"] == first["commands_run"] + 1 and c["connects"] == 1
+        # the second job: artifact and shard found in the cache through the agent session, no command at all
+        assert c["cache_hits"] == first["cache_hits"] + 2 and c["commands_run"] == first["commands_run"]
+        assert c["connects"] == 1 and t.sessions_opened == 1
     cache = tmp_path / "cache"
     assert sorted(p.name for p in (cache / "jobs").iterdir()) == []   # job folders are removed
     assert (cache / job_inputs[1].sha256).is_file() and not list(cache.glob("*.tmp.*"))
@@ -138,7 +140,9 @@ def test_hung_agent_is_killed_at_job_timeout(fleet, tmp_path, job_inputs):
     fake = _fake_python(tmp_path, "echo $$ > '%s'; exec sleep 60" % pidfile)
     dev = fleet.device(3, cache_dir=str(tmp_path / "cache"), python=fake)
     t0 = time.monotonic()
-    with SSHTransport(dev, grace_s=0.5) as t, pytest.raises(SSHError, match="did not finish within 1 s; killed") as e:
+    # the one-command-per-job path (session=False); tests/test_agent_session.py times out a job in a session
+    with SSHTransport(dev, grace_s=0.5, session=False) as t, \
+            pytest.raises(SSHError, match="did not finish within 1 s; killed") as e:
         t.run_job(_job(job_inputs, timeout_s=0.5), tmp_path / "w")
     assert e.value.infrastructure and e.value.timed_out
     assert time.monotonic() - t0 < 15
@@ -150,7 +154,8 @@ def test_hung_agent_is_killed_at_job_timeout(fleet, tmp_path, job_inputs):
 def test_agent_without_report_is_not_an_infrastructure_error(fleet, tmp_path, job_inputs):
     fake = _fake_python(tmp_path, "echo 'job.json: runtime.threads: must be an integer' >&2; exit 2")
     dev = fleet.device(3, cache_dir=str(tmp_path / "cache"), python=fake)
-    with SSHTransport(dev) as t, pytest.raises(SSHError, match="exited 2 without a report: job.json: runtime") as e:
+    with SSHTransport(dev, session=False) as t, \
+            pytest.raises(SSHError, match="exited 2 without a report: job.json: runtime") as e:
         t.run_job(_job(job_inputs), tmp_path / "w")
     assert isinstance(e.value, DeviceError) and not e.value.infrastructure
 
@@ -158,7 +163,8 @@ def test_agent_without_report_is_not_an_infrastructure_error(fleet, tmp_path, jo
 def test_invalid_report_is_refused(fleet, tmp_path, job_inputs):
     fake = _fake_python(tmp_path, "echo '{\"schema_version\": 99}' > report.json; exit 0")
     dev = fleet.device(3, cache_dir=str(tmp_path / "cache"), python=fake)
-    with SSHTransport(dev) as t, pytest.raises(SSHError, match="invalid report from the agent: schema_version"):
+    with SSHTransport(dev, session=False) as t, \
+            pytest.raises(SSHError, match="invalid report from the agent: schema_version"):
         t.run_job(_job(job_inputs), tmp_path / "w")
 
 
@@ -278,7 +284,8 @@ def test_agent_bundle_is_deterministic_and_python_only():
 
 
 def test_device_helper_is_a_python_38_stdlib_program_sent_as_it_is():
-    from host.fleet.ssh import cache, device_helper
+    from host.fleet.ssh import cache
+    from agent import device_helper
 
     text = Path(device_helper.__file__).read_text()
     assert cache.DEVICE_HELPER == text                      # what `python -c` gets is the file itself
@@ -294,7 +301,7 @@ def test_device_helper_is_a_python_38_stdlib_program_sent_as_it_is():
 
 
 def test_device_helper_links_plain_file_names_only(tmp_path):
-    from host.fleet.ssh import device_helper
+    from agent import device_helper
 
     sha = "a" * 64
     (tmp_path / sha).write_bytes(b"x")

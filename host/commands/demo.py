@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from contextlib import closing
 import io
 import json
 import time
@@ -243,7 +244,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     # measured under the device's lease, like `bench` and `search`: two controllers never time the same device
     # at once (a bench started beside a demo waits for it, and the other way round)
     emit("stage", f"taking the lease of device '{dev.id}'", None, None)
-    with Lease(transport, dev.id, wait_s=opts.lease_wait_s, label="edgeprune demo"):
+    with closing(transport), Lease(transport, dev.id, wait_s=opts.lease_wait_s, label="edgeprune demo"):
         for tag, ratio, pr, recovery, job, man in built:
             emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
             report_path = out / "reports" / f"{tag}.json"

@@ -18,12 +18,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from agent import schema
 from edgeprune.errors import DeviceBusy, DeviceError, InfrastructureError
 from host.fleet.devices import DeviceConfig
 from host.fleet.transport import LocalTransport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from host.fleet.pool import TransportPool
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +61,29 @@ class Lease:
         self._stop = threading.Event()
         self._renewer: Optional[threading.Thread] = None
 
-    def _agent(self, *args: str) -> Dict[str, Any]:
+    def _agent(self, action: str, **fields: Any) -> Dict[str, Any]:
+        """``agent.lease``'s ``action`` on the device: through the agent session where the transport has one,
+        else as ``python -m agent lease`` (one command)."""
+        if getattr(self.transport, "use_session", False):
+            reply = self.transport.agent_request("lease", 60.0, action=action, dir=self.transport.cache_dir(),
+                                                 **fields)
+            return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+        args = [action]
+        for key, value in fields.items():
+            args += [f"--{key}", value if isinstance(value, str) else json.dumps(value) if key == "holder"
+                     else str(value)]
         rc, out, err = self.transport.exec_agent(["lease", *args, "--dir", self.transport.cache_dir()], timeout=60)
         if rc != 0:
-            raise InfrastructureError(f"{self.device_id}: lease {args[0]} failed (exit {rc}): {err.strip()[-500:]}")
+            raise InfrastructureError(f"{self.device_id}: lease {action} failed (exit {rc}): {err.strip()[-500:]}")
         try:
             return json.loads(out)
         except ValueError:
-            raise InfrastructureError(f"{self.device_id}: lease {args[0]}: agent printed no JSON") from None
+            raise InfrastructureError(f"{self.device_id}: lease {action}: agent printed no JSON") from None
 
     def __enter__(self) -> "Lease":
         t0 = time.monotonic()
         while True:
-            got = self._agent("acquire", "--holder", json.dumps(self.holder), "--ttl", str(self.ttl_s),
-                              "--request", self.request)
+            got = self._agent("acquire", holder=self.holder, ttl=self.ttl_s, request=self.request)
             if got.get("acquired"):
                 self.token = got["token"]
                 break
@@ -90,7 +102,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if not self._agent("renew", "--token", str(self.token), "--ttl", str(self.ttl_s)).get("renewed"):
+                if not self._agent("renew", token=str(self.token), ttl=self.ttl_s).get("renewed"):
                     log.warning("%s: lease lost (expired and taken over?)", self.device_id)
                     return
             except DeviceError as e:
@@ -103,7 +115,7 @@ class Lease:
         if self.token is not None:
             for attempt in range(3):
                 try:
-                    self._agent("release", "--token", self.token)
+                    self._agent("release", token=self.token)
                     break
                 except DeviceError as e:
                     # a connection lost at the end of a run: reconnect and release (a lease held for nothing would
@@ -133,8 +145,10 @@ class DeviceOutcome:
 
 def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retries: int = 2, backoff_s: float = 2.0,
                   lease_wait_s: float = 300.0, lease_ttl_s: float = 120.0, events: Optional[Events] = None,
-                  transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> DeviceOutcome:
-    """Run ``job`` on ``dev`` under its lease; never raises for a device problem.
+                  transport_factory: Callable[[DeviceConfig], Any] = transport_for,
+                  pool: Optional["TransportPool"] = None) -> DeviceOutcome:
+    """Run ``job`` on ``dev`` under its lease; never raises for a device problem. With ``pool``, the device's
+    transport (and its agent session) is the pool's, kept open for the next job; else one made for this job.
 
     Infrastructure failures (:attr:`DeviceError.infrastructure`: connection lost, timeout, no report) are
     retried after ``backoff_s * 2**n`` on a fresh connection, at most ``retries`` times in all, whether they
@@ -157,7 +171,7 @@ def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retr
         time.sleep(delay)
 
     try:
-        transport = transport_factory(dev)
+        transport = pool.get(dev) if pool is not None else transport_factory(dev)
         emit(dev.id, "lease", "taking the device lease")
         lease = Lease(transport, dev.id, ttl_s=lease_ttl_s, wait_s=lease_wait_s, label=job.job_id)
         while True:
@@ -184,7 +198,7 @@ def run_on_device(dev: DeviceConfig, job: schema.JobSpec, workdir: Path, *, retr
         log.exception("%s: unexpected failure", dev.id)
         out.error, out.error_type = f"{type(e).__name__}: {e}", type(e).__name__
     finally:
-        if transport is not None:
+        if transport is not None and pool is None:
             transport.close()
         out.seconds = time.monotonic() - t0
     if out.report is not None and out.report.status != "ok" and out.report.error is not None:

@@ -23,13 +23,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from agent import schema
 from edgeprune.errors import DeviceError, InfrastructureError
 from host.files import write_text_atomic
 from host.fleet.die_with_parent import LAUNCH_FAILED
+from host.fleet.session import AgentSession
 
 AGENT_ROOT = Path(__import__("agent").__file__).resolve().parent.parent  # folder holding the agent package
 STDERR_TAIL = 4000
@@ -82,17 +84,108 @@ def link_file(src: Union[str, Path], dst: Union[str, Path]) -> str:
 DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py").read_text()
 
 
+def _local_error(message: str, infrastructure: bool = True, timed_out: bool = False) -> DeviceError:
+    return InfrastructureError(message) if infrastructure else DeviceError(message)
+
+
 class LocalTransport:
-    """Run jobs through the agent in a child process, with a hard timeout."""
+    """Run jobs through the agent on this machine: in one agent session (``python -m agent serve``, a child
+    process reused for every job, lease and probe until :meth:`close`), or, with ``session=False``, in a child
+    process per job (``python -m agent run``), with a hard timeout either way."""
 
     name = "local"
 
     def __init__(self, python: Optional[str] = None, grace_s: float = 30.0,
-                 cache_dir: Optional[Path] = None, max_report_bytes: int = MAX_REPORT_BYTES) -> None:
+                 cache_dir: Optional[Path] = None, max_report_bytes: int = MAX_REPORT_BYTES,
+                 session: bool = True, heartbeat_s: float = 2.0) -> None:
         self.python = python or sys.executable
         self.grace_s = grace_s
         self.max_report_bytes = max_report_bytes
         self._cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "edgeprune").expanduser())
+        self.use_session = session
+        self.heartbeat_s = heartbeat_s
+        self.sessions_opened = 0
+        self._session: Optional[AgentSession] = None
+        self._proc: Optional[subprocess.Popen] = None
+        self._slock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return "local agent"
+
+    def session(self) -> AgentSession:
+        """The open agent session, opened (``python -m agent serve``, hello) when there is none or it died."""
+        with self._slock:
+            if self._session is not None and self._session.alive:
+                return self._session
+            self._end_session()
+            fd, log_path = tempfile.mkstemp(prefix="edgeprune-agent-session.", suffix=".log")
+            os.close(fd)
+            stderr = tempfile.TemporaryFile()
+            try:
+                # no die-with-parent launcher: the session's stdin is this process's pipe, and the agent exits
+                # (taking what it started) when that closes -- when this process ends, however it ends
+                proc = subprocess.Popen([self.python, "-m", "agent", "serve", "--log", log_path], env=self._env(),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                        start_new_session=True)
+            except OSError as e:
+                stderr.close()
+                os.unlink(log_path)
+                raise InfrastructureError(f"cannot start the agent with {self.python}: {e}") from None
+            assert proc.stdin is not None and proc.stdout is not None
+
+            def write(data: bytes) -> None:
+                proc.stdin.write(data)
+                proc.stdin.flush()
+
+            def kill() -> None:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                proc.wait()
+
+            def log_tail() -> str:
+                text = _tail(stderr, STDERR_TAIL)
+                try:
+                    with open(log_path, "rb") as f:
+                        text += _tail(f, STDERR_TAIL)
+                except OSError:
+                    pass
+                return text
+
+            self._proc, self._log_path, self._stderr = proc, log_path, stderr
+            sess = AgentSession(proc.stdout.readline, write, kill, where=self.where, error=_local_error,
+                                heartbeat_s=self.heartbeat_s, max_line_bytes=self.max_report_bytes + (1 << 16),
+                                log_tail=log_tail)
+            self._session = sess
+            self.sessions_opened += 1
+        sess.hello()
+        return sess
+
+    def _end_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session.join()
+            self._session = None
+        if self._proc is not None:
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                if pipe is not None:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+            self._proc = None
+            self._stderr.close()
+            try:
+                os.unlink(self._log_path)
+            except OSError:
+                pass
+
+    def agent_request(self, op: str, timeout: float = 60.0, **fields: Any) -> Dict[str, Any]:
+        """One request to the agent session (``lease``, ``probe``, ``ping``): its reply."""
+        return self.session().call(op, timeout, **fields)
 
     def cache_dir(self) -> str:
         """The device-side folder for the cache and the lease (here: on this machine)."""
@@ -113,7 +206,9 @@ class LocalTransport:
         return r.returncode, r.stdout, r.stderr
 
     def close(self) -> None:
-        """Nothing to release for a local device (transports share this interface)."""
+        """End the agent session, if one is open (the next job opens a new one)."""
+        with self._slock:
+            self._end_session()
 
     def run_job(self, job: schema.JobSpec, workdir: Path) -> schema.Report:
         """Write ``job`` into ``workdir``, run the agent on it, and return its validated report.
@@ -149,9 +244,27 @@ class LocalTransport:
                 else:
                     agent_job.eval.path = os.path.abspath(workdir / str(agent_job.eval.path))
             job_path = write_text_atomic(jobdir / "job.json", schema.dumps(agent_job))
+            if self.use_session:
+                return self._run_in_session(job, agent_job, files, jobdir, report_path)
             return self._run(job, job_path, report_path)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)   # links and copies only: never what they point to
+
+    def _run_in_session(self, job: schema.JobSpec, agent_job: schema.JobSpec, files: List[Tuple[str, Path, str]],
+                        jobdir: Path, report_path: Path) -> schema.Report:
+        # the agent makes its own job folder (beside the one prepared here, which keeps job.json for the record)
+        limit = job.timeout_s + self.grace_s
+        agent_job = copy.deepcopy(agent_job)
+        agent_job.artifact.path = ARTIFACT_DIR + "/" + files[0][0]
+        reply = self.session().call(
+            "run", limit + 10.0, dir=str(jobdir / "run"), job=schema.to_dict(agent_job), timeout_s=limit,
+            links=[[name, str(path)] for name, path, _ in files], max_report=self.max_report_bytes)
+        text = json.dumps(reply["report"])
+        write_text_atomic(report_path, text)
+        try:
+            return schema.loads_report(text)
+        except schema.SchemaError as e:
+            raise DeviceError(f"{report_path}: invalid report from the agent: {e}") from None
 
     def _run(self, job: schema.JobSpec, job_path: Path, report_path: Path) -> schema.Report:
         # what the agent prints is never held whole: stdout is not used (the report is the contract) and only

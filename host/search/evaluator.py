@@ -107,6 +107,15 @@ class FleetEvaluator:
         from edgeprune.teacher_cache import TeacherCache
 
         self.teacher_cache = TeacherCache(self.work / "teacher-cache")
+        from host.fleet.pool import TransportPool
+        from host.fleet.runner import transport_for
+
+        # one transport, and so one agent session, per device for the whole search
+        self.pool = TransportPool(transport_for)
+
+    def close(self) -> None:
+        """End the devices' agent sessions."""
+        self.pool.close()
 
     @property
     def calib(self) -> Any:
@@ -263,7 +272,7 @@ class FleetEvaluator:
 
         def one(req: Request, info: Dict[str, Any], job: schema.JobSpec) -> None:
             o = run_on_device(req.device, job, self.work / "jobs", lease_wait_s=self.opts.lease_wait_s,
-                              events=lambda dev, kind, msg: self.emit("device", dev, msg))
+                              events=lambda dev, kind, msg: self.emit("device", dev, msg), pool=self.pool)
             if not o.ok or o.report is None:
                 done(req, DeviceMeasurement(False, error=f"{o.error_type}: {o.error}"), {})
                 return
@@ -330,7 +339,7 @@ class FleetEvaluator:
 
     def layer_latency(self, requests: Sequence[Tuple[DeviceConfig, Profile, List[LayerConfig]]],
                       done: LayerDone) -> Dict[str, Optional[str]]:
-        from host.fleet.runner import Lease, transport_for
+        from host.fleet.runner import Lease
         from host.fleet.jobs import build_job
 
         errors: Dict[str, Optional[str]] = {}
@@ -354,7 +363,7 @@ class FleetEvaluator:
         def per_device(dev: DeviceConfig) -> None:
             transport = None
             try:
-                transport = transport_for(dev)
+                transport = self.pool.get(dev)
                 with Lease(transport, dev.id, wait_s=self.opts.lease_wait_s, label=f"{self.run_id} layer table"):
                     for key, job in jobs[dev.id]:
                         report = transport.run_job(job, self.work / "jobs" / dev.id / "lut" / job.job_id)
@@ -366,9 +375,8 @@ class FleetEvaluator:
                 errors[dev.id] = None
             except DeviceError as e:
                 errors[dev.id] = f"{type(e).__name__}: {e}"
-            finally:
-                if transport is not None:
-                    transport.close()
+                if transport is not None and e.infrastructure:
+                    transport.close()      # its next request opens a new connection and session
 
         by_machine: Dict[str, List[DeviceConfig]] = {}
         for dev, _, _ in requests:

@@ -186,4 +186,9 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
             evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
-    return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder, clock, started).run()
+    try:
+        return Search(folder, run_id, opts, devices, targets, space, evaluator, emit, recorder, clock, started).run()
+    finally:
+        close = getattr(evaluator, "close", None)
+        if close is not None:
+            close()          # the devices' agent sessions end with the search

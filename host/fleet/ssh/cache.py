@@ -1,5 +1,5 @@
 """Remote files: the content-addressed cache on the device, SFTP uploads into it, the agent bundle, and the device
-helper that checks the cache and runs jobs (:mod:`host.fleet.ssh.device_helper`, sent as text with ``-c``).
+helper that checks the cache and runs jobs (:mod:`agent.device_helper`, sent as text with ``-c``).
 
 :class:`DeviceCache` adds them to :class:`~host.fleet.ssh.commands.SSHCommands`. Layout of the cache
 (``ssh.cache_dir``, default ``~/.cache/edgeprune``, ``~`` meaning the device user's home)::
@@ -10,7 +10,7 @@ helper that checks the cache and runs jobs (:mod:`host.fleet.ssh.device_helper`,
                                       artifact's files linked under their own names; .pgid and .lock: see the
                                       helper), created fresh for each job and removed when it ends
 
-Uploads go to ``<cache>/<sha256>.tmp.<random>`` (:func:`~host.fleet.ssh.device_helper.upload_name`) over SFTP and
+Uploads go to ``<cache>/<sha256>.tmp.<random>`` (:func:`~agent.device_helper.upload_name`) over SFTP and
 are renamed into place only after the device's own python has verified their sha256. An entry counts as cached
 only if it exists *and* its sha256 verifies on the device; a tampered entry is deleted and uploaded again. Files
 that do not fit in the cache's free space (the helper reports it) are refused before any byte is sent, and an
@@ -42,13 +42,13 @@ from agent import schema
 from edgeprune.errors import ConfigError, SSHError
 from host.fleet.devices import DeviceConfig
 from host.fleet.ssh.commands import SSHCommands, quote_argv
-from host.fleet.ssh.device_helper import MARK, upload_name
+from agent.device_helper import MARK, upload_name
 
 log = logging.getLogger(__name__)
 
 AGENT_PACKAGE = Path(__import__("agent").__file__).resolve().parent
 # the device helper's source, run as ``<python> -c DEVICE_HELPER SPEC_JSON`` (never imported on the device)
-DEVICE_HELPER = Path(__file__).with_name("device_helper.py").read_text()
+DEVICE_HELPER = AGENT_PACKAGE.joinpath("device_helper.py").read_text()
 LOG_TAIL_CHARS = 4000
 STALE_UPLOAD_S = 3600.0              # a temp upload untouched this long on the device is a dead one: removed
 UPLOAD_READ_BYTES = 1 << 20
@@ -108,14 +108,35 @@ class DeviceCache(SSHCommands):
                     raise ConfigError("%s: only ~ and ~/... are supported (not ~user)" % self._field("cache_dir"))
                 else:
                     rel = raw
-                script = "umask 077 && mkdir -p -- \"$1\" && cd -- \"$1\" && pwd -P"
-                rc, out, err = self.run(["sh", "-c", script, "sh", rel])
-                path = out.rstrip("\n")
-                if rc != 0 or not path.startswith("/"):
-                    raise SSHError("%s: cannot create the cache folder %r (exit %d): %s"
-                                   % (self.where, raw, rc, err.strip()[-LOG_TAIL_CHARS:]), infrastructure=False)
-                self._cache = path
+                self._cache = self._make_cache_dir(raw, rel)
             return self._cache
+
+    def _make_cache_dir(self, raw: str, rel: str) -> str:
+        """``mkdir -p`` (mode 0700) and ``pwd -P`` of the cache folder, over SFTP: no command, no ``exec``
+        (an agent session then needs one ``exec`` on a device whose cache has the agent)."""
+        sftp = self._sftp_client()
+        with self._wire("creating the cache folder %r" % raw):
+            try:
+                base = sftp.normalize(".")          # the user's home: where sshd starts every command, too
+                path = rel if rel.startswith("/") else base.rstrip("/") + "/" + rel
+                parts = [p for p in path.split("/") if p]
+                for i in range(1, len(parts) + 1):
+                    sub = "/" + "/".join(parts[:i])
+                    try:
+                        sftp.stat(sub)
+                    except FileNotFoundError:
+                        sftp.mkdir(sub, 0o700)
+                real = sftp.normalize(path)
+                sftp.listdir(real)                  # a folder we can read (not a file of that name)
+            except OSError as e:
+                if not self.connected:
+                    raise
+                raise SSHError("%s: cannot create the cache folder %r: %s" % (self.where, raw, e),
+                               infrastructure=False) from None
+        if not real.startswith("/"):
+            raise SSHError("%s: the cache folder %r resolved to %r, not an absolute path" % (self.where, raw, real),
+                           infrastructure=False)
+        return real
 
     def cache_path(self, sha256: str) -> str:
         return self.cache_dir() + "/" + check_sha256(sha256)
@@ -131,27 +152,47 @@ class DeviceCache(SSHCommands):
         return self.cache_path(sha256)
 
     def ensure_bundle(self) -> str:
-        """Upload and unpack the agent bundle if the device lacks it; return its folder (a PYTHONPATH entry)."""
+        """Upload and unpack the agent bundle if the device lacks it; return its folder (a PYTHONPATH entry).
+        Its presence is checked over SFTP; only a missing bundle costs a command (the helper unpacks it)."""
         data, sha = self.bundle()
-        self._helper({"bundle": sha}, {sha: data}, None, self.ssh.command_timeout_s)
-        return self.cache_dir() + "/agent-" + sha
+        folder = self.cache_dir() + "/agent-" + sha
+        sftp = self._sftp_client()
+        with self._wire("checking the agent bundle"):
+            try:
+                sftp.stat(folder + "/agent/__init__.py")
+                self.counters.cache_hits += 1
+                return folder
+            except FileNotFoundError:
+                pass
+        self._helper({"bundle": sha}, {sha: data}, None, self.ssh.command_timeout_s, upload_first=[sha])
+        return folder
 
     def bundle(self) -> Tuple[bytes, str]:
         if self._bundle is None:
             self._bundle = agent_bundle()
         return self._bundle
 
+    def _helper_in_session(self, spec: Dict[str, Any], timeout: float) -> Optional[Dict[str, Any]]:
+        """The helper's cache work through the open agent session (no command); None when there is none."""
+        return None
+
     def _helper(self, spec: Dict[str, Any], sources: Dict[str, Union[Path, bytes]], stdin: Optional[bytes],
-                timeout: float) -> Tuple[Dict[str, Any], bytes]:
-        """Run DEVICE_HELPER; upload what it reports missing and run it again with those commits."""
+                timeout: float, upload_first: List[str] = ()) -> Tuple[Dict[str, Any], bytes]:
+        """Run DEVICE_HELPER (or its cache work in the agent session); upload what it reports missing and run it
+        again with those commits. ``upload_first``: sha256s known to be missing, uploaded before the first run."""
         cache = self.cache_dir()
         with self._lock:
             spec = dict(spec, cache=cache, commit=[], evict=list(self._abandoned), discard=list(self._discard),
                         stale_upload_s=STALE_UPLOAD_S)
+        for sha in upload_first:
+            spec["commit"].append([sha, self._upload(sources[sha], sha)])
         for attempt in (1, 2):
-            script = "exec " + quote_argv([self.python, "-c", DEVICE_HELPER, json.dumps(spec, sort_keys=True)])
-            rc, out, err = self._exec(script, timeout, stdin, what="%s -c <edgeprune device helper>" % self.python)
-            header, body = _parse_helper_output(out)
+            header = self._helper_in_session(spec, timeout) if "run" not in spec else None
+            body = b""
+            if header is None:
+                script = "exec " + quote_argv([self.python, "-c", DEVICE_HELPER, json.dumps(spec, sort_keys=True)])
+                rc, out, err = self._exec(script, timeout, stdin, what="%s -c <edgeprune device helper>" % self.python)
+                header, body = _parse_helper_output(out)
             if not isinstance(header, dict):
                 text = err.decode("utf-8", "replace").strip()
                 if "Traceback (most recent call last)" in text:   # it ran, and failed: its last line says why

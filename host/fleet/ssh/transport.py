@@ -11,7 +11,7 @@ Artifacts of several files (OpenVINO IR's ``.xml`` + ``.bin``, a TensorRT ONNX a
 ``r20.bin`` beside ``r20.xml``, and the job the device runs has ``artifact.path: artifact/<primary name>``. Names
 are plain file names (:func:`agent.schema.file_name_problem`), checked on the host and again by the helper.
 
-Per job (cache warm) this is one remote command: the device helper (:mod:`host.fleet.ssh.device_helper`) verifies
+Per job (cache warm) this is one remote command: the device helper (:mod:`agent.device_helper`) verifies
 the cached inputs, creates the job folder and its artifact links, runs ``python -m agent run job.json --out
 report.json`` in it (``PYTHONPATH`` = the unpacked bundle), prints a marker line, a one-line JSON header and the
 report's bytes, then removes the folder. The agent is killed at ``timeout_s + grace_s`` by the helper itself, and
@@ -27,12 +27,14 @@ when the connection, the transport or a timeout failed (a runner may retry those
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import shlex
 import signal
+import threading
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from agent import schema
 from edgeprune.errors import DeviceError, SSHError
@@ -41,6 +43,7 @@ from host.fleet.devices import DeviceConfig
 from host.fleet.ssh.cache import LOG_TAIL_CHARS, DeviceCache, check_sha256
 from host.fleet.ssh.commands import MAX_OUTPUT_BYTES, quote_argv
 from host.fleet.ssh.connection import SFTP_REQUEST_BYTES
+from host.fleet.session import AgentSession
 from host.fleet.transport import ARTIFACT_DIR, MAX_REPORT_BYTES, artifact_files
 
 log = logging.getLogger(__name__)
@@ -53,11 +56,79 @@ class SSHTransport(DeviceCache):
 
     def __init__(self, device: DeviceConfig, *, grace_s: float = 30.0, hash_known_hosts: bool = False,
                  max_output_bytes: int = MAX_OUTPUT_BYTES, max_report_bytes: int = MAX_REPORT_BYTES,
-                 sftp_request_bytes: int = SFTP_REQUEST_BYTES) -> None:
+                 sftp_request_bytes: int = SFTP_REQUEST_BYTES, session: bool = True,
+                 heartbeat_s: float = 2.0) -> None:
         super().__init__(device, hash_known_hosts=hash_known_hosts, max_output_bytes=max_output_bytes,
                          sftp_request_bytes=sftp_request_bytes)
         self.grace_s = grace_s
         self.max_report_bytes = max_report_bytes
+        self.use_session = session
+        self.heartbeat_s = heartbeat_s
+        self.sessions_opened = 0
+        self._session: Optional[AgentSession] = None
+        self._slock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ agent session
+    def session(self) -> AgentSession:
+        """The open agent session (``python -m agent serve`` on an ``exec`` channel), opened when there is none
+        or it died: on a device whose cache has this host's agent bundle that is one ``exec``; a missing bundle
+        adds one (the helper unpacks the upload)."""
+        with self._slock:
+            if self._session is not None and self._session.alive:
+                return self._session
+            self._session = None
+            bundle = self.ensure_bundle()
+            # kept after a session that did not end with bye (removed after a clean one)
+            log_path = "%s/sessions/%s.log" % (self.cache_dir(), secrets.token_hex(6))
+            script = ("mkdir -p %s && export PYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}; exec %s"
+                      % (shlex.quote(self.cache_dir() + "/sessions"), shlex.quote(bundle),
+                         quote_argv([self.python, "-m", "agent", "serve", "--log", log_path])))
+            t = self._transport()
+            with self._wire("starting the agent session"):
+                chan = t.open_session(timeout=self.ssh.connect_timeout_s)
+                chan.exec_command(script)
+            self.counters.commands_run += 1
+            rfile = chan.makefile("rb")
+
+            def write(data: bytes) -> None:
+                chan.sendall(data)
+
+            def kill() -> None:
+                chan.close()
+
+            def log_tail() -> str:
+                err = b""
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                return err.decode("utf-8", "replace")
+
+            def error(message: str, infrastructure: bool = True, timed_out: bool = False) -> SSHError:
+                return SSHError(message, infrastructure=infrastructure, timed_out=timed_out)
+
+            sess = AgentSession(rfile.readline, write, kill, where=self.where, error=error,
+                                heartbeat_s=self.heartbeat_s, max_line_bytes=self.max_report_bytes + (1 << 16),
+                                log_tail=log_tail)
+            self._session = sess
+            self.sessions_opened += 1
+        sess.hello()
+        return sess
+
+    def agent_request(self, op: str, timeout: float = 60.0, **fields: Any) -> Dict[str, Any]:
+        """One request to the agent session (``lease``, ``probe``, ``ping``, ``cache``): its reply."""
+        return self.session().call(op, timeout, **fields)
+
+    def _helper_in_session(self, spec: Dict[str, Any], timeout: float) -> Optional[Dict[str, Any]]:
+        if not self.use_session or self._session is None or not self._session.alive:
+            return None
+        return self._session.call("cache", timeout, spec=spec)["out"]
+
+    def close(self) -> None:
+        """End the agent session (bye), then the connection."""
+        with self._slock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+        super().close()
 
     def exec_agent(self, args: Sequence[str], timeout: Optional[float] = None) -> Tuple[int, str, str]:
         """``python -m agent ARGS`` on the device with the cached bundle -> ``(exit status, stdout, stderr)``."""
@@ -109,6 +180,8 @@ class SSHTransport(DeviceCache):
                     shard.path = self.cache_path(shard.sha256)
             else:
                 remote.eval.path = self.cache_path(str(remote.eval.sha256))
+        if self.use_session:
+            return self._run_in_session(job, remote, files, sources, report_path)
         data, bundle_sha = self.bundle()
         sources[bundle_sha] = data
         limit = job.timeout_s + self.grace_s
@@ -144,6 +217,34 @@ class SSHTransport(DeviceCache):
                            % (job.job_id, _how_it_ended(rc), header["log_tail"].strip()[-LOG_TAIL_CHARS:]),
                            infrastructure=rc is None or rc < 0 or rc > 128)
         text = body.decode("utf-8", "replace")
+        write_text_atomic(report_path, text)
+        try:
+            report = schema.loads_report(text)
+        except schema.SchemaError as e:
+            raise SSHError("%s: invalid report from the agent: %s" % (report_path, e), infrastructure=False) from None
+        if report.job_id != job.job_id:
+            raise SSHError("%s: report is for job %r, not %r" % (report_path, report.job_id, job.job_id),
+                           infrastructure=False)
+        return report
+
+    def _run_in_session(self, job: schema.JobSpec, remote: schema.JobSpec, files: list,
+                        sources: Dict[str, Union[Path, bytes]], report_path: Path) -> schema.Report:
+        """The job through the agent session: its inputs into the cache (the session's ``cache`` request, SFTP
+        uploads of what is missing), then ``run``; the report comes back in the reply."""
+        sess = self.session()
+        self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
+        limit = job.timeout_s + self.grace_s
+        jobdir = "%s.%s" % (job.job_id, secrets.token_hex(6))
+        try:
+            reply = sess.call("run", limit + self.ssh.command_timeout_s, dir=self.cache_dir() + "/jobs/" + jobdir,
+                              cache=self.cache_dir(), job=schema.to_dict(remote), timeout_s=limit,
+                              links=[[name, digest] for name, _, digest in files], max_report=self.max_report_bytes)
+        except SSHError as e:
+            if e.infrastructure:   # the job may still run there: the next session's cache request stops it
+                with self._lock:
+                    self._abandoned.append(jobdir)
+            raise
+        text = json.dumps(reply["report"])
         write_text_atomic(report_path, text)
         try:
             report = schema.loads_report(text)

@@ -1,9 +1,13 @@
-"""The device helper: one program the SSH transport runs on the device for every cache check and every job.
+"""The device helper: one program the SSH transport runs on the device for cache checks, and for jobs without an
+agent session.
 
-Sent as text, never installed: the host reads this file and runs ``<python> -c <this file's text> SPEC_JSON`` over
-SSH (``host.fleet.ssh.cache``), with ``job.json`` on stdin when SPEC has ``"run"``. It runs under the device's
-Python (3.8 or newer), standard library only, and does its work only under ``__main__``: the host imports it for
-its constants (:data:`MARK`, :func:`upload_name`) and tests import it for its functions, with no side effect.
+Sent as text: the host reads this file and runs ``<python> -c <this file's text> SPEC_JSON`` over SSH
+(``host.fleet.ssh.cache``), with ``job.json`` on stdin when SPEC has ``"run"`` — it is what unpacks the agent
+bundle, so it cannot come from it. It runs under the device's Python (3.8 or newer), standard library only, and
+does its work only under ``__main__``. It lives in the agent package because an agent session
+(:mod:`agent.session`) imports it for the same cache work (:func:`cache_ops`, :func:`link_all`, :func:`claim`):
+one implementation of the cache's rules on the device; the host imports it for its constants (:data:`MARK`,
+:func:`upload_name`).
 
 SPEC (JSON, every key optional but ``cache``)
     ``cache``           the device cache folder (absolute)
@@ -87,10 +91,15 @@ def unpack(cache, sha, dest):
 
 
 def link_all(cache, links, pairs):
+    # pairs: [file name, sha256 of a cache entry] (or, from an agent session on the host's own machine, [file
+    # name, absolute path of the file])
     os.mkdir(links, 0o700)
     for name, sha in pairs:
-        if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
-                or "\0" in name or len(name) > 255 or len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha)):
+        plain = isinstance(name, str) and name and not name.startswith(".") and "/" not in name and \
+            "\\" not in name and "\0" not in name and len(name) <= 255
+        source = isinstance(sha, str) and ((len(sha) == 64 and all(c in "0123456789abcdef" for c in sha))
+                                           or (os.path.isabs(sha) and "\0" not in sha))
+        if not (plain and source):
             return "refused to link %r to %r: not a plain file name and a sha256" % (name, sha)
         src, dst = os.path.join(cache, sha), os.path.join(links, name)
         try:
@@ -196,16 +205,16 @@ def tail(path, n):
         return f.read().decode("utf-8", "replace")
 
 
-def main():
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass
-    spec = json.loads(sys.argv[1])
+def new_out():
+    return {"hits": [], "missing": [], "replaced": [], "committed": [], "bad_upload": [], "rc": None,
+            "timed_out": False, "report_size": None, "report_error": None, "log_tail": "", "link_error": None,
+            "bad_upload_sizes": {}, "evicted": [], "discarded": [], "host_gone": False, "free": None}
+
+
+def cache_ops(spec, out):
+    # everything but "run": evict, discard, commit, want, bundle, free; returns the bundle's folder (or None).
+    # An agent session (agent/session.py) calls this for its "cache" requests.
     cache = spec["cache"]
-    out = {"hits": [], "missing": [], "replaced": [], "committed": [], "bad_upload": [], "rc": None,
-           "timed_out": False, "report_size": None, "report_error": None, "log_tail": "", "link_error": None,
-           "bad_upload_sizes": {}, "evicted": [], "discarded": [], "host_gone": False, "free": None}
     jobs = os.path.join(cache, "jobs")
     for name in spec.get("evict", []):
         evict(jobs, name, out)
@@ -233,6 +242,7 @@ def main():
             continue
         out["hits" if cached(cache, sha, out) else "missing"].append(sha)
     b = spec.get("bundle")
+    d = None
     if b:
         d = os.path.join(cache, "agent-" + b)
         if os.path.isdir(d):
@@ -243,6 +253,19 @@ def main():
             out["missing"].append(b)
     st = os.statvfs(cache)
     out["free"] = st.f_bavail * st.f_frsize
+    return d
+
+
+def main():
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    spec = json.loads(sys.argv[1])
+    cache = spec["cache"]
+    out = new_out()
+    jobs = os.path.join(cache, "jobs")
+    d = cache_ops(spec, out)
     run = spec.get("run")
     report = b""
     if run and not out["missing"] and not out["bad_upload"]:
