@@ -141,7 +141,9 @@ class AgentSession:
                 self._pending.pop(rid, None)
         reply = slot["reply"]
         if reply is None:   # woken by the session's death
-            raise self.error(f"{self.where}: agent session {self.dead} during {op}", infrastructure=True)
+            tail = self._log_tail().strip()
+            raise self.error(f"{self.where}: agent session {self.dead} during {op}"
+                             + (f"; agent log: {tail[-2000:]}" if tail else ""), infrastructure=True)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             kind, msg = err.get("type", "Error"), err.get("message", "")

@@ -205,6 +205,12 @@ class LocalTransport:
             raise InfrastructureError(f"cannot start the agent with {self.python}: {e}") from None
         return r.returncode, r.stdout, r.stderr
 
+    def __enter__(self) -> "LocalTransport":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         """End the agent session, if one is open (the next job opens a new one)."""
         with self._slock:

@@ -232,7 +232,15 @@ class SSHTransport(DeviceCache):
         """The job through the agent session: its inputs into the cache (the session's ``cache`` request, SFTP
         uploads of what is missing), then ``run``; the report comes back in the reply."""
         sess = self.session()
-        self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
+        try:
+            self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
+        except SSHError as e:
+            if not e.infrastructure or sess.alive:
+                raise
+            # the session died before this job was sent (an agent killed between jobs, whose channel closed
+            # only now): nothing of the job ran, so a new session takes it
+            sess = self.session()
+            self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
         limit = job.timeout_s + self.grace_s
         jobdir = "%s.%s" % (job.job_id, secrets.token_hex(6))
         try:
