@@ -13,8 +13,10 @@ parallel section for the host's own CPU, not for device throughput.
    OpenSSH 9.0) both over a fresh connection per file and over an already open ControlMaster connection.
    The goal is >= 50 % of scp's throughput. ``--tune`` adds a sweep over SFTP request sizes and ciphers.
 2. Host overhead per job with everything cached: wall time of ``run_job`` minus the agent's own window
-   (report ``finished_at - started_at``), median of ``--jobs`` jobs; LocalTransport on the same job as the floor
-   (the agent process starting and exiting), and one bare SSH command round trip for scale. Goal <= 0.3 s.
+   (report ``finished_at - started_at``), median of ``--jobs`` jobs, before and after the agent session
+   (issue 18: one SSH command and agent process per job, ``session=False``, vs one ``python -m agent serve``
+   session for all jobs), SSH and local, interleaved job by job; one bare SSH command round trip and one session
+   ``ping`` for scale. Goal <= 0.1 s with the session.
 3. ``--devices`` devices driven at once from one thread each (``--sshds`` sshd processes; devices beyond that
    share servers round robin), cold (connect + uploads + job) and warm (cached job): wall and this process's CPU
    time (psutil), against one device alone.
@@ -221,45 +223,57 @@ def overheads(run: Callable[[schema.JobSpec, Path], schema.Report], inputs: Any,
 
 
 def bench_overhead(fleet: sshd.SshdFleet, work: Path, inputs: Any, n: int) -> Dict[str, Any]:
+    """Before/after the agent session (issue 18), interleaved in one run: SSH and local, one command (one agent
+    process) per job vs one agent session for all of them."""
     res: Dict[str, Any] = {}
-    with SSHTransport(fleet.device(0, cache_dir=str(work / "job-cache"))) as t:
-        t.run_job(make_job(inputs, "warm"), work / "warm")           # uploads, connects, unpacks the bundle
-        before = t.counters.as_dict()
-        local = LocalTransport()
-        ssh_o: List[float] = []
-        loc_o: List[float] = []
+    cache = str(work / "job-cache")
+    with SSHTransport(fleet.device(0, cache_dir=cache), session=False) as per_job, \
+            SSHTransport(fleet.device(0, cache_dir=cache), session=True) as sess, \
+            LocalTransport(session=False) as local_per_job, LocalTransport(session=True) as local_sess:
+        runs = {"ssh_per_job": per_job, "ssh_session": sess, "local_per_job": local_per_job,
+                "local_session": local_sess}
+        for name, t in runs.items():                                # uploads, connects, unpacks, opens sessions
+            t.run_job(make_job(inputs, "warm-" + name), work / ("warm-" + name))
+        before = {k: t.counters.as_dict() for k, t in runs.items() if hasattr(t, "counters")}
+        got: Dict[str, List[float]] = {k: [] for k in runs}
         for i in range(n):                                             # interleaved
-            ssh_o += overheads(t.run_job, inputs, work, 1, "ssh%d-" % i)
-            loc_o += overheads(local.run_job, inputs, work, 1, "loc%d-" % i)
-        after = t.counters.as_dict()
+            for name, t in runs.items():
+                got[name] += overheads(t.run_job, inputs, work, 1, "%s%d-" % (name, i))
+        after = {k: t.counters.as_dict() for k, t in runs.items() if hasattr(t, "counters")}
         rtt = []
         for _ in range(n):
             t0 = time.perf_counter()
-            t.run(["true"])
+            per_job.run(["true"])
             rtt.append(time.perf_counter() - t0)
-        py = []
+        ping = []
         for _ in range(n):
             t0 = time.perf_counter()
-            t.run([sys.executable, "-c", "pass"])
-            py.append(time.perf_counter() - t0)
-    res.update(ssh=median_spread(ssh_o), local=median_spread(loc_o), rtt=median_spread(rtt), py=median_spread(py),
-               commands_per_job=(after["commands_run"] - before["commands_run"]) / n,
-               bytes_per_job=(after["bytes_uploaded"] - before["bytes_uploaded"]) / n)
+            sess.agent_request("ping", 10.0)
+            ping.append(time.perf_counter() - t0)
+    res.update({k: median_spread(v) for k, v in got.items()})
+    res.update(rtt=median_spread(rtt), ping=median_spread(ping),
+               commands_per_job={k: (after[k]["commands_run"] - before[k]["commands_run"]) / n for k in after},
+               bytes_per_job={k: (after[k]["bytes_uploaded"] - before[k]["bytes_uploaded"]) / n for k in after},
+               sessions=sess.sessions_opened)
     return res
 
 
 def print_overhead(res: Dict[str, Any], n: int) -> None:
     print("\n### Host overhead per job, everything cached (s; median of %d; min–max)\n" % n)
-    print("overhead = wall time of `run_job` − the agent's own window (report `finished_at − started_at`)\n")
+    print("overhead = wall time of `run_job` − the agent's own window (report `finished_at − started_at`); the four "
+          "ways interleaved job by job\n")
     print("| what | median | min–max |")
     print("|---|---:|---:|")
-    print("| SSHTransport.run_job (%.0f SSH command(s) per job, %.0f bytes uploaded per job) | %.3f | %.3f–%.3f |"
-          % (res["commands_per_job"], res["bytes_per_job"], *res["ssh"]))
-    print("| LocalTransport.run_job (the agent process starting and exiting: the floor) | %.3f | %.3f–%.3f |"
-          % res["local"])
-    print("| the SSH transport's own share (difference of the medians) | %.3f | |" % (res["ssh"][0] - res["local"][0]))
+    cpj = res["commands_per_job"]
+    print("| SSH, before: one command and one agent process per job (%.0f command(s) per job) | %.3f | %.3f–%.3f |"
+          % (cpj["ssh_per_job"], *res["ssh_per_job"]))
+    print("| SSH, after: one agent session for all jobs (%.0f commands per job; %d session) | **%.3f** | %.3f–%.3f |"
+          % (cpj["ssh_session"], res["sessions"], *res["ssh_session"]))
+    print("| local, before: one agent process per job | %.3f | %.3f–%.3f |" % res["local_per_job"])
+    print("| local, after: one agent session | **%.3f** | %.3f–%.3f |" % res["local_session"])
+    print("| SSH before / after | %.1f× | |" % (res["ssh_per_job"][0] / max(res["ssh_session"][0], 1e-9)))
     print("| for scale: one bare SSH command round trip (`true`) | %.3f | %.3f–%.3f |" % res["rtt"])
-    print("| for scale: one SSH command running `python -c pass` | %.3f | %.3f–%.3f |" % res["py"])
+    print("| for scale: one session request round trip over SSH (`ping`) | %.3f | %.3f–%.3f |" % res["ping"])
 
 
 # ---------------------------------------------------------------------------------------- parallel

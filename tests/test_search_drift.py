@@ -66,3 +66,24 @@ def test_absolute_targets_measure_no_dense_beside_and_the_correction_is_a_ratio(
     got = corrected({"latency_p50_ms": 1.2, "top1": 0.9}, {"latency_p50_ms": 2.0}, {"latency_p50_ms": 2.4},
                     ["latency_p50_ms"])
     assert got == {"latency_p50_ms": pytest.approx(1.0), "top1": 0.9}
+
+
+def test_the_final_is_a_probe_with_a_margin_inside_its_bound():
+    """Issue 17's curve run at 1.4x: probes at ratio 0.675 (0.660x dense) and 0.662 (0.704x) were both inside the
+    0.714x bound; the lowest ratio was chosen, fully recovered and measured again at 0.716x: past the bound. The
+    final is now the lowest-ratio probe at least 2 % inside (0.675), else the one furthest inside."""
+    from host.fleet.targets import Bounds
+    from host.search.algos.base import AlgoOptions, Candidate
+    from host.search.algos.bisect import Bisect, Point
+
+    bounds = Bounds(limits={"latency_p50_ms": 0.7143}, max_drop_pp=1.0, dense_top1=0.93)
+
+    def pt(ratio, p50):
+        return Point(Candidate(kept=(("g", int(100 * (1 - ratio))),), ratio=ratio), 1, {"latency_p50_ms": p50}, True)
+
+    edge, safe = pt(0.662, 0.704), pt(0.675, 0.660)
+    assert Bisect._final(bounds, [edge, safe], AlgoOptions().final_margin) is safe
+    assert Bisect._final(bounds, [edge, safe], 0.0) is edge                 # no margin: the lowest ratio, as before
+    only = pt(0.562, 0.705)                                                 # one feasible probe, 1.3 % inside
+    assert Bisect._final(bounds, [only], 0.02) is only
+    assert Bisect._final(bounds, [pt(0.70, 0.71), pt(0.68, 0.712)], 0.02).ratio == 0.70   # furthest inside

@@ -107,7 +107,7 @@ class LocalTransport:
         self.sessions_opened = 0
         self._session: Optional[AgentSession] = None
         self._proc: Optional[subprocess.Popen] = None
-        self._slock = threading.Lock()
+        self._slock = threading.RLock()   # close() may be called from inside session() (a connection lost)
 
     @property
     def where(self) -> str:

@@ -66,7 +66,7 @@ class SSHTransport(DeviceCache):
         self.heartbeat_s = heartbeat_s
         self.sessions_opened = 0
         self._session: Optional[AgentSession] = None
-        self._slock = threading.Lock()
+        self._slock = threading.RLock()   # close() may be called from inside session() (a connection lost)
 
     # ------------------------------------------------------------------------------------------ agent session
     def session(self) -> AgentSession:

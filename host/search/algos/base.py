@@ -283,6 +283,10 @@ class AlgoOptions:
     aim_margin: float = 0.03            # aim this far inside a bound (measurements are noisy)
     slack_tol: float = 0.05             # stop when the binding metric is within this of its bound
     ratio_tol: float = 0.02             # stop when the bracket is narrower than this (global ratio)
+    final_margin: float = 0.02          # bisect with cheap probes: the fully recovered final is the lowest-ratio
+                                        # feasible probe at least this far inside its bound (measured again, a
+                                        # probe at its bound's edge may land past it); the one furthest inside
+                                        # when none is
     min_step: float = 0.05              # the least a ratio moves past the largest infeasible one
     max_step: float = 0.25              # ... and the most (a noisy slope must not fling it to the maximum)
     prior_fixed_fraction: float = 0.15  # bisect's first step: share of latency that pruning does not reduce
@@ -309,7 +313,7 @@ class AlgoOptions:
             raise UsageError(f"--netadapt-levels: widths in (0, 1), got {self.netadapt_levels}")
         if self.netadapt_max_proposals is not None and self.netadapt_max_proposals < 1:
             raise UsageError("--netadapt-max-proposals: must be >= 1")
-        for name in ("aim_margin", "slack_tol", "ratio_tol"):
+        for name in ("aim_margin", "slack_tol", "ratio_tol", "final_margin"):
             if not 0.0 <= getattr(self, name) < 0.5:
                 raise UsageError(f"{name}: must be in [0, 0.5), got {getattr(self, name)}")
         return self
