@@ -43,14 +43,18 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
     transport = None
     try:
         transport = transport_factory(dev)
-        rc, out, err = transport.exec_agent(["probe", "--json", "--disk", transport.cache_dir()], timeout=120)
-        if rc != 0:
-            raise DeviceError(f"agent probe exited {rc}: {err.strip()[-500:]}")
-        probe = json.loads(out)
+        if getattr(transport, "use_session", False):    # probe and lease through the device's agent session
+            probe = transport.agent_request("probe", 120.0, disk=transport.cache_dir())["probe"]
+            lease = transport.agent_request("lease", 60.0, action="show", dir=transport.cache_dir())
+        else:
+            rc, out, err = transport.exec_agent(["probe", "--json", "--disk", transport.cache_dir()], timeout=120)
+            if rc != 0:
+                raise DeviceError(f"agent probe exited {rc}: {err.strip()[-500:]}")
+            probe = json.loads(out)
+            rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir()], timeout=60)
+            lease = json.loads(out) if rc == 0 else {}
         details["probe"] = probe
         details["summary"] = _summary(probe)
-        rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir()], timeout=60)
-        lease = json.loads(out) if rc == 0 else {}
         holder = (lease.get("lease") or {}).get("holder") if lease.get("held") else None
         details["lease"] = (f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')}" if holder else None)
         if not runtime_installed(probe, dev.runtime.name):
