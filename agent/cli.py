@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import agent
 from agent import lease, probe, runner
-from agent.schema import JobSpec, SchemaError, dumps, loads_job
+from agent.schema import SchemaError, dumps, loads_job
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -91,22 +91,6 @@ def _cmd_lease(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_paths(job: JobSpec, base_dir: Path) -> None:
-    """SchemaError (exit 2, nothing read) for a relative ``artifact.path``, ``eval.path`` or
-    ``eval.shards[i].path`` that leads out of the job folder (``../../etc/passwd``): a bad job spec, refused before the runner opens anything. Absolute paths
-    are the host's to give (it links the artifact's files into the job folder)."""
-    base = base_dir.resolve()
-    checks = [("artifact.path", job.artifact.path)]
-    if job.eval is not None:
-        checks += [(f, s.path) for f, s in zip(job.eval.shard_fields(), job.eval.shard_list())]
-    for field, rel in checks:
-        if rel is None or os.path.isabs(rel):
-            continue
-        p = Path(os.path.normpath(str(base / rel)))
-        if p != base and base not in p.parents:
-            raise SchemaError("%s: %r escapes the job folder %s" % (field, rel, base))
-
-
 def _cmd_run(job_path: Path, out: Optional[Path]) -> int:
     try:
         text = job_path.read_text(encoding="utf-8")
@@ -116,7 +100,7 @@ def _cmd_run(job_path: Path, out: Optional[Path]) -> int:
     try:
         job = loads_job(text)
         runner.check_job(job)
-        _check_paths(job, job_path.parent)
+        runner.check_paths(job, job_path.parent)
     except SchemaError as e:
         print("%s: %s" % (job_path, e), file=sys.stderr)
         return EXIT_USAGE

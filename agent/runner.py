@@ -62,6 +62,22 @@ class PeakRss:
         return peak / 2 ** 20
 
 
+def check_paths(job: JobSpec, base_dir: Path) -> None:
+    """SchemaError (exit 2, nothing read) for a relative ``artifact.path``, ``eval.path`` or
+    ``eval.shards[i].path`` that leads out of the job folder (``../../etc/passwd``): a bad job spec, refused before the runner opens anything. Absolute paths
+    are the host's to give (it links the artifact's files into the job folder)."""
+    base = base_dir.resolve()
+    checks = [("artifact.path", job.artifact.path)]
+    if job.eval is not None:
+        checks += [(f, s.path) for f, s in zip(job.eval.shard_fields(), job.eval.shard_list())]
+    for field, rel in checks:
+        if rel is None or os.path.isabs(rel):
+            continue
+        p = Path(os.path.normpath(str(base / rel)))
+        if p != base and base not in p.parents:
+            raise SchemaError("%s: %r escapes the job folder %s" % (field, rel, base))
+
+
 def check_job(job: JobSpec) -> None:
     """Checks that need this agent's registries; raises SchemaError naming the field (CLI exit code 2)."""
     if job.runtime.name not in runtimes.runtime_names():

@@ -101,11 +101,17 @@ class Server:
             for child in psutil.Process().children(recursive=True):
                 child.kill()
             if code == EXIT_BYE:
-                os.unlink(self.log_path)        # a clean end: the log of a failed session is kept
+                self._unlink_log()              # a clean end: the log of a failed session is kept
         except (OSError, psutil.Error):
             pass
         finally:
             os._exit(code)
+
+    def _unlink_log(self) -> None:
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------------------------------ threads
     def read_requests(self) -> None:
@@ -136,6 +142,7 @@ class Server:
                 elif op == "lease":
                     self.reply(req, **self.lease(req))
                 elif op == "bye":
+                    self._unlink_log()         # before the reply: the host may end the pipe as soon as it has it
                     self.reply(req)
                     self.exit(EXIT_BYE)
                 elif op in ("run", "probe", "cache"):
@@ -192,8 +199,8 @@ class Server:
         if running is None or req.get("job") not in (None, running["job"]):
             self.reply(req, running=running["job"] if running else None)
             return
+        self.reply(req, running=running["job"])     # first: the host reads the run's failure as the session's end
         self.fail(running["req"], "Cancelled", "job %s cancelled by the host" % running["job"])
-        self.reply(req, running=running["job"])
         self.exit(EXIT_CANCELLED)
 
     def lease(self, req: Dict[str, Any]) -> Dict[str, Any]:
@@ -227,9 +234,7 @@ class Server:
             if problem is not None:
                 raise ValueError("links: " + problem)
             (jobdir / "job.json").write_text(dumps(job), encoding="utf-8")
-            from agent.cli import _check_paths
-
-            _check_paths(job, jobdir)
+            runner.check_paths(job, jobdir)
             timeout_s = float(req.get("timeout_s") or job.timeout_s)
             with self._rlock:
                 self._running = {"id": req.get("id"), "req": req, "job": job.job_id, "timeout_s": timeout_s,

@@ -59,7 +59,12 @@ def _local(tmp_path, **kw) -> LocalTransport:
 def _gone(pid: int, within_s: float = 10.0) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < within_s:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        if not psutil.pid_exists(pid):
+            return True
+        try:    # a multi-threaded process's leader shows as a zombie while its other threads still exit
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                return True
+        except (OSError, psutil.Error):
             return True
         time.sleep(0.05)
     return False
@@ -153,6 +158,33 @@ def test_a_job_past_its_deadline_is_stopped_by_the_agent(tmp_path, artifact):
         with pytest.raises(InfrastructureError, match=r"job late did not finish within 2 s; the agent session stopped"):
             t.run_job(_job(dev, artifact, "late", timeout_s=1.0), tmp_path / "w")
         assert time.monotonic() - t0 < 6.0 and _gone(pid)
+
+
+BAD_REPORT = """
+import sys
+from agent import session
+session.to_dict = lambda report: {"schema_version": 99}    # an agent whose report breaks the contract
+sys.exit(session.main(sys.argv[-1]))
+"""
+
+
+def test_a_refused_job_and_an_invalid_report_are_that_jobs_device_error(tmp_path, artifact):
+    dev = _dev(tmp_path)
+    with _local(tmp_path) as t:
+        job = _job(dev, artifact, "odd")
+        job.runtime.name = "no-such-runtime"                      # valid to the host, unknown to this agent
+        with pytest.raises(DeviceError, match="agent run: SchemaError: runtime.name: unknown runtime") as e:
+            t.run_job(job, tmp_path / "odd")
+        assert not e.value.infrastructure
+        assert t.run_job(_job(dev, artifact, "next"), tmp_path / "n").status == "ok" and t.sessions_opened == 1
+    (tmp_path / "bad.py").write_text(BAD_REPORT)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\ncd {os.getcwd()} && exec {os.sys.executable} {tmp_path / 'bad.py'} \"$@\"\n")
+    python.chmod(0o755)
+    with _local(tmp_path, python=str(python)) as t:
+        with pytest.raises(DeviceError, match="invalid report from the agent: schema_version") as e:
+            t.run_job(_job(dev, artifact, "bad"), tmp_path / "bad")
+        assert not e.value.infrastructure
 
 
 def test_protocol_mismatch_names_both_versions(tmp_path, monkeypatch):

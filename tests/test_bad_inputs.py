@@ -315,9 +315,12 @@ CASES: List[Case] = [
     Case("unknown-sensor", "unknown power sensor", "exit 2: file:line, power.sensor",
          lambda c: bench_fleet(c, c.fleet("dev", "id: a\npower: {sensor: geiger}\n")),
          lambda c: [dev_file(c) + ":2:", "power.sensor: unknown power sensor 'geiger'"]),
-    Case("demo-ssh-device", "an SSH device given to demo (which runs locally)", "exit 2: file, transport",
-         lambda c: ["demo", "--device", str(c.write("pi.yaml", _ssh_device(c))), "--db", str(c.db)],
-         lambda c: [str(c.tmp / "in" / "pi.yaml"), "transport: the demo runs on this machine"]),
+    Case("demo-ssh-key-missing", "an SSH device given to demo, its key file missing",
+         "exit 2: file, ssh.key, key path; before anything is built",
+         lambda c: ["demo", "--device", str(c.write("pi.yaml", _ssh_device(c, key=str(c.tmp / "nope")))),
+                    "--db", str(c.db)],
+         lambda c: [str(c.tmp / "in" / "pi.yaml"), "ssh.key: private key file", str(c.tmp / "nope"),
+                    "does not exist"]),
     # ---- files a device config names on this machine
     Case("ssh-key-missing", "missing SSH key file", "exit 2: file, ssh.key, key path",
          lambda c: bench_fleet(c, c.fleet("pi", _ssh_device(c, key=str(c.tmp / "nope")))),
@@ -616,8 +619,8 @@ def test_console_command_prints_the_same_single_line(case_id: str, ctx: Ctx, cap
 
 # ------------------------------------------------------------------------------------------ what devices send back
 FAKE_AGENT = """#!/bin/sh
-# stands in for the device's python: the agent's lease commands run for real; `run` answers with {what}
-if [ "$3" = "run" ]; then
+# stands in for the device's python: the agent's lease commands run for real; `{op}` answers with {what}
+if [ "$3" = "{op}" ]; then
 {body}
   exit 0
 fi
@@ -625,16 +628,22 @@ exec {python} "$@"
 """
 
 
-def _garbage_device(c: Ctx, name: str, body: str) -> Path:
-    script = c.write(f"{name}.sh", FAKE_AGENT.format(what=name, body=body, python=shlex.quote(sys.executable)))
+def _garbage_device(c: Ctx, name: str, body: str, op: str = "run") -> Path:
+    """A local device whose agent answers ``op`` with ``body``: ``run`` (one agent process per job, the device's
+    ``agent_session: false``; its report is the file "$6") or ``serve`` (the agent session's stdout)."""
+    script = c.write(f"{name}.sh", FAKE_AGENT.format(what=name, body=body, op=op,
+                                                     python=shlex.quote(sys.executable)))
     script.chmod(0o755)
-    return c.fleet(name, f"id: {name}\nclass: local\npython: {script}\ncache_dir: {c.tmp / 'cache'}\n")
+    return c.fleet(name, f"id: {name}\nclass: local\npython: {script}\ncache_dir: {c.tmp / 'cache'}\n"
+                         f"agent_session: {'false' if op == 'run' else 'true'}\n")
 
 
-def _bench_garbage(c: Ctx, capsys, name: str, body: str) -> "tuple[int, str, str, Dict[str, Any], Dict[str, Any]]":
+def _bench_garbage(c: Ctx, capsys, name: str, body: str,
+                   op: str = "run") -> "tuple[int, str, str, Dict[str, Any], Dict[str, Any]]":
     before = snapshot(c.db)
     art = c.art()
-    code = cli.main(bench(c, "--model", str(art), "--fleet", str(_garbage_device(c, name, body)), "--run-id", "g1"))
+    code = cli.main(bench(c, "--model", str(art), "--fleet", str(_garbage_device(c, name, body, op)),
+                          "--run-id", "g1"))
     out, err = capsys.readouterr()
     return code, " ".join(out.split()), err, before, snapshot(c.db)
 
@@ -664,11 +673,11 @@ FLOOD = ('  head -c 104857600 /dev/zero | tr "\\0" y\n'             # 100 MB on 
 HUNDRED_MB_REPORT = '  head -c 104857600 /dev/zero | tr "\\0" x > "$6"'
 
 
-def _bench_garbage_peak(c: Ctx, capsys, name: str, body: str):
+def _bench_garbage_peak(c: Ctx, capsys, name: str, body: str, op: str = "run"):
     """``_bench_garbage`` under tracemalloc: also the peak of what Python allocated meanwhile (bytes)."""
     tracemalloc.start()
     try:
-        return (*_bench_garbage(c, capsys, name, body), tracemalloc.get_traced_memory()[1])
+        return (*_bench_garbage(c, capsys, name, body, op), tracemalloc.get_traced_memory()[1])
     finally:
         tracemalloc.stop()
         shutil.rmtree(c.tmp / "results", ignore_errors=True)   # 100 MB stays out of pytest's kept tmp folders
@@ -771,3 +780,18 @@ def test_metacharacters_in_remote_fields_are_quoted_not_run(tmp_path, monkeypatc
     assert not any(s.exists() for s in sentinels)
     made = [p.name for p in tmp_path.iterdir() if p.name.startswith("cache")]
     assert made == [f"cache$(touch {sentinels[1]})`touch {sentinels[2]}`".split("/")[0]], made
+
+
+@pytest.mark.reliability(kind="bad-input", what="device's agent session prints 100 MB on one line, and one that "
+                         "prints non-JSON lines and closes (local transport)",
+                         expected="exit 1: that device's row says the session refused the line, or lost it; "
+                                  "recorded as an error; the line is never held whole")
+@pytest.mark.parametrize("body,says", [
+    ('  head -c 104857600 /dev/zero | tr "\\0" y', "agent session refused: a reply over"),
+    ('  echo "this is not JSON"', "agent session lost")])
+def test_garbage_from_an_agent_session_is_that_devices_error(ctx: Ctx, capsys, body: str, says: str) -> None:
+    code, out, err, before, after, peak = _bench_garbage_peak(ctx, capsys, "flood", body, op="serve")
+    assert code == 1 and says in out, (out, err)
+    row = _assert_recorded_as_error(before, after)
+    assert says in row["error"]
+    assert peak < 50e6, peak

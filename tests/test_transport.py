@@ -61,7 +61,7 @@ def test_hung_agent_is_killed_on_timeout(tmp_path, job_inputs):
     job = _job(job_inputs, timeout_s=0.5)
     t0 = time.monotonic()
     with pytest.raises(DeviceError, match="did not finish within 1 s; killed"):
-        LocalTransport(python=fake, grace_s=0.5).run_job(job, tmp_path / "w")
+        LocalTransport(python=fake, grace_s=0.5, session=False).run_job(job, tmp_path / "w")
     assert time.monotonic() - t0 < 10
     pid = int(pidfile.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -70,14 +70,14 @@ def test_hung_agent_is_killed_on_timeout(tmp_path, job_inputs):
 def test_agent_without_report_is_a_device_error(tmp_path, job_inputs):
     fake = _fake_python(tmp_path, "echo 'job.json: runtime.threads: must be an integer' >&2; exit 2")
     with pytest.raises(DeviceError, match="agent refused the job: job.json: runtime.threads"):
-        LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
+        LocalTransport(python=fake, session=False).run_job(_job(job_inputs), tmp_path / "w")
 
 
 def test_invalid_report_is_refused(tmp_path, job_inputs):
     out = tmp_path / "w" / "report.json"
     fake = _fake_python(tmp_path, f"echo '{{\"schema_version\": 99}}' > {out}; exit 0")
     with pytest.raises(DeviceError, match="invalid report from the agent: schema_version"):
-        LocalTransport(python=fake).run_job(_job(job_inputs), tmp_path / "w")
+        LocalTransport(python=fake, session=False).run_job(_job(job_inputs), tmp_path / "w")
 
 
 CONTROLLER = """
@@ -86,28 +86,30 @@ from pathlib import Path
 from agent import schema
 from host.fleet.transport import LocalTransport
 job = schema.job_from_dict(__import__("json").loads(Path(sys.argv[1]).read_text()))
-LocalTransport().run_job(job, Path(sys.argv[2]))
+LocalTransport(session=sys.argv[3] == "session").run_job(job, Path(sys.argv[2]))
 """
 
 
 @pytest.mark.reliability(kind="fault", what="controller SIGKILLed mid-measurement (local device)",
-                         expected="its agent dies with it (PR_SET_PDEATHSIG), instead of measuring for its "
-                                  "remaining 29 s")
-def test_the_agent_dies_with_its_controller(tmp_path, job_inputs):
+                         expected="its agent dies with it (per job: PR_SET_PDEATHSIG; a session: its stdin "
+                                  "closes), instead of measuring for its remaining 29 s")
+@pytest.mark.parametrize("mode", ["session", "per-job"])
+def test_the_agent_dies_with_its_controller(tmp_path, job_inputs, mode):
     # the agent runs in its own session (a deadline kills its process group); before, a SIGKILLed controller left
     # it measuring for the rest of its 30 s -- beside the next controller's job once the dead one's lease expired
     job = _job(job_inputs)
     job.timing.min_duration_s, job.timeout_s = 30.0, 120.0
     (tmp_path / "job.json").write_text(schema.dumps(job))
     agents: list = []
-    ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(tmp_path / "job.json"), str(tmp_path / "w")],
+    ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(tmp_path / "job.json"), str(tmp_path / "w"), mode],
                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     try:
         deadline = time.monotonic() + 60
         while not agents:
             assert time.monotonic() < deadline and ctl.poll() is None, "no agent started"
             agents = [p for p in psutil.Process(ctl.pid).children(recursive=True)
-                      if "agent" in p.cmdline() and "run" in p.cmdline() and "-c" not in p.cmdline()]
+                      if "agent" in p.cmdline() and ("run" if mode == "per-job" else "serve") in p.cmdline()
+                      and "-c" not in p.cmdline()]
             time.sleep(0.05)
         (agent,) = agents
         time.sleep(1.0)                                   # measuring

@@ -119,6 +119,8 @@ class DeviceConfig(_Strict):
     ssh: Optional[SSHConfig] = None
     description: str = ""
     python: Optional[str] = None
+    # one agent process per device for the whole run (python -m agent serve); false: one per job (agent run)
+    agent_session: bool = True
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     timing: TimingConfig = Field(default_factory=TimingConfig)
     power: Optional[PowerConfig] = None

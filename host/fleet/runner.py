@@ -37,8 +37,9 @@ def transport_for(dev: DeviceConfig) -> Any:
     if dev.transport == "ssh":
         from host.fleet.ssh import SSHTransport  # paramiko is only needed for SSH devices
 
-        return SSHTransport(dev)
-    return LocalTransport(python=dev.python, cache_dir=Path(dev.cache_dir) if dev.cache_dir else None)
+        return SSHTransport(dev, session=dev.agent_session)
+    return LocalTransport(python=dev.python, cache_dir=Path(dev.cache_dir) if dev.cache_dir else None,
+                          session=dev.agent_session)
 
 
 def holder_identity(label: str = "") -> Dict[str, Any]:

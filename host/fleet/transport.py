@@ -116,7 +116,11 @@ class LocalTransport:
     def session(self) -> AgentSession:
         """The open agent session, opened (``python -m agent serve``, hello) when there is none or it died."""
         with self._slock:
-            if self._session is not None and self._session.alive:
+            # an agent that exited while idle (killed, OOM) is found here even before the session's reader saw its
+            # pipe close: a new session runs the request instead of it going into a dead pipe. poll() first: it
+            # says None while the reader's kill() waits for the process -- and that reader has marked it dead
+            if self._session is not None and self._proc is not None and self._proc.poll() is None \
+                    and self._session.alive:
                 return self._session
             self._end_session()
             fd, log_path = tempfile.mkstemp(prefix="edgeprune-agent-session.", suffix=".log")

@@ -85,6 +85,7 @@ class DeviceCache(SSHCommands):
         self.python = device.python or "python3"
         self._cache: Optional[str] = None
         self._bundle: Optional[Tuple[bytes, str]] = None
+        self._bundle_dir: Optional[str] = None    # the bundle's folder, once found or unpacked on this connection
         # left on the device when a connection was lost: jobs that may still run there (their folder names) and
         # partial uploads (their temp names); the next helper call stops and removes them
         self._abandoned: List[str] = []
@@ -95,6 +96,7 @@ class DeviceCache(SSHCommands):
         with self._lock:
             super().close()
             self._cache = None
+            self._bundle_dir = None
 
     def cache_dir(self) -> str:
         """The device cache's absolute path (created on first use, mode 0700)."""
@@ -153,7 +155,11 @@ class DeviceCache(SSHCommands):
 
     def ensure_bundle(self) -> str:
         """Upload and unpack the agent bundle if the device lacks it; return its folder (a PYTHONPATH entry).
-        Its presence is checked over SFTP; only a missing bundle costs a command (the helper unpacks it)."""
+        Its presence is checked over SFTP once per connection; only a missing bundle costs a command (the helper
+        unpacks it). Later calls (a lease renewal while an upload fills a slow link) send nothing: an SFTP request
+        queued behind megabytes of upload would time out and take the connection, and the upload, with it."""
+        if self._bundle_dir is not None:
+            return self._bundle_dir
         data, sha = self.bundle()
         folder = self.cache_dir() + "/agent-" + sha
         sftp = self._sftp_client()
@@ -161,10 +167,12 @@ class DeviceCache(SSHCommands):
             try:
                 sftp.stat(folder + "/agent/__init__.py")
                 self.counters.cache_hits += 1
+                self._bundle_dir = folder
                 return folder
             except FileNotFoundError:
                 pass
         self._helper({"bundle": sha}, {sha: data}, None, self.ssh.command_timeout_s, upload_first=[sha])
+        self._bundle_dir = folder
         return folder
 
     def bundle(self) -> Tuple[bytes, str]:
