@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import agent
-from edgeprune import data, export, models
+from edgeprune import models
 from edgeprune.errors import DeviceError, InfrastructureError
 from host.fleet import runner as fleet
 from host.fleet import session as host_session
@@ -25,13 +25,10 @@ from host.fleet.transport import LocalTransport
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, resnet20):
-    d = tmp_path_factory.mktemp("sess")
-    ev = data.eval_split(1)
-    man = export.export_onnx(resnet20[0], d / "r20.onnx", check_inputs=data.to_tensor_batch(ev.images),
-                             model_name="resnet20", source_checkpoint_sha256="0" * 64, pruning_plan_sha256="")
-    shard = ev.save(d / "eval.npz")
-    return d / "r20.onnx", man, shard, models.sha256_file(shard)
+def artifact(job_inputs):
+    """conftest's ResNet-20 artifact and 50-image shard, with the shard's sha256."""
+    art, man, shard = job_inputs
+    return art, man, shard, models.sha256_file(shard)
 
 
 def _dev(tmp_path, name="s", seconds=0.05, **kw):
@@ -76,7 +73,7 @@ def test_fifty_jobs_through_one_session(tmp_path, artifact):
         pid = _agent_pid(t)
         for i in range(50):
             rep = t.run_job(_job(dev, artifact, f"j{i}"), tmp_path / "w" / str(i))
-            assert rep.status == "ok" and rep.job_id == f"j{i}" and rep.accuracy.n == 10, rep.error
+            assert rep.status == "ok" and rep.job_id == f"j{i}" and rep.accuracy.n == 50, rep.error
         assert t.sessions_opened == 1 and _agent_pid(t) == pid     # one agent process served all of them
         assert t.session().heartbeats >= 1
     assert _gone(pid)                                                 # bye ended it

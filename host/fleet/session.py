@@ -13,7 +13,7 @@ timed_out)``:
 * a request past its own deadline kills the session too (the agent may still run the job: nothing must run beside
   its retry).
 
-A reply line longer than ``max_line_bytes`` is refused unread (the pipe is killed).
+A reply line longer than ``max_report_bytes`` + 64 KiB is refused unread (the pipe is killed).
 """
 from __future__ import annotations
 
@@ -48,13 +48,13 @@ class AgentSession:
 
     def __init__(self, readline: Callable[[int], bytes], write: Callable[[bytes], None], kill: Callable[[], None],
                  *, where: str, error: ErrorFactory, heartbeat_s: float = HEARTBEAT_S,
-                 dead_after_s: Optional[float] = None, max_line_bytes: int = 16 << 20,
+                 dead_after_s: Optional[float] = None, max_report_bytes: int = 16 << 20,
                  log_tail: Callable[[], str] = lambda: "") -> None:
         self._readline, self._write, self._kill, self._log_tail = readline, write, kill, log_tail
         self.where, self.error = where, error
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s if dead_after_s is not None else heartbeat_s * DEAD_AFTER_HEARTBEATS
-        self.max_line_bytes = max_line_bytes
+        self.max_line_bytes = max_report_bytes + (1 << 16)      # a run's reply: the report and its envelope
         self.info: Dict[str, Any] = {}
         self.dead: Optional[str] = None
         self.last_heard = time.monotonic()

@@ -160,10 +160,8 @@ class LocalTransport:
                 return text
 
             self._proc, self._log_path, self._stderr = proc, log_path, stderr
-            sess = AgentSession(proc.stdout.readline, write, kill, where=self.where, error=_local_error,
-                                heartbeat_s=self.heartbeat_s, max_line_bytes=self.max_report_bytes + (1 << 16),
-                                log_tail=log_tail)
-            self._session = sess
+            self._session = sess = AgentSession(proc.stdout.readline, write, kill, where=self.where, error=_local_error, log_tail=log_tail,
+                                                heartbeat_s=self.heartbeat_s, max_report_bytes=self.max_report_bytes)
             self.sessions_opened += 1
         sess.hello()
         return sess

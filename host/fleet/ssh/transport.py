@@ -105,10 +105,8 @@ class SSHTransport(DeviceCache):
             def error(message: str, infrastructure: bool = True, timed_out: bool = False) -> SSHError:
                 return SSHError(message, infrastructure=infrastructure, timed_out=timed_out)
 
-            sess = AgentSession(rfile.readline, write, kill, where=self.where, error=error,
-                                heartbeat_s=self.heartbeat_s, max_line_bytes=self.max_report_bytes + (1 << 16),
-                                log_tail=log_tail)
-            self._session = sess
+            self._session = sess = AgentSession(rfile.readline, write, kill, where=self.where, error=error, log_tail=log_tail,
+                                                heartbeat_s=self.heartbeat_s, max_report_bytes=self.max_report_bytes)
             self.sessions_opened += 1
         sess.hello()
         return sess
@@ -217,15 +215,7 @@ class SSHTransport(DeviceCache):
                            % (job.job_id, _how_it_ended(rc), header["log_tail"].strip()[-LOG_TAIL_CHARS:]),
                            infrastructure=rc is None or rc < 0 or rc > 128)
         text = body.decode("utf-8", "replace")
-        write_text_atomic(report_path, text)
-        try:
-            report = schema.loads_report(text)
-        except schema.SchemaError as e:
-            raise SSHError("%s: invalid report from the agent: %s" % (report_path, e), infrastructure=False) from None
-        if report.job_id != job.job_id:
-            raise SSHError("%s: report is for job %r, not %r" % (report_path, report.job_id, job.job_id),
-                           infrastructure=False)
-        return report
+        return _load_report(text, job, report_path)
 
     def _run_in_session(self, job: schema.JobSpec, remote: schema.JobSpec, files: list,
                         sources: Dict[str, Union[Path, bytes]], report_path: Path) -> schema.Report:
@@ -253,15 +243,7 @@ class SSHTransport(DeviceCache):
                     self._abandoned.append(jobdir)
             raise
         text = json.dumps(reply["report"])
-        write_text_atomic(report_path, text)
-        try:
-            report = schema.loads_report(text)
-        except schema.SchemaError as e:
-            raise SSHError("%s: invalid report from the agent: %s" % (report_path, e), infrastructure=False) from None
-        if report.job_id != job.job_id:
-            raise SSHError("%s: report is for job %r, not %r" % (report_path, report.job_id, job.job_id),
-                           infrastructure=False)
-        return report
+        return _load_report(text, job, report_path)
 
     def _remove_jobdir(self, name: str) -> None:
         try:
@@ -282,3 +264,15 @@ def _how_it_ended(rc: Optional[int]) -> str:
     hint = " (the kernel's OOM killer does this when the device runs out of memory)" if name == "SIGKILL" else ""
     return "was killed by %s%s" % (name, hint)
 
+
+def _load_report(text: str, job: schema.JobSpec, report_path: Path) -> schema.Report:
+    """Keep the agent's report at ``report_path`` and return it validated, refused when invalid or another job's."""
+    write_text_atomic(report_path, text)
+    try:
+        report = schema.loads_report(text)
+    except schema.SchemaError as e:
+        raise SSHError("%s: invalid report from the agent: %s" % (report_path, e), infrastructure=False) from None
+    if report.job_id != job.job_id:
+        raise SSHError("%s: report is for job %r, not %r" % (report_path, report.job_id, job.job_id),
+                       infrastructure=False)
+    return report
