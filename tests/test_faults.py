@@ -15,6 +15,7 @@ Run: ``python -m pytest -m faults`` (root; ``apt-get install iproute2 nftables o
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import sys
@@ -51,6 +52,11 @@ def fault(what: str, expected: str):
     return pytest.mark.reliability(kind="fault", what=what, expected=expected)
 
 
+# the faults that hit a running job, also over an agent session (one `python -m agent serve` per device, the
+# default): the lab's fixture reads `mode` and sets lab.sessions
+BOTH_PATHS = pytest.mark.parametrize("mode", ["per-job", "session"])
+
+
 @pytest.fixture(scope="module")
 def artifact(job_inputs, tmp_path_factory) -> Artifact:
     """The ResNet-20 ONNX artifact (1.1 MB) with its manifest in a folder of its own (what `bench --model`
@@ -71,8 +77,11 @@ def nothing_left_on_this_machine():
 
 
 @pytest.fixture
-def lab(tmp_path, artifact) -> Iterator[Lab]:
+def lab(request, tmp_path, artifact) -> Iterator[Lab]:
     lab = Lab(tmp_path / "lab", artifact)
+    mode = getattr(request.node, "callspec", None) and request.node.callspec.params.get("mode")
+    if mode is not None:
+        lab.sessions = mode == "session"
     try:
         yield lab
     finally:
@@ -215,7 +224,8 @@ def test_link_down_mid_upload_for_good(lab):
 
 
 @fault("link down 3 s mid-run", "TCP rides it out: ok first attempt; recorded once")
-def test_link_down_mid_run_then_back(lab):
+@BOTH_PATHS
+def test_link_down_mid_run_then_back(lab, mode):
     dev = lab.device()
 
     def cut() -> None:
@@ -233,7 +243,8 @@ def test_link_down_mid_run_then_back(lab):
 
 @fault("link down 5 s mid-run (dead-link limit 3 s; the job's process group frozen meanwhile)",
        "connection dropped, retried when the link returns; abandoned job stopped by the retry first; recorded once")
-def test_link_down_mid_run_past_the_dead_link_limit(lab):
+@BOTH_PATHS
+def test_link_down_mid_run_past_the_dead_link_limit(lab, mode):
     dev = lab.device(client_alive=False)     # sshd's default: its session (and the agent) outlive the connection
     frozen: List[int] = []
 
@@ -256,7 +267,8 @@ def test_link_down_mid_run_past_the_dead_link_limit(lab):
         (o,) = lab.run([dev], "run-cut", ssh=dict(keepalive_s=1.0), backoff_s=1.0, retries=4,
                        timing=dict(min_duration_s=2.0))
     assert o.ok and o.attempts >= 2, o.error
-    assert len(frozen) >= 2 and not any(_running(p) for p in frozen)     # helper and agent stopped (SIGKILL)
+    # per job: helper and agent stopped (SIGKILL); a session: the agent's one process
+    assert len(frozen) >= (1 if mode == "session" else 2) and not any(_running(p) for p in frozen)
     first, second = sorted(watch.first_seen, key=watch.first_seen.get)[:2]
     # the first attempt's agent was still measuring when the retry reached the device: the retry stopped it
     # (DEVICE_HELPER evict) instead of measuring beside it
@@ -295,7 +307,8 @@ def test_link_down_for_good_behind_a_live_jump_host(lab):
 # ------------------------------------------------------------------------------------------------ sshd
 @fault("sshd killed mid-run (listener and sessions), back 1 s later",
        "retried once sshd is back; orphaned agent stops at once; recorded once")
-def test_sshd_killed_mid_run(lab):
+@BOTH_PATHS
+def test_sshd_killed_mid_run(lab, mode):
     dev = lab.device()
     killed: List[float] = []
 
@@ -391,7 +404,8 @@ def test_added_latency(lab):
 
 # ------------------------------------------------------------------------------------------------ the agent
 @fault("agent SIGKILLed mid-measurement", "error names SIGKILL; retried; recorded once")
-def test_agent_killed_mid_measurement(lab):
+@BOTH_PATHS
+def test_agent_killed_mid_measurement(lab, mode):
     dev = lab.device()
 
     def kill() -> None:
@@ -406,7 +420,10 @@ def test_agent_killed_mid_measurement(lab):
         (o,) = lab.run([dev], "agent-kill", events=events, backoff_s=0.2, timing=dict(min_duration_s=2.0))
     assert o.ok and o.attempts == 2, o.error
     (retry,) = events.of("retry")
-    assert "agent was killed by SIGKILL" in retry and "without a report" in retry, retry
+    if mode == "session":       # the session's pipe closed mid-job: the runner retries it on a new session
+        assert "agent session lost: the agent's output closed" in retry and "during run" in retry, retry
+    else:
+        assert "agent was killed by SIGKILL" in retry and "without a report" in retry, retry
     assert watch.max_at_once[dev.id] == 1
     lab.check("agent-kill", [o], [dev])
 
@@ -426,7 +443,8 @@ def test_agent_out_of_memory(lab):
 
 @fault("device hangs (job's process group SIGSTOPped)",
        "host deadline kills the process group; retried; recorded once")
-def test_device_hangs(lab):
+@BOTH_PATHS
+def test_device_hangs(lab, mode):
     dev = lab.device()
     stopped: List[int] = []
 
@@ -442,8 +460,11 @@ def test_device_hangs(lab):
                        backoff_s=0.2)
     assert o.ok and o.attempts == 2, o.error
     (retry,) = events.of("retry")
-    assert "did not finish within 5 s; killed" in retry, retry
-    assert len(stopped) >= 2 and not any(_running(p) for p in stopped)
+    if mode == "session":       # frozen: no heartbeat, and the run request past its deadline ends the session
+        assert re.search(r"agent session dead: nothing heard|run did not finish within 9 s", retry), retry
+    else:
+        assert "did not finish within 5 s; killed" in retry, retry
+    assert len(stopped) >= (1 if mode == "session" else 2) and not any(_running(p) for p in stopped)
     assert watch.max_at_once[dev.id] == 1
     lab.check("hang", [o], [dev])
 

@@ -166,7 +166,25 @@ class Device:
         return {p: cmdline(p) or "<%s>" % _comm(p) for p in self.net.pids() if p != listener}
 
     def agent_pids(self) -> List[int]:
-        return [p for p, c in self.processes().items() if " -m agent run " in c + " " or " -m agent serve " in c + " "]
+        """The agents running a job: every ``agent run``, and each ``agent serve`` (a session) whose process group
+        holds a job folder (its ``.pgid``); an idle session measures nothing."""
+        procs = self.processes()
+        running = [p for p, c in procs.items() if " -m agent run " in c + " "]
+        serving = [p for p, c in procs.items() if " -m agent serve " in c + " "]
+        if serving:
+            groups = set()
+            for name in self.job_dirs():
+                try:
+                    groups.add(int((self.cache / "jobs" / name / ".pgid").read_text()))
+                except (OSError, ValueError):
+                    pass
+            for p in serving:
+                try:
+                    if os.getpgid(p) in groups:
+                        running.append(p)
+                except OSError:
+                    pass
+        return running
 
     def helper_pids(self) -> List[int]:
         return [p for p, c in self.processes().items() if "EDGEPRUNE_HELPER" in c]
@@ -295,6 +313,7 @@ class Lab:
         self.db = self.root / "results.db"
         self.devices: List[Device] = []
         self.transports: Dict[str, List[SSHTransport]] = {}
+        self.sessions = os.environ.get("EDGEPRUNE_FAULT_SESSION") == "1"   # a test may set it: agent sessions
         self.mounts: List[Path] = []
         self.jumps: List[sshd.Sshd] = []
         if os.geteuid() == 0:
@@ -337,12 +356,12 @@ class Lab:
 
     # ------------------------------------------------------------------ running jobs
     def transport(self, dev: DeviceConfig, grace_s: float = 2.0) -> SSHTransport:
-        # The fault catalogue drives the one-command-per-job path (session=False): its device wrappers (prlimit,
-        # snippets run in the job folder) apply to `agent run`, and its expectations name that path's errors.
-        # The agent session's own faults (killed between and during jobs, frozen, stuck runtime, old agent) are in
-        # tests/test_agent_session*.py; this catalogue over sessions is issue 18's remaining work:
-        # EDGEPRUNE_FAULT_SESSION=1 runs it over sessions (2026-12-05: 9 of 19 pass unchanged).
-        t = SSHTransport(dev, grace_s=grace_s, session=os.environ.get("EDGEPRUNE_FAULT_SESSION") == "1")
+        # The catalogue drives the one-command-per-job path unless lab.sessions: the faults that hit a running job
+        # (link down mid-run, past the dead-link limit, sshd killed, agent SIGKILLed, device frozen) run over both
+        # paths (test_faults.BOTH_PATHS). The rest still drive `agent run` only: their device wrappers (prlimit,
+        # snippets run in the job folder or before `lease release`) apply to that command. The session's own
+        # faults are in tests/test_agent_session*.py. EDGEPRUNE_FAULT_SESSION=1 runs everything over sessions.
+        t = SSHTransport(dev, grace_s=grace_s, session=self.sessions)
         self.transports.setdefault(dev.id, []).append(t)
         return t
 
