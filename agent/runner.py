@@ -64,8 +64,9 @@ class PeakRss:
 
 def check_paths(job: JobSpec, base_dir: Path) -> None:
     """SchemaError (exit 2, nothing read) for a relative ``artifact.path``, ``eval.path`` or
-    ``eval.shards[i].path`` that leads out of the job folder (``../../etc/passwd``): a bad job spec, refused before the runner opens anything. Absolute paths
-    are the host's to give (it links the artifact's files into the job folder)."""
+    ``eval.shards[i].path`` that leads out of the job folder (``../../etc/passwd``): a bad job spec, refused before
+    the runner opens anything. Absolute paths are the host's to give (it links the artifact's files into the job
+    folder)."""
     base = base_dir.resolve()
     checks = [("artifact.path", job.artifact.path)]
     if job.eval is not None:

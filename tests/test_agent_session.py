@@ -53,6 +53,15 @@ def _local(tmp_path, **kw) -> LocalTransport:
     return LocalTransport(cache_dir=tmp_path / "c", **kw)
 
 
+def _agent_running(tmp_path, name: str, program: str):
+    """A device "python" whose ``python -m agent serve --log LOG`` runs ``program`` (saved as ``name``) instead."""
+    (tmp_path / name).write_text(program)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\ncd {os.getcwd()} && exec {os.sys.executable} {tmp_path / name} \"$@\"\n")
+    python.chmod(0o755)
+    return python
+
+
 def _gone(pid: int, within_s: float = 10.0) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < within_s:
@@ -144,10 +153,7 @@ sys.exit(session.main(sys.argv[-1]))
 def test_a_job_past_its_deadline_is_stopped_by_the_agent(tmp_path, artifact):
     """The runner bounds its own phases by the job's timeout; a runtime stuck inside one call is stopped by the
     session's watchdog, which answers JobTimeout and ends the agent (nothing keeps running)."""
-    (tmp_path / "hang.py").write_text(HANGING_RUNTIME)
-    python = tmp_path / "python"      # `python -m agent serve --log LOG` runs hang.py instead
-    python.write_text(f"#!/bin/sh\ncd {os.getcwd()} && exec {os.sys.executable} {tmp_path / 'hang.py'} \"$@\"\n")
-    python.chmod(0o755)
+    python = _agent_running(tmp_path, "hang.py", HANGING_RUNTIME)
     dev = _dev(tmp_path)
     with _local(tmp_path, python=str(python), grace_s=0.5) as t:
         pid = _agent_pid(t)
@@ -174,10 +180,7 @@ def test_a_refused_job_and_an_invalid_report_are_that_jobs_device_error(tmp_path
             t.run_job(job, tmp_path / "odd")
         assert not e.value.infrastructure
         assert t.run_job(_job(dev, artifact, "next"), tmp_path / "n").status == "ok" and t.sessions_opened == 1
-    (tmp_path / "bad.py").write_text(BAD_REPORT)
-    python = tmp_path / "python"
-    python.write_text(f"#!/bin/sh\ncd {os.getcwd()} && exec {os.sys.executable} {tmp_path / 'bad.py'} \"$@\"\n")
-    python.chmod(0o755)
+    python = _agent_running(tmp_path, "bad.py", BAD_REPORT)
     with _local(tmp_path, python=str(python)) as t:
         with pytest.raises(DeviceError, match="invalid report from the agent: schema_version") as e:
             t.run_job(_job(dev, artifact, "bad"), tmp_path / "bad")

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from edgeprune.errors import DeviceError
+from edgeprune.errors import DeviceError, InfrastructureError
 from host.fleet import state
 from host.fleet.devices import DeviceConfig
-from host.fleet.runner import transport_for
+from host.fleet.runner import lease_request, transport_for
 
 
 # the Python modules that provide each agent runtime (what `agent probe` lists)
@@ -43,16 +43,17 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
     transport = None
     try:
         transport = transport_factory(dev)
-        if getattr(transport, "use_session", False):    # probe and lease through the device's agent session
+        if getattr(transport, "use_session", False):    # the probe through the device's agent session
             probe = transport.agent_request("probe", 120.0, disk=transport.cache_dir())["probe"]
-            lease = transport.agent_request("lease", 60.0, action="show", dir=transport.cache_dir())
         else:
             rc, out, err = transport.exec_agent(["probe", "--json", "--disk", transport.cache_dir()], timeout=120)
             if rc != 0:
                 raise DeviceError(f"agent probe exited {rc}: {err.strip()[-500:]}")
             probe = json.loads(out)
-            rc, out, err = transport.exec_agent(["lease", "show", "--dir", transport.cache_dir()], timeout=60)
-            lease = json.loads(out) if rc == 0 else {}
+        try:
+            lease = lease_request(transport, dev.id, "show")
+        except InfrastructureError:     # `agent lease show` failed: who holds it is not known
+            lease = {}
         details["probe"] = probe
         details["summary"] = _summary(probe)
         holder = (lease.get("lease") or {}).get("holder") if lease.get("held") else None

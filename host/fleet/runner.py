@@ -46,6 +46,25 @@ def holder_identity(label: str = "") -> Dict[str, Any]:
     return {"host": socket.gethostname(), "user": getpass.getuser(), "pid": os.getpid(), "label": label}
 
 
+def lease_request(transport: Any, device_id: str, action: str, **fields: Any) -> Dict[str, Any]:
+    """``agent.lease``'s ``action`` (acquire, renew, release, show) on the device: through the agent session where
+    the transport has one, else as ``python -m agent lease`` (one command)."""
+    if getattr(transport, "use_session", False):
+        reply = transport.agent_request("lease", 60.0, action=action, dir=transport.cache_dir(), **fields)
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+    args = [action]
+    for key, value in fields.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value) if key == "holder"
+                 else str(value)]
+    rc, out, err = transport.exec_agent(["lease", *args, "--dir", transport.cache_dir()], timeout=60)
+    if rc != 0:
+        raise InfrastructureError(f"{device_id}: lease {action} failed (exit {rc}): {err.strip()[-500:]}")
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise InfrastructureError(f"{device_id}: lease {action}: agent printed no JSON") from None
+
+
 class Lease:
     """The device's exclusive lease for the duration of a ``with`` block, renewed in the background."""
 
@@ -63,23 +82,7 @@ class Lease:
         self._renewer: Optional[threading.Thread] = None
 
     def _agent(self, action: str, **fields: Any) -> Dict[str, Any]:
-        """``agent.lease``'s ``action`` on the device: through the agent session where the transport has one,
-        else as ``python -m agent lease`` (one command)."""
-        if getattr(self.transport, "use_session", False):
-            reply = self.transport.agent_request("lease", 60.0, action=action, dir=self.transport.cache_dir(),
-                                                 **fields)
-            return {k: v for k, v in reply.items() if k not in ("id", "ok")}
-        args = [action]
-        for key, value in fields.items():
-            args += [f"--{key}", value if isinstance(value, str) else json.dumps(value) if key == "holder"
-                     else str(value)]
-        rc, out, err = self.transport.exec_agent(["lease", *args, "--dir", self.transport.cache_dir()], timeout=60)
-        if rc != 0:
-            raise InfrastructureError(f"{self.device_id}: lease {action} failed (exit {rc}): {err.strip()[-500:]}")
-        try:
-            return json.loads(out)
-        except ValueError:
-            raise InfrastructureError(f"{self.device_id}: lease {action}: agent printed no JSON") from None
+        return lease_request(self.transport, self.device_id, action, **fields)
 
     def __enter__(self) -> "Lease":
         t0 = time.monotonic()

@@ -160,8 +160,9 @@ class LocalTransport:
                 return text
 
             self._proc, self._log_path, self._stderr = proc, log_path, stderr
-            self._session = sess = AgentSession(proc.stdout.readline, write, kill, where=self.where, error=_local_error, log_tail=log_tail,
-                                                heartbeat_s=self.heartbeat_s, max_report_bytes=self.max_report_bytes)
+            self._session = sess = AgentSession(proc.stdout.readline, write, kill, where=self.where, error=_local_error,
+                                                log_tail=log_tail, heartbeat_s=self.heartbeat_s,
+                                                max_report_bytes=self.max_report_bytes)
             self.sessions_opened += 1
         sess.hello()
         return sess

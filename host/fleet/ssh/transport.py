@@ -105,8 +105,9 @@ class SSHTransport(DeviceCache):
             def error(message: str, infrastructure: bool = True, timed_out: bool = False) -> SSHError:
                 return SSHError(message, infrastructure=infrastructure, timed_out=timed_out)
 
-            self._session = sess = AgentSession(rfile.readline, write, kill, where=self.where, error=error, log_tail=log_tail,
-                                                heartbeat_s=self.heartbeat_s, max_report_bytes=self.max_report_bytes)
+            self._session = sess = AgentSession(rfile.readline, write, kill, where=self.where, error=error,
+                                                log_tail=log_tail, heartbeat_s=self.heartbeat_s,
+                                                max_report_bytes=self.max_report_bytes)
             self.sessions_opened += 1
         sess.hello()
         return sess
