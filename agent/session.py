@@ -100,6 +100,10 @@ class Server:
             sys.stderr.flush()
             for child in psutil.Process().children(recursive=True):
                 child.kill()
+            with self._rlock:
+                running = self._running
+            if running is not None:            # the job dies with us: its folder goes too, as the helper's does
+                shutil.rmtree(running["dir"], ignore_errors=True)
             if code == EXIT_BYE:
                 self._unlink_log()              # a clean end: the log of a failed session is kept
         except (OSError, psutil.Error):
@@ -238,7 +242,7 @@ class Server:
             timeout_s = float(req.get("timeout_s") or job.timeout_s)
             with self._rlock:
                 self._running = {"id": req.get("id"), "req": req, "job": job.job_id, "timeout_s": timeout_s,
-                                 "deadline": time.monotonic() + timeout_s}
+                                 "deadline": time.monotonic() + timeout_s, "dir": str(jobdir)}
             try:
                 report = runner.run_job(job, jobdir)
             finally:

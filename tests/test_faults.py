@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -52,8 +50,9 @@ def fault(what: str, expected: str):
     return pytest.mark.reliability(kind="fault", what=what, expected=expected)
 
 
-# the faults that hit a running job, also over an agent session (one `python -m agent serve` per device, the
-# default): the lab's fixture reads `mode` and sets lab.sessions
+# The catalogue runs over agent sessions (one `python -m agent serve` per device: the default). The faults whose
+# device side differs between the paths, and the slow links, also run with one `python -m agent run` command per
+# job (`agent_session: false`): the lab's fixture reads `mode` and sets lab.sessions.
 BOTH_PATHS = pytest.mark.parametrize("mode", ["per-job", "session"])
 
 
@@ -293,7 +292,9 @@ def test_link_down_for_good_behind_a_live_jump_host(lab):
     # before, nothing noticed: TCP_USER_TIMEOUT guards only the link to the jump host, which stayed up, and the
     # command waited for its deadline (the job's 60 s + grace + command timeout: 70 s)
     assert lost - at[0] < 10, lost - at[0]
-    assert "connection lost" in events.of("retry")[0], events.of("retry")
+    # per job the command's channel, over a session the session's channel: each reports its connection gone
+    assert re.search("connection lost|agent session lost: the agent's output closed", events.of("retry")[0]), \
+        events.of("retry")
     assert sum(t.counters.dead_links for t in lab.transports[dev.id]) == 1
     assert not o.ok and o.attempts == 3 and "jump host %s could not open a connection" % jump in o.error, o.error
     dev.net.link(True)
@@ -332,10 +333,11 @@ def test_sshd_killed_mid_run(lab, mode):
 
 @fault("connection lost while releasing the lease (sshd's session killed)",
        "release retried on a new connection: nothing held afterwards; recorded once")
-def test_connection_lost_while_releasing_the_lease(lab):
+@BOTH_PATHS
+def test_connection_lost_while_releasing_the_lease(lab, mode):
     dev = lab.device()
     flag = dev.root / "released-once"
-    dev.set_python(before_release="  [ -e %s ] || { touch %s; kill -9 $PPID; exit 1; }" % (flag, flag))
+    dev.set_python(cut_release_once=flag)
     events = Events()
     (o,) = lab.run([dev], "release-cut", events=events)
     assert o.ok and o.attempts == 1, o.error
@@ -347,7 +349,8 @@ def test_connection_lost_while_releasing_the_lease(lab):
 
 # ------------------------------------------------------------------------------------------------ network quality
 @fault("30 % packet loss each way (nftables; artifact cached)", "completes (retries allowed); recorded once")
-def test_packet_loss(lab):
+@BOTH_PATHS
+def test_packet_loss(lab, mode):
     dev = lab.device()
     (o,) = lab.run([dev], "loss-warm")               # the artifact's upload is not part of this one (see below)
     assert o.ok, o.error
@@ -361,7 +364,8 @@ def test_packet_loss(lab):
 
 
 @fault("1 Mbit/s both ways (tc tbf)", "slow upload within the timeouts; ok first attempt; recorded once")
-def test_one_megabit(lab):
+@BOTH_PATHS
+def test_one_megabit(lab, mode):
     dev = lab.device()
     dev.net.rate("1mbit")
     assert "tbf" in dev.net.qdiscs()
@@ -430,7 +434,8 @@ def test_agent_killed_mid_measurement(lab, mode):
 
 @fault("agent out of memory (prlimit --as 512 MB, batch 2048)",
        "'out of memory on the device' error report, not retried; recorded as error")
-def test_agent_out_of_memory(lab):
+@BOTH_PATHS
+def test_agent_out_of_memory(lab, mode):
     dev = lab.device()
     dev.set_python(limit_as=512 << 20)
     (o,) = lab.run([dev], "oom", timing=dict(batch_size=2048))
@@ -439,6 +444,9 @@ def test_agent_out_of_memory(lab):
     assert "out of memory on the device" in o.error, o.error
     (row,) = lab.check("oom", [o], [dev])
     assert "out of memory on the device" in row["error"]
+    if mode == "session":           # the job failed, not the session: it reported, then said bye
+        (t,) = lab.transports[dev.id]
+        assert t.sessions_opened == 1
 
 
 @fault("device hangs (job's process group SIGSTOPped)",
@@ -472,7 +480,8 @@ def test_device_hangs(lab, mode):
 # ------------------------------------------------------------------------------------------------ the device's disk
 @fault("cached artifact corrupted (byte flipped), before and after the cache check",
        "mismatch found and re-uploaded; agent refuses the unverified file; never executed")
-def test_corrupted_cache(lab):
+@BOTH_PATHS
+def test_corrupted_cache(lab, mode):
     dev = lab.device()
     sha = lab.artifact.manifest.sha256
     (o,) = lab.run([dev], "corrupt-0")
@@ -489,9 +498,8 @@ def test_corrupted_cache(lab):
 
     # after the helper's check, before the agent loads it (a disk flipping bits under the job): the agent's own
     # check refuses it, and nothing ran it
-    flag = dev.cache / ".flipped"
-    dev.set_python(before_agent="  [ -e %s ] || { touch %s; %s; }"
-                   % (flag, flag, flip_command("$PWD/artifact/r20.onnx")))
+    flag = dev.root / "flipped-once"
+    dev.set_python(flip_artifact_once=flag)
     (o,) = lab.run([dev], "corrupt-2")
     assert not o.ok and o.attempts == 1 and o.report is not None and o.report.timing is None
     assert o.report.error.type == "ArtifactError" and "sha256 mismatch" in o.report.error.message
@@ -503,7 +511,7 @@ def test_corrupted_cache(lab):
     assert o.ok, o.error
     assert lab.transports[dev.id][-1].counters.cache_replaced == 1
     lab.check("corrupt-3", [o], [dev])
-    flag.unlink()
+    assert flag.exists()
     assert len(dev.audited()) == 3                    # three models loaded, each the verified artifact
 
 
@@ -528,13 +536,6 @@ def flip(path: Path, at: int = 4096) -> None:
         b = f.read(1)
         f.seek(at)
         f.write(bytes([b[0] ^ 0xFF]))
-
-
-def flip_command(path: str, at: int = 4096) -> str:
-    """Shell text flipping one byte of the file ``path`` (a link: its target) names."""
-    script = "import sys; f = open(sys.argv[1], 'r+b'); f.seek(%d); b = f.read(1); f.seek(%d); " \
-             "f.write(bytes([b[0] ^ 255]))" % (at, at)
-    return '%s -c "%s" "$(readlink -f %s)"' % (shlex.quote(sys.executable), script, path)
 
 
 @fault("full disk (cache on a 1 MB tmpfs; a 3 MB one filled mid-upload)",

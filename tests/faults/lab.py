@@ -10,7 +10,8 @@ A :class:`Lab` owns a folder, a client key and a known_hosts file. Each :meth:`L
   starts (``ip netns exec`` gives sshd its own mount namespace, so later host mounts may not reach it);
 * its own "python": a wrapper around this interpreter that puts ``tests/faults/audit`` on the path, so that
   every model onnxruntime loads on the device is logged with its sha256 (:meth:`Device.audited`), and that can
-  limit the agent's address space (``prlimit --as``) or run a shell snippet before the agent starts.
+  limit the agent's address space (``prlimit --as``) or arm a one-shot fault (a flipped artifact byte, a cut lease
+  release).
 
 :meth:`Lab.run` runs one job per device through :func:`host.fleet.runner.run_on_devices` (leases, retries and all)
 and records each outcome in the results store (``host.results.store``) as it arrives, exactly as ``edgeprune bench``
@@ -134,20 +135,23 @@ class Device:
         return p.read_text(errors="replace") if p.is_file() else ""
 
     # ------------------------------------------------------------------ the device's python
-    def set_python(self, *, limit_as: Optional[int] = None, before_agent: str = "", before_release: str = "") -> None:
-        """(Re)write the device's python wrapper: the audit hook always; for ``-m agent run`` only, a shell
-        snippet run first (``before_agent``; ``$PWD`` is the job folder) and an address-space limit; for
-        ``-m agent lease release``, a snippet run first (``before_release``; ``$PPID`` is sshd's session)."""
+    def set_python(self, *, limit_as: Optional[int] = None, flip_artifact_once: Optional[Path] = None,
+                   cut_release_once: Optional[Path] = None) -> None:
+        """(Re)write the device's python wrapper: the audit hook always; an address-space limit for the agent
+        (``-m agent run`` or ``serve``); the audit hook's one-shot faults (tests/faults/audit), each armed with a
+        flag file: a byte of the artifact flipped as the agent opens it, a lease release that cuts sshd's session."""
         run = shlex.quote(sys.executable)
         if limit_as is not None:
             run = "%s --as=%d -- %s" % (shutil.which("prlimit") or "/usr/bin/prlimit", limit_as, run)
+        arm = "".join("export %s=%s\n" % (var, shlex.quote(str(flag))) for var, flag in
+                      (("EDGEPRUNE_FAULT_FLIP_ONCE", flip_artifact_once),
+                       ("EDGEPRUNE_FAULT_CUT_RELEASE", cut_release_once)) if flag is not None)
         text = ("#!/bin/sh\n# device %s's python (tests/faults): this interpreter with the audit hook\n"
-                "export EDGEPRUNE_FAULT_AUDIT=%s\n"
+                "export EDGEPRUNE_FAULT_AUDIT=%s\n%s"
                 "export PYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}\n"
-                'if [ "$1 $2 $3" = "-m agent run" ]; then\n%s\n  exec %s "$@"\nfi\n'
-                'if [ "$1 $2 $3 $4" = "-m agent lease release" ]; then\n%s\nfi\n'
-                'exec %s "$@"\n' % (self.id, shlex.quote(str(self.audit)), shlex.quote(str(AUDIT_DIR)),
-                                    before_agent or "  :", run, before_release or "  :", shlex.quote(sys.executable)))
+                'case "$1 $2 $3" in "-m agent run"|"-m agent serve") exec %s "$@";; esac\n'
+                'exec %s "$@"\n' % (self.id, shlex.quote(str(self.audit)), arm, shlex.quote(str(AUDIT_DIR)),
+                                    run, shlex.quote(sys.executable)))
         tmp = self.python.with_name(self.python.name + ".tmp")
         tmp.write_text(text)
         tmp.chmod(0o755)
@@ -243,7 +247,8 @@ class Device:
             settings.update(host="127.0.0.1", port=self.proxy.port)
         settings.update(ssh)
         return DeviceConfig(id=self.id, transport="ssh", ssh=SSHConfig(**settings), python=str(self.python),
-                            timing=TimingConfig(**FAST_TIMING), description="namespaced sshd (tests/faults)")
+                            timing=TimingConfig(**FAST_TIMING), description="namespaced sshd (tests/faults)",
+                            agent_session=self.lab.sessions)
 
     def add_delay(self, delay_s: float) -> DelayProxy:
         """Put a :class:`DelayProxy` in front of this device's sshd; its config then points at the proxy."""
@@ -313,7 +318,8 @@ class Lab:
         self.db = self.root / "results.db"
         self.devices: List[Device] = []
         self.transports: Dict[str, List[SSHTransport]] = {}
-        self.sessions = os.environ.get("EDGEPRUNE_FAULT_SESSION") == "1"   # a test may set it: agent sessions
+        # agent sessions (the default), or one `python -m agent run` command per job: a test may set it
+        self.sessions = os.environ.get("EDGEPRUNE_FAULT_SESSION", "1") == "1"
         self.mounts: List[Path] = []
         self.jumps: List[sshd.Sshd] = []
         if os.geteuid() == 0:
@@ -356,11 +362,9 @@ class Lab:
 
     # ------------------------------------------------------------------ running jobs
     def transport(self, dev: DeviceConfig, grace_s: float = 2.0) -> SSHTransport:
-        # The catalogue drives the one-command-per-job path unless lab.sessions: the faults that hit a running job
-        # (link down mid-run, past the dead-link limit, sshd killed, agent SIGKILLed, device frozen) run over both
-        # paths (test_faults.BOTH_PATHS). The rest still drive `agent run` only: their device wrappers (prlimit,
-        # snippets run in the job folder or before `lease release`) apply to that command. The session's own
-        # faults are in tests/test_agent_session*.py. EDGEPRUNE_FAULT_SESSION=1 runs everything over sessions.
+        # The catalogue runs over agent sessions (the default path) unless lab.sessions is False: the faults whose
+        # device side differs between the paths (a running job hit, OOM, a corrupted cache, a cut release) and
+        # the slow links run over both (test_faults.BOTH_PATHS). EDGEPRUNE_FAULT_SESSION=0 runs everything per job.
         t = SSHTransport(dev, grace_s=grace_s, session=self.sessions)
         self.transports.setdefault(dev.id, []).append(t)
         return t

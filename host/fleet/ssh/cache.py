@@ -130,6 +130,11 @@ class DeviceCache(SSHCommands):
                         sftp.mkdir(sub, 0o700)
                 real = sftp.normalize(path)
                 sftp.listdir(real)                  # a folder we can read (not a file of that name)
+            except socket.timeout:                  # an OSError too, but the link's, not the folder's
+                self.close()
+                raise SSHError("%s: creating the cache folder %r: no answer within %g s; connection dropped"
+                               % (self.where, raw, self.ssh.command_timeout_s), infrastructure=True,
+                               timed_out=True) from None
             except OSError as e:
                 if not self.connected:
                     raise

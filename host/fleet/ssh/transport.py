@@ -226,10 +226,10 @@ class SSHTransport(DeviceCache):
         try:
             self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
         except SSHError as e:
-            if not e.infrastructure or sess.alive:
-                raise
+            if not e.infrastructure or sess.alive or not self.connected:
+                raise       # a lost connection (the session died with it) is the runner's to retry, with backoff
             # the session died before this job was sent (an agent killed between jobs, whose channel closed
-            # only now): nothing of the job ran, so a new session takes it
+            # only now) on a connection that is still up: nothing of the job ran, so a new session takes it
             sess = self.session()
             self._helper({"want": list(sources)}, sources, None, self.ssh.command_timeout_s)
         limit = job.timeout_s + self.grace_s

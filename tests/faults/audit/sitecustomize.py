@@ -4,6 +4,16 @@ When ``EDGEPRUNE_FAULT_AUDIT`` names a file, every ``onnxruntime.InferenceSessio
 appends one JSON line to it: the model path and the sha256 of the bytes it is about to load. The fault tests
 check every line against the artifact's known sha256: nothing is ever executed that the agent did not verify.
 Standard library only; patches nothing unless onnxruntime is imported.
+
+Two one-shot faults, the same for an agent per job (``python -m agent run``, ``agent lease release``) and an agent
+session (``python -m agent serve``), each armed by an environment variable naming a flag file (it fires when the
+flag does not exist, and creates it):
+
+* ``EDGEPRUNE_FAULT_FLIP_ONCE``: when the agent opens a job's ``artifact/<name>`` to read it (its sha256 check:
+  after the device helper's cache check, before any runtime loads it), one byte of the cached file behind the link
+  is flipped first -- a disk flipping bits under the job;
+* ``EDGEPRUNE_FAULT_CUT_RELEASE``: a lease release SIGKILLs sshd's session process (this agent's parent) instead of
+  releasing, and the agent exits -- the connection lost while releasing.
 """
 import hashlib
 import importlib.abc
@@ -63,5 +73,67 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
+_FLIP = os.environ.get("EDGEPRUNE_FAULT_FLIP_ONCE")
+_CUT = os.environ.get("EDGEPRUNE_FAULT_CUT_RELEASE")
+
+
+def _first_time(flag):
+    try:
+        os.close(os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _flip_hook(event, args):
+    if event != "open" or not isinstance(args[0], (str, os.PathLike)) or "r" not in str(args[1] or "r"):
+        return
+    path = os.fspath(args[0])
+    if isinstance(path, bytes) or os.path.basename(os.path.dirname(path)) != "artifact":
+        return
+    if "/jobs/" not in os.path.abspath(path) or not _first_time(_FLIP):
+        return
+    real = os.path.realpath(path)
+    fd = os.open(real, os.O_RDWR)             # os.open: no audit event of its own kind, no recursion
+    try:
+        b = os.pread(fd, 1, 4096)
+        os.pwrite(fd, bytes([b[0] ^ 0xFF]), 4096)
+    finally:
+        os.close(fd)
+
+
+class _ReleaseFinder(importlib.abc.MetaPathFinder):
+    """Patches ``agent.lease.release`` once the agent imports it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "agent.lease":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            release = module.release
+
+            def cut_release(*args, **kwargs):
+                if _first_time(_CUT):
+                    os.kill(os.getppid(), 9)
+                    os._exit(1)
+                return release(*args, **kwargs)
+
+            module.release = cut_release
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
 if _LOG:
     sys.meta_path.insert(0, _Finder())
+if _FLIP:
+    sys.addaudithook(_flip_hook)
+if _CUT:
+    sys.meta_path.insert(0, _ReleaseFinder())
