@@ -95,5 +95,10 @@ class HostKeyError(SSHError):
         return self.expected_fingerprint is not None
 
 
+class ExecutorError(EdgepruneError):
+    """Where candidates are built failed, not the build itself: a Ray cluster that cannot be reached, or was lost
+    mid-run (the message names its address). A search stopped by it continues with ``--resume``."""
+
+
 class StoreError(UsageError):
     """The results store cannot be opened or written (exit 2)."""

@@ -28,7 +28,7 @@ if [ "$RUN_TESTS" = 1 ]; then
 else
     python3 -m venv "$EDGEPRUNE_CI_VENV"
     "$EDGEPRUNE_CI_VENV/bin/python" -m pip install --quiet torch==2.13.0
-    "$EDGEPRUNE_CI_VENV/bin/python" -m pip install --quiet -e '.[test]' torch==2.13.0
+    "$EDGEPRUNE_CI_VENV/bin/python" -m pip install --quiet -e '.[test,ray]' torch==2.13.0
 fi
 
 PY="$EDGEPRUNE_CI_VENV/bin/python"

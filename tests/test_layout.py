@@ -145,6 +145,7 @@ FORBIDDEN = [
     ("host.files", ("host.fleet", "host.search", "host.results", "host.commands", "host.cli")),
     ("host.fmt", ("host.fleet", "host.search", "host.results", "host.commands", "host.cli")),
     ("host.fleet", ("host.search", "host.results", "host.commands", "host.cli")),
+    ("host.executors", ("host.fleet", "host.search", "host.results", "host.commands", "host.cli")),
     ("host.results", ("host.search", "host.commands", "host.cli")),
     ("host.search", ("host.commands", "host.cli")),
     ("host.commands", ("host.cli",)),
@@ -249,9 +250,10 @@ def _registries():
     import agent.power
     import agent.runtimes
     from edgeprune import export
+    from host import executors
     from host.search import algos
     return [("agent.runtimes", agent.runtimes._MEMBERS), ("agent.power", agent.power._MEMBERS),
-            ("host.search.algos", algos.ALGORITHMS),
+            ("host.search.algos", algos.ALGORITHMS), ("host.executors", executors.EXECUTORS),
             ("edgeprune.exporters", {k: v + ":FORMATS" for k, v in export.REGISTRY.items()})]
 
 

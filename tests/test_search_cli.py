@@ -35,7 +35,7 @@ def fake(monkeypatch):
     real = hs._execute
 
     def execute(folder, run_id, opts, devices, targets, events, _space, _evaluator, recorder=None, workload=None,
-                clock=None, started=None):
+                clock=None, started=None, executor=None):
         ev = FakeEvaluator(space)
         made.append(ev)
         return real(folder, run_id, opts, devices, targets, events, space, ev, recorder, None, clock, started)
@@ -121,7 +121,7 @@ def test_interrupt_prints_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     space = resnet_like_space()
     real = hs._execute
-    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v, rec, wl=None, clock=None, started=None: real(
+    monkeypatch.setattr(hs, "_execute", lambda f, r, o, d, t, e, s, v, rec, wl=None, clock=None, started=None, ex=None: real(
         f, r, o, d, t, e, space, FakeEvaluator(space, crash_after=1), rec))
     code, out, err = search("--model", "resnet20", "--target", "latency_p50_ms=0.5x", "--max-accuracy-drop", "5",
                             "--run-id", "ctrl-c", capsys=capsys)

@@ -106,14 +106,37 @@ def source_kwargs(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def open_recorder(args: argparse.Namespace, run_id: str, kind: str, *, resume: bool = False,
-                  seeds: Optional[Dict[str, object]] = None) -> "object":
-    """The results store's recorder for this command's run (opened before any work: a bad --db fails first)."""
+                  seeds: Optional[Dict[str, object]] = None, executor: "Optional[object]" = None) -> "object":
+    """The results store's recorder for this command's run (opened before any work: a bad --db fails first);
+    ``executor``: where the run's candidates are built (its description goes into the provenance)."""
     from host.results.provenance import host_provenance
     from host.results.store import RunRecorder, Store
 
     store = Store(args.db)
+    extra = {"executor": executor.describe()} if executor is not None else None   # type: ignore[attr-defined]
     return RunRecorder(store, run_id, kind, command=list(sys.argv), resume=resume,
-                       provenance=host_provenance(seeds=seeds))
+                       provenance=host_provenance(seeds=seeds, extra=extra))
+
+
+def executor_args(p: argparse.ArgumentParser) -> None:
+    """Where candidate builds run (host.executors): ``--executor`` and ``--ray-address``."""
+    from host.executors import EXECUTORS
+
+    g = p.add_argument_group("executor (where candidates are pruned, recovered and exported)")
+    g.add_argument("--executor", choices=sorted(EXECUTORS), default="local",
+                   help="local: in this process, one after the other (default); ray: as tasks on a Ray cluster "
+                        "(pip install 'edgeprune[ray]'), overlapping with the measurements of remote devices")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster (host:port), else $RAY_ADDRESS, else the one `ray start --head` started here")
+
+
+def open_executor(args: argparse.Namespace) -> "object":
+    """The executor the arguments ask for (connected: a Ray cluster that cannot be reached fails here)."""
+    from host.executors import open_executor as open_named
+
+    if args.executor != "ray" and args.ray_address is not None:
+        raise UsageError("--ray-address: only with --executor ray")
+    return open_named(args.executor, **({"address": args.ray_address} if args.executor == "ray" else {}))
 
 
 def select_devices(fleet: Optional[str], ids: Optional[str], *, connect: bool = True) -> "List[DeviceConfig]":

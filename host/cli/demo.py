@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from edgeprune.errors import UsageError
-from host.cli.common import (MODEL_HELP, data_source_args, db_argument, model_source_args, open_recorder,
+from host.cli.common import (MODEL_HELP, data_source_args, db_argument, executor_args, model_source_args,
+                             open_executor, open_recorder,
                              per_class, ratio_list, source_kwargs)
 from host.fmt import NA, field
 
@@ -44,6 +45,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
                    "another controller (a bench, a search, another demo) is measuring on it")
     d.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
     db_argument(d)
+    executor_args(d)
     model_source_args(d)
     data_source_args(d, eval_help="eval data the agent scores (the dense model's outputs ship with it)")
     d.set_defaults(handler=main_demo)
@@ -69,7 +71,7 @@ def _demo_table(rows: List[Dict[str, object]], title: str) -> Table:
 
 
 def main_demo(args: argparse.Namespace, console: Console) -> int:
-    from host.commands.demo import DemoOptions, run_demo
+    from host.commands.demo import DemoOptions
     from host.fleet.devices import check_local_files, resolve_device
 
     device = resolve_device(args.device)
@@ -99,8 +101,18 @@ def main_demo(args: argparse.Namespace, console: Console) -> int:
 
     run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
     workload = open_demo_workload(opts)   # the model and eval data checked before the store records a run
-    recorder = open_recorder(args, run_id, "demo", seeds={"seed": opts.seed})
-    console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
+    executor = open_executor(args)   # a Ray cluster that cannot be reached fails before the store records a run
+    try:
+        recorder = open_recorder(args, run_id, "demo", seeds={"seed": opts.seed}, executor=executor)
+        console.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
+        result = _run(opts, recorder, workload, executor, console)
+    finally:
+        executor.close()
+    return _report(result, workload, device, console, run_id, recorder.store.name)  # type: ignore[attr-defined]
+
+
+def _run(opts: "object", recorder: "object", workload: "object", executor: "object", console: Console) -> "object":
+    from host.commands.demo import run_demo
 
     with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
@@ -121,9 +133,14 @@ def main_demo(args: argparse.Namespace, console: Console) -> int:
                 progress.update(overall, description="candidates measured", completed=done)
                 progress.console.print(("[green]" if msg.endswith(": ok") else "[red]") + f"done[/] {msg}")
 
-        result = run_demo(opts, events, recorder=recorder, workload=workload)
-        recorder.summary = {"rows": result.rows, "failures": result.failures}
+        result = run_demo(opts, events, recorder=recorder, workload=workload,  # type: ignore[arg-type]
+                          executor=executor)  # type: ignore[arg-type]
+        recorder.summary = {"rows": result.rows, "failures": result.failures}  # type: ignore[attr-defined]
+    return result
 
+
+def _report(result: "object", workload: "object", device: "object", console: Console, run_id: str,
+            store: str) -> int:
     console.print(_demo_table(result.rows, f"edgeprune demo — {workload.model.name} on device '{device.id}' "
                                            f"({device.runtime.name}, {result.format}, "
                                            f"{device.runtime.threads} thread(s))"))
@@ -140,5 +157,5 @@ def main_demo(args: argparse.Namespace, console: Console) -> int:
         if r.get("warnings"):
             console.print(f"[yellow]warning[/] r={r['ratio']}: {r['warnings']}")
     console.print(f"wrote {result.summary_csv} and {len(result.rows)} reports in {result.out / 'reports'}")
-    console.print(f"run {run_id} recorded in {recorder.store.name}: edgeprune report {run_id}")
+    console.print(f"run {run_id} recorded in {store}: edgeprune report {run_id}")
     return 1 if result.failures else 0

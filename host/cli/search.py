@@ -15,8 +15,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgeprune.errors import UsageError
-from host.cli.common import (MODEL_HELP, data_source_args, db_argument, model_source_args, open_recorder,
-                             per_class, select_devices, source_kwargs)
+from host.cli.common import (MODEL_HELP, data_source_args, db_argument, executor_args, model_source_args,
+                             open_executor, open_recorder, per_class, select_devices, source_kwargs)
 from host.fmt import NA
 from host.search.budget import BUDGET_DISTILL, DEFAULT_BUDGET_MINUTES
 
@@ -52,6 +52,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     sr.add_argument("--resume", default=None, metavar="RUN_ID",
                     help="continue this run with its stored options (give --out too if it was given)")
     db_argument(sr)
+    executor_args(sr)
     sr.add_argument("--quick", action="store_true", default=None, help="short timing windows on the devices")
     sr.add_argument("--allocation", default=None, help="global ratio -> per-group ratios: sensitivity (default), "
                                                        "latency (bisect: latency measured per layer on the device, "
@@ -270,8 +271,20 @@ def main_search(args: argparse.Namespace, console: Console) -> int:
         workload = search_data.open_search_workload(opts)
         search_data.check_workload(workload, targets)
     resume_hint = f"edgeprune search --resume {run_id}" + (f" --out {args.out}" if args.out is not None else "")
+    executor = open_executor(args)          # a Ray cluster that cannot be reached fails before anything is recorded
+    try:
+        return _run_search(args, console, search, run_id, folder, opts, workload, resume_hint, executor,
+                           None if args.resume is not None else (devices, targets))
+    finally:
+        executor.close()                    # outstanding builds cancelled (Ctrl-C too); the cluster keeps running
+
+
+def _run_search(args: argparse.Namespace, console: Console, search: "object", run_id: str, folder: "object",
+                opts: "object", workload: "object", resume_hint: str, executor: "object",
+                new: "object") -> int:
     recorder = open_recorder(args, run_id, "search", resume=args.resume is not None,
-                             seeds={"seed": opts.seed} if args.resume is None else None)
+                             seeds={"seed": opts.seed} if args.resume is None else None,  # type: ignore[attr-defined]
+                             executor=executor)
     console.print(f"search run id: [bold]{run_id}[/] (continue an interrupted run with: {resume_hint})")
     console.print(f"[dim]results store: {recorder.store.name}[/]", highlight=False)
     with recorder, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -297,11 +310,13 @@ def main_search(args: argparse.Namespace, console: Console) -> int:
                 progress.update(task(dev_id), description=f"{dev_id}: done ({msg})")  # type: ignore[arg-type]
 
         try:
-            if args.resume is not None:
-                result = search.resume(run_id, out=args.out, events=events, recorder=recorder, workload=workload)
+            if new is None:
+                result = search.resume(run_id, out=args.out, events=events,  # type: ignore[attr-defined]
+                                       recorder=recorder, workload=workload, executor=executor)
             else:
-                result = search.start(opts, devices, targets, out=args.out, run_id=run_id,  # type: ignore[arg-type]
-                                      events=events, recorder=recorder, workload=workload)
+                devices, targets = new  # type: ignore[misc]
+                result = search.start(opts, devices, targets, out=args.out, run_id=run_id,  # type: ignore
+                                      events=events, recorder=recorder, workload=workload, executor=executor)
         except KeyboardInterrupt:
             progress.stop()
             console.print(f"search interrupted; completed evaluations are in {folder / search.EVALUATIONS}; "

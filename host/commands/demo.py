@@ -15,24 +15,28 @@ This module returns plain data and reports progress through a callback; the CLI 
 """
 from __future__ import annotations
 
-import copy
 import csv
 from contextlib import closing
 import io
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from agent import schema
-from edgeprune import data, export, prune, shards
+from edgeprune import data, export, shards
 from edgeprune.errors import DeviceError, UsageError
-from edgeprune.recovery import RecoveryPlan, recover
+from edgeprune.recovery import RecoveryPlan
 from edgeprune.workload import DataOptions, Workload, open_workload, shard_batches
 from edgeprune.sources import ModelSpec
+from host.commands.demo_build import DemoBuilder, options_document, tag_of
+from host.executors import BuildTask
+from host.executors.base import absolute_paths
+from host.executors.local import LocalExecutor
 from host.fleet.devices import DeviceConfig, local_device
 from host.fleet.formats import profile_for
 from host.fleet.jobs import build_job
@@ -40,6 +44,7 @@ from host.fleet.runner import Lease, transport_for
 from host.files import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
+    from host.executors import Executor
     from host.results.store import RunRecorder
 
 SUMMARY_COLUMNS = [
@@ -165,12 +170,15 @@ def open_demo_workload(opts: DemoOptions) -> Workload:
 
 
 def run_demo(opts: DemoOptions, events: Optional[Events] = None,
-             recorder: Optional["RunRecorder"] = None, workload: Optional[Workload] = None) -> DemoResult:
+             recorder: Optional["RunRecorder"] = None, workload: Optional[Workload] = None,
+             executor: Optional["Executor"] = None) -> DemoResult:
     """Run the demo loop: build every candidate, then measure them back to back; each measured candidate is in
     ``summary.csv`` (and, with ``recorder``, in the results store) before the next one is measured. ``workload``:
-    :func:`open_demo_workload` of the same options, when the caller opened it already."""
+    :func:`open_demo_workload` of the same options, when the caller opened it already; ``executor``: where the
+    candidates are built (:mod:`host.executors`; default in this process; the caller closes it)."""
     opts.validate()
     emit = events or (lambda *a: None)
+    executor = executor if executor is not None else LocalExecutor()
     out = Path(opts.out)
     for sub in ("artifacts", "reports", "jobs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -189,52 +197,31 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     eval_sha = shard_list[0].sha256 if len(shard_list) == 1 else export.sha256_text(
         ",".join(s.sha256 for s in shard_list))
 
-    ft_split = cal = None
-    if opts.recovery and any(r > 0 for r in opts.ratios):
-        cal = wl.calib()
-        ft_split = wl.finetune()
+    builder = DemoBuilder(opts, wl, emit)
+    ft_split = builder.ft_split
+    if builder.cal is not None:
         emit("info", f"recovery data: {ft_split.name if ft_split else 'none (no --finetune-data)'}"
-                     f"{f', {len(ft_split)} images' if ft_split else ''}; calib {len(cal) if cal else 0} images",
-             None, None)
-
-    example = wl.example
-    check_inputs = wl.check_inputs()
-    keep = loaded.ignored_modules()
+                     f"{f', {len(ft_split)} images' if ft_split else ''}; calib {len(builder.cal)} images", None, None)
     dev = opts.device
-    profile = profile_for(dev)     # the format the device's runtime loads: onnx, openvino IR, tflite, ...
-    calib_inputs = None
+    profile = builder.profile
     transport = transport_for(dev)
-    # Phase 1: every candidate's artifact (pruning, recovery, export). Phase 2: all of them measured back to back,
-    # so that their latencies are compared under the same machine conditions, not minutes and a fine-tune apart.
+    # Phase 1: every candidate's artifact (pruning, recovery, export), in this process or as tasks on a cluster
+    # (all at once). Phase 2: all of them measured back to back, so that their latencies are compared under the
+    # same machine conditions, not minutes and a fine-tune apart, and nothing builds beside a measurement.
+    doc = absolute_paths(options_document(opts))       # a worker's working folder is not ours
+    handles = [executor.submit(BuildTask(tag_of(name, ratio), out / "artifacts",
+                                         lambda dest, ratio=ratio: builder.build(ratio, dest),
+                                         "host.commands.demo:build_remote",
+                                         {"options": doc, "ratio": ratio}, whole=False))
+               for ratio in opts.ratios]
     built = []
-    for ratio in opts.ratios:
-        tag = f"{name}-r{int(round(ratio * 100)):03d}"
-        emit("stage", f"{tag}: pruning {ratio:.0%} of channels", None, None)
-        model = copy.deepcopy(base)
-        pr = prune.prune(model, ratio, example, importance=opts.importance, round_to=dev.round_to,
-                         extra_ignored=[dict(model.named_modules())[n] for n, m in base.named_modules() if m in keep])
-        recovery = "none"
-        if ratio > 0 and opts.recovery:
-            rec = recover(model, opts.recovery_plan(), calib=cal, train=ft_split,
-                          events=lambda k, m, d, t, tag=tag: emit(k, f"{tag}: {m}", d, t))
-            if rec.recalibrated:
-                recovery = "bn"
-            if rec.finetune is not None:
-                res = rec.finetune
-                recovery = f"ft {res.steps_done}/{res.steps_planned} steps, {res.seconds:.0f}s"
-        emit("stage", f"{tag}: export {profile.fmt} (verified against torch)", None, None)
-        write_text_atomic(out / "artifacts" / f"{tag}.plan.json", pr.plan.to_json())
-        if calib_inputs is None and (export.get_format(profile.fmt).calibration
-                                     or "int8" in str(dict(profile.export_options).get("precision", ""))):
-            calib_inputs = wl.calib_inputs(200)
-        man = export.export(model, profile.fmt, out / "artifacts", tag=tag, check_inputs=check_inputs,
-                            calib_inputs=calib_inputs, model_name=name, source_checkpoint_sha256=str(meta["sha256"]),
-                            pruning_plan_sha256=pr.plan.sha256(), input_shape=tuple(wl.input_shape),
-                            preprocess=wl.manifest_preprocess(), **dict(profile.export_options))
-        job = build_job(dev, tag, out / "artifacts" / man.file, man, shard_list or None,
+    for h in handles:
+        b = h.result()
+        man = export.Manifest.read(out / "artifacts" / b["manifest"])
+        job = build_job(dev, b["tag"], out / "artifacts" / man.file, man, shard_list or None,
                         eval_split=ev.name if ev else "eval", quick=opts.quick, seed=opts.seed)
-        built.append((tag, ratio, pr, recovery, job, man))
-        emit("built", tag, len(built), len(opts.ratios))
+        built.append((b["tag"], b["ratio"], b, job, man))
+        emit("built", b["tag"], len(built), len(opts.ratios))
 
     rows: List[Dict[str, object]] = []
     failures = 0
@@ -245,7 +232,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     # at once (a bench started beside a demo waits for it, and the other way round)
     emit("stage", f"taking the lease of device '{dev.id}'", None, None)
     with closing(transport), Lease(transport, dev.id, wait_s=opts.lease_wait_s, label="edgeprune demo"):
-        for tag, ratio, pr, recovery, job, man in built:
+        for tag, ratio, b, job, man in built:
             emit("stage", f"{tag}: measuring on device '{dev.id}' (agent process)", None, None)
             report_path = out / "reports" / f"{tag}.json"
             try:
@@ -256,12 +243,13 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
             if recorder is not None:
                 recorder.measurement(tag, device_id=dev.id, report=schema.to_dict(report), job=schema.to_dict(job),
                                      label=f"ratio {ratio:g}", model=name, manifest=asdict(man),
-                                     extra={"ratio": ratio, "macs": pr.macs_after, "params": pr.params_after,
-                                            "recovery": recovery, "plan_sha256": pr.plan.sha256(),
+                                     extra={"ratio": ratio, "macs": b["macs"], "params": b["params"],
+                                            "recovery": b["recovery"], "plan_sha256": b["plan_sha256"],
+                                            "built_by": b.built_by,
                                             "eval_sha256": eval_sha, "eval_split": ev.name if ev else None,
                                             "seed": opts.seed, "recipe": loaded.recipe})
             failures += report.status != "ok"
-            rows.append(_row(name, ratio, pr.macs_after, pr.params_after, recovery, report, report_path))
+            rows.append(_row(name, ratio, b["macs"], b["params"], b["recovery"], report, report_path))
             _write_summary(summary, rows)
             emit("row", f"{tag}: {report.status}", len(rows), len(opts.ratios))
     write_text_atomic(out / "demo.json", json.dumps({
@@ -270,7 +258,37 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
                                          "shards": [{"file": s.path.name, "sha256": s.sha256, "n": s.n}
                                                     for s in shard_list]},
         "finetune_split": ft_split.name if ft_split is not None else None, "device": dev.model_dump(by_alias=True),
-        "ratios": list(opts.ratios), "quick": opts.quick, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ratios": list(opts.ratios), "quick": opts.quick, "executor": executor.describe(),
+        "built_by": {tag: b.built_by for tag, _, b, _, _ in built}, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, indent=1, default=str))
     return DemoResult(rows, out, summary, ev.name if ev else "", ev.n if ev else 0,
                       ft_split.name if ft_split else None, failures, profile.fmt)
+
+
+_OPEN: Dict[str, DemoBuilder] = {}
+_LOCK = threading.Lock()
+
+
+def options_from_document(doc: Mapping[str, Any]) -> DemoOptions:
+    """:class:`DemoOptions` from :func:`host.commands.demo_build.options_document`."""
+    kw = dict(doc)
+    kw["device"] = DeviceConfig.model_validate(kw["device"])
+    kw["out"] = Path(kw["out"])
+    for name in ("ratios", "ignore_layers", "input_shape"):
+        if kw.get(name) is not None:
+            kw[name] = tuple(kw[name])
+    return DemoOptions(**kw)
+
+
+def build_remote(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
+    """A Ray task's build: the demo's candidate ``payload["ratio"]`` into ``dest`` (its model and data opened on
+    the first build in this process)."""
+    doc = payload["options"]
+    ident = json.dumps(doc, sort_keys=True)
+    with _LOCK:
+        if ident not in _OPEN:
+            _OPEN.clear()
+            opts = options_from_document(doc)
+            _OPEN[ident] = DemoBuilder(opts, open_demo_workload(opts))
+        builder = _OPEN[ident]
+    return builder.build(float(payload["ratio"]), Path(dest))

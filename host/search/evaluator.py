@@ -1,14 +1,16 @@
 """Device evaluation: the :class:`Evaluator` interface the driver asks for work through, and
 :class:`FleetEvaluator`, the real one.
 
-:class:`FleetEvaluator` builds a candidate on the host (prune by its exact per-group channel counts → recover with
+:class:`FleetEvaluator` builds a candidate through its executor (:mod:`host.executors`: in this process by
+default, or as a Ray task on a cluster): prune by its exact per-group channel counts → recover with
 :func:`edgeprune.recovery.recover` at the candidate's recovery level → export in the device's format, verified
-against torch) under ``work/artifacts/<key>`` (reused while its files match its manifest, an interrupted
-fine-tune resumed from its checkpoint), and measures it through the device's agent
+against torch, under ``work/artifacts/<key>`` (reused while its files match its manifest, an interrupted
+fine-tune resumed from its checkpoint). It measures it through the device's agent
 (:func:`host.fleet.runner.run_on_device`, under the device's lease): devices on different machines in parallel,
-devices on one machine one after the other. It also scores netadapt's proposals on the host and times the layer
-configurations of netadapt's lookup tables on the devices. Results go back through callbacks; the driver
-persists them.
+devices on one machine one after the other; with builds elsewhere, a remote device measures each candidate as soon
+as it is built while the next ones build, and this machine's devices wait until nothing builds here. It also scores
+netadapt's proposals on the host and times the layer configurations of netadapt's lookup tables on the devices.
+Results go back through callbacks; the driver persists them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from host.search.options import WORK, Events, Profile, RecoveryOptions, SearchOp
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.workload import Workload
+    from host.executors import Executor
 
 @dataclass
 class Request:
@@ -66,6 +70,36 @@ class Evaluator(Protocol):
         message (or None) per device id."""
 
 
+class _Build:
+    """A candidate's build in progress (or an artifact reused): ``result()`` is its record, with ``artifact_dir``
+    (relative to the run folder) and ``built_by``, written to ``built.json`` beside it once it is in place."""
+
+    def __init__(self, ev: "FleetEvaluator", folder: Path, handle: Any, info: Optional[Dict[str, Any]]) -> None:
+        self.ev, self.folder, self.handle, self.info = ev, folder, handle, info
+        self._lock = threading.Lock()     # devices sharing the artifact wait for it from their own threads
+
+    def done(self) -> bool:
+        return self.info is not None or self.handle.done()
+
+    def cancel(self) -> None:
+        if self.info is None:
+            self.handle.cancel()
+
+    def result(self) -> Dict[str, Any]:
+        with self._lock:
+            if self.info is None:
+                built = self.handle.result()
+                info = dict(built.info, artifact_dir=os.path.relpath(self.folder, self.ev.out),
+                            built_by=built.built_by)
+                write_text_atomic(self.folder / "built.json", json.dumps(info, indent=1, sort_keys=True))
+                self.info = info
+            return self.info
+
+
+class _Failed(Exception):
+    """A request whose build failed before it was submitted (the message is already the measurement's error)."""
+
+
 def machine_of(dev: DeviceConfig) -> str:
     """Which machine a device runs on, as far as its config says: devices on one machine are measured one after
     the other."""
@@ -81,12 +115,14 @@ class FleetEvaluator:
 
     def __init__(self, out: Path, run_id: str, opts: SearchOptions, name: str, model: Any, meta: Mapping[str, Any],
                  space: ModelSpace, events: Optional[Events] = None, *,
-                 workload: Optional["Workload"] = None) -> None:
+                 workload: Optional["Workload"] = None, executor: Optional["Executor"] = None) -> None:
+        from host.executors.local import LocalExecutor
         from host.search import data as search_data
 
         self.out, self.run_id, self.opts, self.name = Path(out), run_id, opts, name
         self.base, self.meta, self.space = model, dict(meta), space
         self.emit = events or (lambda *a: None)
+        self.executor: "Executor" = executor if executor is not None else LocalExecutor()   # where builds run
         self.work = self.out / WORK
         (self.work / "artifacts").mkdir(parents=True, exist_ok=True)
         wl = workload if workload is not None else search_data.open_search_workload(opts)
@@ -194,9 +230,13 @@ class FleetEvaluator:
     def build(self, profile: Profile, cand: Candidate, key: str, recovery: Optional[RecoveryOptions] = None,
               max_seconds: Optional[float] = None) -> Dict[str, Any]:
         """The candidate's artifact under ``work/artifacts/<key>``: reused when its files match its manifest."""
+        return self.submit_build(profile, cand, key, recovery, max_seconds).result()
+
+    def reusable(self, key: str) -> Optional[Dict[str, Any]]:
+        """The record of the artifact already built for ``key`` when its files still match its manifest."""
         from edgeprune import export
 
-        folder = self.work / "artifacts" / key[:16]
+        folder = self.artifact_folder(key)
         built = folder / "built.json"
         if built.is_file():
             try:
@@ -206,7 +246,37 @@ class FleetEvaluator:
                     return info
             except (OSError, ValueError, KeyError, EdgepruneError):
                 pass
-            shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    def artifact_folder(self, key: str) -> Path:
+        return self.work / "artifacts" / key[:16]
+
+    def submit_build(self, profile: Profile, cand: Candidate, key: str, recovery: Optional[RecoveryOptions] = None,
+                     max_seconds: Optional[float] = None) -> "_Build":
+        """Start building the candidate on the executor (a reusable artifact: nothing to build); ``result()`` of
+        the returned handle is its record, with ``built_by`` (where it was built) once it is in place here."""
+        from host.executors import BuildTask
+        from host.executors.base import absolute_paths
+
+        folder = self.artifact_folder(key)
+        info = self.reusable(key)
+        if info is not None:
+            return _Build(self, folder, None, info)
+        shutil.rmtree(folder, ignore_errors=True)
+        payload = {"run_id": self.run_id, "name": self.name, "options": absolute_paths(self.opts.to_dict()),
+                   "profile": dataclasses.asdict(profile), "candidate": dataclasses.asdict(cand), "key": key,
+                   "recovery": dataclasses.asdict(recovery) if recovery is not None else None,
+                   "max_seconds": max_seconds}
+        task = BuildTask(f"{self.name}-{key[:12]}", folder,
+                         lambda dest: self.build_into(profile, cand, key, recovery, max_seconds, dest),
+                         "host.search.remote:build_candidate", payload)
+        return _Build(self, folder, self.executor.submit(task), None)
+
+    def build_into(self, profile: Profile, cand: Candidate, key: str, recovery: Optional[RecoveryOptions],
+                   max_seconds: Optional[float], folder: Path) -> Dict[str, Any]:
+        """Prune, recover and export the candidate into ``folder`` (verified against torch): its record."""
+        from edgeprune import export
+
         folder.mkdir(parents=True, exist_ok=True)
         tag = f"{self.name}-{key[:12]}"
         model, info = self._model(profile, cand, folder / "finetune.ckpt", tag, recovery, max_seconds)
@@ -226,14 +296,11 @@ class FleetEvaluator:
                             **dict(profile.export_options))
         if info["plan"] is not None:
             write_text_atomic(folder / "plan.json", info["plan"].to_json())
-        out = {"key": key, "tag": tag, "manifest": export.manifest_path(folder, tag, profile.fmt).name,
-               "artifact": man.file, "artifact_files": sorted(man.files), "artifact_sha256": man.sha256,
-               "plan_sha256": info["plan_sha256"], "recovery_result": info["recovery"],
-               "macs_counted": info.get("macs_counted"), "params": info.get("params"),
-               "artifact_dir": os.path.relpath(folder, self.out)}
-        write_text_atomic(built, json.dumps(out, indent=1, sort_keys=True))
         (folder / "finetune.ckpt").unlink(missing_ok=True)
-        return out
+        return {"key": key, "tag": tag, "manifest": export.manifest_path(folder, tag, profile.fmt).name,
+                "artifact": man.file, "artifact_files": sorted(man.files), "artifact_sha256": man.sha256,
+                "plan_sha256": info["plan_sha256"], "recovery_result": info["recovery"],
+                "macs_counted": info.get("macs_counted"), "params": info.get("params")}
 
     def host_top1(self, profile: Profile, candidate: Candidate) -> float:
         """The candidate's score on the calib split: top-1 (labelled), else agreement with the dense model."""
@@ -244,18 +311,28 @@ class FleetEvaluator:
 
     # -- measuring
     def measure(self, requests: Sequence[Request], done: DeviceDone) -> None:
-        from edgeprune import export
         from host.fleet.runner import run_on_device
-        from host.fleet.jobs import build_job
 
-        built: Dict[str, Dict[str, Any]] = {}
-        runnable = []
-        for req in requests:
+        builds: Dict[str, _Build] = {}
+        failed: Dict[str, str] = {}
+        for req in requests:          # every build submitted first: on a cluster they all run at once
+            if req.key in builds or req.key in failed:
+                continue
             try:
-                if req.key not in built:
-                    built[req.key] = self.build(req.profile, req.candidate, req.key, req.recovery,
-                                                req.max_seconds)
-                info = built[req.key]
+                builds[req.key] = self.submit_build(req.profile, req.candidate, req.key, req.recovery,
+                                                    req.max_seconds)
+            except (PruneError, ExportError, DeviceError) as e:
+                failed[req.key] = f"{type(e).__name__}: {e}"
+
+        def prepared(req: Request) -> Optional[Tuple[Dict[str, Any], schema.JobSpec]]:
+            """The request's artifact (waiting for its build) and job; None (reported) when it cannot run."""
+            from edgeprune import export
+            from host.fleet.jobs import build_job
+
+            try:
+                if req.key in failed:
+                    raise _Failed(failed[req.key])
+                info = builds[req.key].result()
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])
                 shards, split_name, tag = self.shards, self.eval_name, req.key[:12]
@@ -266,11 +343,19 @@ class FleetEvaluator:
                     shards, split_name, tag = held[0], "holdout", f"{tag}-holdout"
                 job = build_job(req.device, f"{self.run_id}-{tag}", folder / info["artifact"], man,
                                 shards or None, "", split_name, quick=self.opts.quick, seed=self.opts.seed)
-                runnable.append((req, info, job))
+                return info, job
+            except _Failed as e:
+                done(req, DeviceMeasurement(False, error=str(e)), {})
             except (PruneError, ExportError, DeviceError) as e:
+                failed.setdefault(req.key, f"{type(e).__name__}: {e}")
                 done(req, DeviceMeasurement(False, error=f"{type(e).__name__}: {e}"), {})
+            return None
 
-        def one(req: Request, info: Dict[str, Any], job: schema.JobSpec) -> None:
+        def one(req: Request) -> None:
+            ready = prepared(req)
+            if ready is None:
+                return
+            info, job = ready
             o = run_on_device(req.device, job, self.work / "jobs", lease_wait_s=self.opts.lease_wait_s,
                               events=lambda dev, kind, msg: self.emit("device", dev, msg), pool=self.pool)
             if not o.ok or o.report is None:
@@ -278,8 +363,8 @@ class FleetEvaluator:
                 return
             m = DeviceMeasurement(True, metrics_from_report(o.report), None, req.key, info["artifact_sha256"],
                                   info["plan_sha256"])
-            extra = {k: info[k] for k in ("artifact_dir", "artifact", "artifact_files", "manifest", "recovery_result",
-                                          "macs_counted", "params")}
+            extra = {k: info.get(k) for k in ("artifact_dir", "artifact", "artifact_files", "manifest",
+                                              "recovery_result", "macs_counted", "params", "built_by")}
             plan = self.out / info["artifact_dir"] / "plan.json"
             extra["plan"] = json.loads(plan.read_text()) if plan.is_file() else None
             extra["report"] = schema.to_dict(o.report)
@@ -287,17 +372,37 @@ class FleetEvaluator:
             extra["attempts"] = o.attempts
             done(req, m, extra)
 
+        def all_built() -> None:
+            for b in builds.values():
+                try:
+                    b.result()
+                except (PruneError, ExportError, DeviceError):
+                    pass          # reported with its requests
+
         # in parallel across machines; one after the other on one machine (local devices, SSH devices at one
-        # address), whose measurements would otherwise share its CPUs
-        by_machine: Dict[str, List[Any]] = {}
-        for r in runnable:
-            by_machine.setdefault(machine_of(r[0].device), []).append(r)
+        # address), whose measurements would otherwise share its CPUs. A remote device's candidate is measured as
+        # soon as it is built (the next ones build meanwhile); this machine's devices only once nothing builds here.
+        by_machine: Dict[str, List[Request]] = {}
+        for req in requests:
+            by_machine.setdefault(machine_of(req.device), []).append(req)
+
+        def machine(name: str, reqs: List[Request]) -> None:
+            if name == "local" and self.executor.builds_on_this_machine:
+                all_built()
+            for req in reqs:
+                one(req)
+
         if not by_machine:
             return
         with ThreadPoolExecutor(max_workers=len(by_machine)) as pool:
-            futures = [pool.submit(lambda rs: [one(*r) for r in rs], rs) for rs in by_machine.values()]
-            for f in as_completed(futures):
-                f.result()
+            futures = [pool.submit(machine, name, rs) for name, rs in by_machine.items()]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+            except BaseException:
+                for b in builds.values():
+                    b.cancel()
+                raise
 
     # -- layer latency (netadapt)
     def _micro(self, cfg: LayerConfig, profile: Profile) -> Tuple[Path, Any]:

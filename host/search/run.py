@@ -71,6 +71,7 @@ from host.search.state import read_run, stored_workload, write_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeprune.workload import Workload
+    from host.executors import Executor
     from host.results.store import RunRecorder
 
 __all__ = ["EVALUATIONS", "SearchOptions", "SearchResult", "open_resumed_workload", "read_run", "result_document",
@@ -81,8 +82,9 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
           out: Optional[Path] = None, run_id: Optional[str] = None, events: Optional[Events] = None,
           space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
           recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None,
-          clock: Optional[Callable[[], float]] = None) -> SearchResult:
-    """A new search. ``space``/``evaluator``/``clock`` replace the real ones (tests); ``workload``: the run's model
+          clock: Optional[Callable[[], float]] = None, executor: Optional["Executor"] = None) -> SearchResult:
+    """A new search. ``executor``: where candidates are built (:mod:`host.executors`; default in this process,
+    and the caller closes it). ``space``/``evaluator``/``clock`` replace the real ones (tests); ``workload``: the run's model
     and data when the caller opened them already (:func:`host.search.data.open_search_workload` of ``opts``). UsageError
     before anything runs for bad options, devices, model or data, targets the data cannot judge, or a run folder
     that already holds a search."""
@@ -107,13 +109,13 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
     write_run(folder, run_id, opts, devices, targets,
                search_data.fingerprint(workload) if workload is not None else None)
     return _execute(folder, run_id, opts, list(devices), dict(targets), events, space, evaluator, recorder,
-                    workload, clock, started)
+                    workload, clock, started, executor)
 
 
 def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] = None,
            space: Optional[ModelSpace] = None, evaluator: Optional[Evaluator] = None,
            recorder: Optional["RunRecorder"] = None, workload: Optional["Workload"] = None,
-           clock: Optional[Callable[[], float]] = None) -> SearchResult:
+           clock: Optional[Callable[[], float]] = None, executor: Optional["Executor"] = None) -> SearchResult:
     """Continue a search after a crash or Ctrl-C, with its stored options; completed evaluations are not repeated
     (a budget continues from the time the run had spent)."""
     from host.results.store import check_run_id
@@ -128,7 +130,7 @@ def resume(run_id: str, *, out: Optional[Path] = None, events: Optional[Events] 
     if workload is None and (space is None or evaluator is None):
         workload = open_resumed_workload(folder, opts)
     return _execute(folder, run_id, opts, devices, targets, events, space, evaluator, recorder, workload, clock,
-                    started)
+                    started, executor)
 
 
 def open_resumed_workload(folder: Path, opts: SearchOptions) -> "Workload":
@@ -152,7 +154,7 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
              targets: Dict[str, TargetSet], events: Optional[Events], space: Optional[ModelSpace],
              evaluator: Optional[Evaluator], recorder: Optional["RunRecorder"] = None,
              workload: Optional["Workload"] = None, clock: Optional[Callable[[], float]] = None,
-             started: Optional[float] = None) -> SearchResult:
+             started: Optional[float] = None, executor: Optional["Executor"] = None) -> SearchResult:
     emit = events or (lambda *a: None)
     if space is None or evaluator is None:
         import torch
@@ -183,7 +185,8 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
                                 min_channels=opts.min_channels, sensitivities=sens, example=wl.example,
                                 extra_ignored=keep)
         if evaluator is None:
-            evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl)
+            evaluator = FleetEvaluator(folder, run_id, opts, name, model, meta, space, emit, workload=wl,
+                                       executor=executor)
     emit("info", "", f"search run {run_id} ({opts.algo}) in {folder}: {len(devices)} device(s), "
                      f"{len(space.groups)} prunable groups, {space.dense_macs / 1e6:.1f} MMACs dense")
     try:
