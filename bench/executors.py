@@ -91,12 +91,12 @@ def measured_job_s(out: Path) -> float:
     from edgeprune import export
     from host.fleet.devices import local_device
     from host.fleet.jobs import build_job
-    from host.fleet.transport import LocalTransport
+    from host.fleet.runner import transport_for
 
     art = next((out / "local" / "work" / "artifacts").rglob("*.onnx"))
     man = export.Manifest.read(next(art.parent.glob("*.manifest.json")))
     dev = local_device()
-    t = LocalTransport(dev)
+    t = transport_for(dev)
     times = []
     try:
         for i in range(5):
@@ -131,39 +131,45 @@ def host_work_s(out: Path) -> float:
 
 
 def simulate(nodes: int, devices: int, per_device: int, proposals: int, build_s: float, meas_s: float,
-             host_s: float) -> Dict[str, Any]:
+             host_s: float, ray_bin: str) -> Dict[str, Any]:
     import ray
 
-    ray.init(num_cpus=max(8, nodes), resources={"build_node": nodes}, include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR")
+    # one head whose fake resources stand for N nodes that build one candidate at a time each
+    subprocess.run([ray_bin, "start", "--head", "--port", "6398", "--num-cpus", str(max(8, nodes)),
+                    "--resources", json.dumps({"build_node": nodes}), "--disable-usage-stats",
+                    "--include-dashboard=false"], check=True, capture_output=True)
+    try:
+        ray.init(address="127.0.0.1:6398", log_to_driver=False, logging_level="ERROR")
 
-    @ray.remote(num_cpus=0, resources={"build_node": 1})
-    def build(seconds: float) -> float:
-        time.sleep(seconds)
-        return seconds
+        @ray.remote(num_cpus=0, resources={"build_node": 1})
+        def build(seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
 
-    host_lock = threading.Lock()
-    rounds = per_device // proposals
+        ray.get([build.remote(0.0) for _ in range(nodes)])       # the workers started before the clock
+        host_lock = threading.Lock()
+        rounds = per_device // proposals
 
-    def device() -> None:
-        for _ in range(rounds):
-            refs = [build.remote(build_s) for _ in range(proposals)]
-            left = list(refs)
-            while left:
-                ready, left = ray.wait(left, num_returns=1)
-                ray.get(ready)
-                with host_lock:          # the host's serial part: install, record
-                    time.sleep(host_s)
-                time.sleep(meas_s)       # the device measures it (devices in parallel, each one job at a time)
+        def device() -> None:
+            for _ in range(rounds):
+                left = [build.remote(build_s) for _ in range(proposals)]
+                while left:
+                    ready, left = ray.wait(left, num_returns=1)
+                    ray.get(ready)
+                    with host_lock:          # the host's serial part: install, record
+                        time.sleep(host_s)
+                    time.sleep(meas_s)       # the device measures it (devices in parallel, each one job at a time)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=device) for _ in range(devices)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ray.shutdown()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=device) for _ in range(devices)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        ray.shutdown()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
     n = devices * per_device
     bounds = {"builds / N": n * build_s / nodes, "one device's chain": rounds * (build_s + proposals * meas_s),
               "host serial work": n * host_s}
@@ -220,10 +226,15 @@ def main() -> int:
     result["measured"] = {"build_s": build_s, "job_s": meas_s, "host_s": host_s}
     print(f"measured: fine-tuned build {build_s:.1f} s, one quick job {meas_s:.2f} s, host serial work "
           f"{host_s * 1000:.1f} ms per candidate; simulated at 1/{args.scale:g}")
+    print(f"the host's serial work would bound the search beyond N = build / host = {build_s / host_s:.0f} nodes; "
+          f"each device's own chain of measurements beyond N = {args.devices * args.per_device * build_s:.0f} / "
+          f"{args.per_device // args.proposals * (build_s + args.proposals * meas_s):.0f} = "
+          f"{args.devices * args.per_device * build_s / (args.per_device // args.proposals * (build_s + args.proposals * meas_s)):.0f}"
+          " nodes (computed from the measured times)")
     sims = []
     for n in [int(x) for x in args.nodes.split(",")]:
         sims.append(simulate(n, args.devices, args.per_device, args.proposals, build_s / args.scale,
-                             meas_s / args.scale, host_s / args.scale))
+                             meas_s / args.scale, host_s / args.scale, ray_bin))
     base = sims[0]["wall_s"]
     print("| nodes | simulated wall (s) | stands for (min) | speed-up | bound it approaches |")
     print("| ---: | ---: | ---: | ---: | --- |")

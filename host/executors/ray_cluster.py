@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from edgeprune.errors import EdgepruneError, ExecutorError, UsageError
@@ -61,20 +62,14 @@ def build_on_worker(remote: str, payload: Dict[str, Any], torch_threads: int) ->
     folder = tempfile.mkdtemp(prefix="edgeprune-build-")
     t0 = time.perf_counter()
     try:
-        info = func(payload, _path(folder))
-        files = collect(_path(folder))
+        info = func(payload, Path(folder))
+        files = collect(Path(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     ctx = ray.get_runtime_context()
     by = here("ray", time.perf_counter() - t0, node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(),
               torch_threads=torch_threads)
     return {"info": info, "files": files, "built_by": by}
-
-
-def _path(p: str) -> Any:
-    from pathlib import Path
-
-    return Path(p)
 
 
 class _RayHandle:
@@ -126,8 +121,14 @@ class RayExecutor:
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
                      logging_level="ERROR", include_dashboard=False if self.address is None else None)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            hint = "Start one with `ray start --head` (or check RAY_ADDRESS / --ray-address)"
+            token = Path(os.path.expanduser("~/.ray/auth_token"))
+            if os.environ.get("RAY_AUTH_MODE") is None and (token.is_file() or os.environ.get("RAY_AUTH_TOKEN")):
+                # `ray start` turns token authentication on when a token exists; a driver sends it only when asked
+                hint = (f"If the cluster uses token authentication ({token} exists), set RAY_AUTH_MODE=token "
+                        "(Ray reads the token from that file or RAY_AUTH_TOKEN)")
             raise ExecutorError(f"--executor ray: cannot connect to the Ray cluster at {where}: {_first_line(e)}. "
-                                "Start one with `ray start --head` (or check RAY_ADDRESS / --ray-address)") from None
+                                f"{hint}") from None
         self.gcs = ray.get_runtime_context().gcs_address
         self.where = self.address or self.gcs
         self._task = ray.remote(build_on_worker)
