@@ -257,3 +257,25 @@ def test_unreachable_cluster_is_one_error_naming_its_address_before_anything_is_
 def test_ray_address_without_the_ray_executor_is_a_usage_error(tmp_path):
     r = demo(tmp_path, "x", "--ray-address", "127.0.0.1:1")
     assert r.returncode == 2 and "--ray-address: only with --executor ray" in r.stderr, r.stderr
+
+
+def test_sensitivity_table_on_ray_equals_the_local_one(tmp_path, cluster, resnet20):
+    from host.executors import open_executor
+    from host.search import options as so
+    from host.search.space import sensitivity_table
+
+    model, meta = resnet20
+
+    def table(executor, cache):
+        opts = so.SearchOptions(model="resnet20", sensitivity_per_class=5, cache_dir=str(tmp_path / cache))
+        return sensitivity_table(model, "resnet20", meta, opts, lambda *a: None, executor=executor)
+
+    here = table(None, "local")
+    ex = open_executor("ray", address=cluster.address)
+    try:
+        assert ex.describe()["address"] == cluster.address
+        remote = table(ex, "ray")
+    finally:
+        ex.close()
+    assert len(here) == 9 and remote == here        # every group, the same drops, in the same order
+    assert list(remote) == list(here)

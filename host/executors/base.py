@@ -125,6 +125,8 @@ def install(files: Mapping[str, bytes], info: Mapping[str, Any], dest: Path, *, 
     is installed when a file is missing or does not match (ExportError)."""
     from edgeprune import export
 
+    if not files:
+        return                            # a task that returns only its record (a sensitivity share)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(".%s.partial-%s" % (dest.name, secrets.token_hex(4)))

@@ -1,4 +1,5 @@
-"""A search candidate's build on another machine (a Ray worker: :mod:`host.executors.ray_cluster`).
+"""A search candidate's build, or a share of its sensitivity table, on another machine (a Ray worker:
+:mod:`host.executors.ray_cluster`).
 
 :func:`build_candidate` gets the candidate as JSON (the run's stored options, the device profile, the kept channels,
 the recovery) and rebuilds what the host had open from the options alone, as ``--resume`` does: the model from its
@@ -34,6 +35,20 @@ def build_candidate(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
                      str(c.get("note", "")))
     rec = RecoveryOptions(**payload["recovery"]) if payload.get("recovery") else None
     return ev.build_into(profile, cand, str(payload["key"]), rec, payload.get("max_seconds"), Path(dest))
+
+
+def sensitivity_chunk(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
+    """A Ray task's share of the sensitivity table: ``payload["groups"]`` each pruned alone, scored as
+    :func:`host.search.space.sensitivity_table` scores them."""
+    from host.search import data as search_data
+    from host.search.space import sensitivity_rows, sensitivity_split
+
+    opts = SearchOptions.from_dict(payload["options"], "the task's payload")
+    wl = search_data.open_search_workload(opts)
+    cal, example, metric = sensitivity_split(opts, wl)
+    rows = sensitivity_rows(wl.model.model, opts, cal, example, metric, list(payload["groups"]),
+                            wl.model.ignored_modules())
+    return {"drop_pp": rows}
 
 
 def _evaluator(payload: Mapping[str, Any]) -> Any:

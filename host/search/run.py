@@ -179,7 +179,8 @@ def _execute(folder: Path, run_id: str, opts: SearchOptions, devices: List[Devic
         ao = opts.algo_options
         if (opts.algo == "bisect" and ao.allocation in ("sensitivity", "latency")) or \
                 (opts.algo == "netadapt" and ao.netadapt_max_proposals is not None):
-            sens = sensitivity_table(model, name, meta, opts, emit, workload=wl, extra_ignored=keep)
+            sens = sensitivity_table(model, name, meta, opts, emit, workload=wl, extra_ignored=keep,
+                                     executor=executor)
         if space is None:
             space = build_space(name, model, meta, prune_residual=opts.prune_residual,
                                 min_channels=opts.min_channels, sensitivities=sens, example=wl.example,

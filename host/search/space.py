@@ -90,16 +90,12 @@ def build_space(name: str, model: Any, meta: Mapping[str, Any], *, prune_residua
     return ModelSpace(name, str(meta.get("sha256", "")), groups, layers, min_channels)
 
 
-def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: SearchOptions,
-                      emit: Events, *, workload: Optional["Workload"] = None,
-                      extra_ignored: Sequence[Any] = ()) -> Dict[str, float]:
-    """Per-group top-1 drop (pp) with only that group pruned at ``opts.sensitivity_ratio``, BatchNorm
-    recalibrated, on the calib split (:func:`edgeprune.sensitivity.analyse`); on unlabelled calibration data the
-    drop of top-1 agreement with the dense model instead. Cached per model, settings, data (a fingerprint of the
-    images scored) and input shape."""
+def sensitivity_split(opts: SearchOptions, workload: Optional["Workload"]) -> Tuple[Any, Any, str]:
+    """The sensitivity table's images, an example input and its metric (``top1`` on labelled data, else
+    ``agreement``)."""
     import torch
 
-    from edgeprune import data, sensitivity
+    from edgeprune import data
     from host.search import data as search_data
 
     if workload is None or workload.reference_path:
@@ -111,7 +107,33 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
         if cal is None or len(cal) == 0:
             raise UsageError("--allocation sensitivity: needs calibration images (--data or --calib-data); or use "
                              "--allocation uniform")
-    metric = "top1" if search_data.is_labelled(cal) else "agreement"
+    return cal, example, "top1" if search_data.is_labelled(cal) else "agreement"
+
+
+def sensitivity_rows(model: Any, opts: SearchOptions, cal: Any, example: Any, metric: str,
+                     groups: Optional[Sequence[str]] = None, extra_ignored: Sequence[Any] = (),
+                     progress: Optional[Any] = None) -> Dict[str, float]:
+    """Drop (pp) of each group (all, or ``groups``) pruned alone at ``opts.sensitivity_ratio``, recalibrated."""
+    from edgeprune import sensitivity
+
+    df = sensitivity.analyse(model, cal, example, ratios=(opts.sensitivity_ratio,), importance=opts.importance,
+                             min_channels=opts.min_channels, recalibrate=True, prune_residual=opts.prune_residual,
+                             metric=metric, extra_ignored=extra_ignored, groups=groups, progress=progress)
+    return {str(r.group): float(r.drop_pp) for r in df.itertuples()}
+
+
+def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: SearchOptions,
+                      emit: Events, *, workload: Optional["Workload"] = None,
+                      extra_ignored: Sequence[Any] = (), executor: Any = None) -> Dict[str, float]:
+    """Per-group top-1 drop (pp) with only that group pruned at ``opts.sensitivity_ratio``, BatchNorm
+    recalibrated, on the calib split (:func:`edgeprune.sensitivity.analyse`); on unlabelled calibration data the
+    drop of top-1 agreement with the dense model instead. Cached per model, settings, data (a fingerprint of the
+    images scored) and input shape. With a cluster ``executor`` (not the local one) the groups are scored in
+    chunks, one task each, from the run's options (:func:`host.search.remote.sensitivity_chunk`): the same
+    numbers."""
+    from host.search import data as search_data
+
+    cal, example, metric = sensitivity_split(opts, workload)
     doc = {"model": name, "checkpoint": str(meta.get("sha256", "")), "importance": opts.importance,
            "ratio": opts.sensitivity_ratio, "per_class": opts.sensitivity_per_class,
            "prune_residual": opts.prune_residual, "min_channels": opts.min_channels, "v": 2,
@@ -126,11 +148,44 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     emit("stage", "", f"sensitivity of {name}'s groups on {cal.name} ({len(cal)} images, {metric}), once per model")
-    df = sensitivity.analyse(model, cal, example, ratios=(opts.sensitivity_ratio,),
-                             importance=opts.importance, min_channels=opts.min_channels, recalibrate=True,
-                             prune_residual=opts.prune_residual, metric=metric, extra_ignored=extra_ignored,
-                             progress=lambda d, t, what: emit("progress", "", f"sensitivity {d}/{t}: {what}"))
-    table = {str(r.group): float(r.drop_pp) for r in df.itertuples()}
+    if executor is None or executor.name == "local":
+        table = sensitivity_rows(model, opts, cal, example, metric, extra_ignored=extra_ignored,
+                                 progress=lambda d, t, what: emit("progress", "", f"sensitivity {d}/{t}: {what}"))
+    else:
+        table = _sensitivity_on(executor, model, opts, cal, example, metric, extra_ignored)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"key": doc, "drop_pp": table}, indent=1, sort_keys=True, default=str))
     return table
+
+
+SENSITIVITY_CHUNKS = 8
+
+
+def _sensitivity_on(executor: Any, model: Any, opts: SearchOptions, cal: Any, example: Any, metric: str,
+                    extra_ignored: Sequence[Any]) -> Dict[str, float]:
+    """The sensitivity table as up to SENSITIVITY_CHUNKS tasks of the executor, in group order."""
+    import tempfile
+    from pathlib import Path
+
+    from edgeprune import prune
+    from host.executors import BuildTask
+    from host.executors.base import absolute_paths
+
+    names = [g.name for g in prune.prunable_groups(model, example, prune_residual=opts.prune_residual,
+                                                   extra_ignored=extra_ignored)]
+    k = max(1, -(-len(names) // SENSITIVITY_CHUNKS))
+    chunks = [names[i:i + k] for i in range(0, len(names), k)]
+    options = absolute_paths(opts.to_dict())
+    with tempfile.TemporaryDirectory(prefix="edgeprune-sensitivity-") as tmp:
+        def here(dest: Any, c: List[str]) -> Dict[str, Any]:
+            return {"drop_pp": sensitivity_rows(model, opts, cal, example, metric, c, extra_ignored)}
+
+        handles = [executor.submit(BuildTask(f"sensitivity {c[0]}..{c[-1]}", Path(tmp) / str(i),
+                                             lambda dest, c=c: here(dest, c), "host.search.remote:sensitivity_chunk",
+                                             {"options": options, "groups": c}))
+                   for i, c in enumerate(chunks)]
+        table: Dict[str, float] = {}
+        for h in handles:
+            table.update({str(g): float(v) for g, v in h.result()["drop_pp"].items()})
+    return {n: table[n] for n in names if n in table}
+
