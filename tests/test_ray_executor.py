@@ -279,3 +279,26 @@ def test_sensitivity_table_on_ray_equals_the_local_one(tmp_path, cluster, resnet
         ex.close()
     assert len(here) == 9 and remote == here        # every group, the same drops, in the same order
     assert list(remote) == list(here)
+
+
+
+def test_a_cancelled_build_stops_on_its_worker(tmp_path, cluster):
+    """What Ctrl-C and a failed round do (RayExecutor.close cancels what is outstanding): the worker building it
+    is stopped while this host stays connected, not left to build for nobody."""
+    from host.commands.demo import DemoOptions
+    from host.commands.demo_build import options_document
+    from host.executors import BuildTask, open_executor
+
+    opts = DemoOptions.quick_defaults(ratios=(0.5,), finetune_epochs=5, finetune_per_class=500,
+                                      finetune_seconds=300.0, eval_per_class=20, out=tmp_path / "c")
+    ex = open_executor("ray", address=cluster.address)
+    try:
+        h = ex.submit(BuildTask("r050", tmp_path / "c" / "artifacts", lambda dest: {}, "host.commands.demo:build_remote",
+                                {"options": options_document(opts), "ratio": 0.5}, whole=False))
+        wait_for("the build on a Ray worker", build_processes, 120)
+        time.sleep(1.0)
+        assert not h.done()
+        h.cancel()
+        wait_for("the cancelled build to stop", lambda: not build_processes(), 15)
+    finally:
+        ex.close()
