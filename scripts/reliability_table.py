@@ -3,7 +3,7 @@
     python scripts/reliability_table.py [--pytest-args "..."] [--from FILE]
 
 Runs every test marked ``@pytest.mark.reliability(kind, what, expected)`` (the fault-injection suite, the
-bad-input catalogue, and the faults the local transport and fleet tests inject) with ``EDGEPRUNE_RELIABILITY_OUT`` set, so ``tests/conftest.py`` records each one's outcome,
+bad-input catalogue, the faults the local transport and fleet tests inject, and the Ray executor's) with ``EDGEPRUNE_RELIABILITY_OUT`` set, so ``tests/conftest.py`` records each one's outcome,
 then replaces the table between the ``<!-- reliability:begin -->`` and ``<!-- reliability:end -->`` markers in
 README.md: one row per test, with the fault or bad input, the behaviour the test asserts, its outcome in this run
 and its duration. ``--from FILE`` re-renders from an earlier run's JSON lines instead of running the tests.
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
 # the test files holding reliability-marked tests (tests/test_reliability_table.py collects the same ones)
-SOURCES = ("tests/test_faults.py", "tests/test_bad_inputs.py", "tests/test_transport.py", "tests/test_fleet.py")
+SOURCES = ("tests/test_faults.py", "tests/test_bad_inputs.py", "tests/test_transport.py", "tests/test_fleet.py",
+           "tests/test_ray_executor.py")
 ICON = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped", "xfailed": "known gap (xfail)"}
 
 

@@ -198,10 +198,11 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
         ",".join(s.sha256 for s in shard_list))
 
     builder = DemoBuilder(opts, wl, emit)
-    ft_split = builder.ft_split
-    if builder.cal is not None:
+    ft_split, cal = builder.ft_split, builder.cal
+    if opts.recovery and any(r > 0 for r in opts.ratios):
         emit("info", f"recovery data: {ft_split.name if ft_split else 'none (no --finetune-data)'}"
-                     f"{f', {len(ft_split)} images' if ft_split else ''}; calib {len(builder.cal)} images", None, None)
+                     f"{f', {len(ft_split)} images' if ft_split else ''}; calib {len(cal) if cal else 0} images",
+             None, None)
     dev = opts.device
     profile = builder.profile
     transport = transport_for(dev)
@@ -209,19 +210,33 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
     # (all at once). Phase 2: all of them measured back to back, so that their latencies are compared under the
     # same machine conditions, not minutes and a fine-tune apart, and nothing builds beside a measurement.
     doc = absolute_paths(options_document(opts))       # a worker's working folder is not ours
-    handles = [executor.submit(BuildTask(tag_of(name, ratio), out / "artifacts",
-                                         lambda dest, ratio=ratio: builder.build(ratio, dest),
-                                         "host.commands.demo:build_remote",
-                                         {"options": doc, "ratio": ratio}, whole=False))
-               for ratio in opts.ratios]
-    built = []
-    for h in handles:
+    built: list = []
+
+    def arrived(h: Any) -> None:
         b = h.result()
         man = export.Manifest.read(out / "artifacts" / b["manifest"])
         job = build_job(dev, b["tag"], out / "artifacts" / man.file, man, shard_list or None,
                         eval_split=ev.name if ev else "eval", quick=opts.quick, seed=opts.seed)
         built.append((b["tag"], b["ratio"], b, job, man))
         emit("built", b["tag"], len(built), len(opts.ratios))
+
+    handles = []
+    try:
+        for ratio in opts.ratios:
+            h = executor.submit(BuildTask(tag_of(name, ratio), out / "artifacts",
+                                          lambda dest, ratio=ratio: builder.build(ratio, dest),
+                                          "host.commands.demo:build_remote", {"options": doc, "ratio": ratio},
+                                          whole=False))
+            if executor.name == "local":
+                arrived(h)            # built already: reported (and a failure raised) before the next one starts
+            else:
+                handles.append(h)     # on a cluster: all submitted, then taken in order
+        for h in handles:
+            arrived(h)
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
 
     rows: List[Dict[str, object]] = []
     failures = 0

@@ -79,6 +79,7 @@ class Executor(Protocol):
 
 
 PATH_FIELDS = ("model", "weights", "data", "calib_data", "finetune_data", "cache_dir", "out")
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".yaml", ".yml", ".th", ".tar")
 
 
 def absolute_paths(doc: Mapping[str, Any], fields: Sequence[str] = PATH_FIELDS) -> Dict[str, Any]:
@@ -93,6 +94,8 @@ def absolute_paths(doc: Mapping[str, Any], fields: Sequence[str] = PATH_FIELDS) 
         head, sep, tail = v.partition(":")
         if sep and head.endswith(".py") and os.path.exists(head):
             out[name] = os.path.abspath(head) + ":" + tail
+        elif name == "model" and "/" not in v and not v.endswith(MODEL_FILE_SUFFIXES):
+            continue                  # a built-in name, even where a file of that name happens to exist
         elif os.path.exists(v) or name in ("cache_dir", "out"):
             out[name] = os.path.abspath(v)
     return out

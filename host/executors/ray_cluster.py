@@ -50,12 +50,15 @@ def _ray() -> Any:
     return ray
 
 
-def build_on_worker(remote: str, payload: Dict[str, Any], torch_threads: int) -> Dict[str, Any]:
-    """A Ray task's body: ``remote(payload, folder)`` in a temp folder of this worker; the folder's files, the
-    build's record and where it ran."""
+def build_on_worker(remote: str, payload: Dict[str, Any], torch_threads: int,
+                    env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """A Ray task's body: ``remote(payload, folder)`` in a temp folder of this worker, with the host's
+    ``EDGEPRUNE_*`` environment (``env``: where the bundled data lives, ...); the folder's files, the build's
+    record and where it ran."""
     import ray
     import torch
 
+    os.environ.update(env or {})
     torch.set_num_threads(torch_threads)
     module, fn = remote.split(":")
     func = getattr(importlib.import_module(module), fn)
@@ -80,21 +83,25 @@ class _RayHandle:
     def done(self) -> bool:
         if self._built is not None:
             return True
-        if self.executor._closed:
+        if self.executor._closed or self.ref is None:
             return True              # result() says why
         ready, _ = self.executor.ray.wait([self.ref], timeout=0)
         return bool(ready)
 
     def result(self) -> Built:
         if self._built is None:
-            out = self.executor.get(self.ref, self.task.label)
-            install(out["files"], out["info"], self.task.dest, whole=self.task.whole)
+            try:
+                out = self.executor.get(self.ref, self.task.label)
+                install(out["files"], out["info"], self.task.dest, whole=self.task.whole)
+            finally:
+                self.executor.forget(self.ref)
             self._built = Built(out["info"], dict(out["built_by"], files=len(out["files"])))
-            self.executor.forget(self.ref)
+            self.ref = None          # the bytes are installed: the object store may free them
         return self._built
 
     def cancel(self) -> None:
-        self.executor.cancel(self.ref)
+        if self.ref is not None:
+            self.executor.cancel(self.ref)
 
 
 class RayExecutor:
@@ -158,12 +165,16 @@ class RayExecutor:
             raise ExecutorError(f"{task.label}: the Ray executor for {self.where} is closed (its cluster was lost)")
         # as many CPUs as torch threads (two builds never share a core), and a GPU for a fine-tune when the cluster
         # has any (Ray hides the GPUs from a task that did not ask for one: it then trains on its CPUs)
-        opts: Dict[str, Any] = {"num_cpus": max(task.cpus, self.torch_threads), "max_retries": self.max_retries,
-                                "retry_exceptions": False}
+        cpus = max(task.cpus, self.torch_threads)
+        biggest = self._largest_node_cpus()
+        if biggest and cpus > biggest:   # smaller nodes than this host: one build per node, oversubscribed
+            cpus = biggest               # (rather than a task no node can ever take)
+        opts: Dict[str, Any] = {"num_cpus": cpus, "max_retries": self.max_retries, "retry_exceptions": False}
         if task.gpus and self._cluster_gpus() > 0:
             opts["num_gpus"] = task.gpus
         try:
-            ref = self._task.options(**opts).remote(task.remote, task.payload, self.torch_threads)
+            env = {k: v for k, v in os.environ.items() if k.startswith("EDGEPRUNE_")}
+            ref = self._task.options(**opts).remote(task.remote, task.payload, self.torch_threads, env)
         except Exception as e:  # noqa: BLE001 - a cluster gone between builds
             raise self._lost(e, task.label) from None
         with self._lock:
@@ -229,6 +240,13 @@ class RayExecutor:
             self.ray.cancel(ref, force=True)
         except Exception:  # noqa: BLE001 - already finished, or the cluster is gone
             pass
+
+    def _largest_node_cpus(self) -> float:
+        try:
+            return max((float(n.get("Resources", {}).get("CPU", 0)) for n in self.ray.nodes() if n.get("Alive")),
+                       default=0.0)
+        except Exception:  # noqa: BLE001 - unknown: ask for what the host has
+            return 0.0
 
     def _cluster_gpus(self) -> float:
         try:

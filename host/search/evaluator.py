@@ -7,8 +7,9 @@ default, or as a Ray task on a cluster): prune by its exact per-group channel co
 against torch, under ``work/artifacts/<key>`` (reused while its files match its manifest, an interrupted
 fine-tune resumed from its checkpoint). It measures it through the device's agent
 (:func:`host.fleet.runner.run_on_device`, under the device's lease): devices on different machines in parallel,
-devices on one machine one after the other; with builds elsewhere, a remote device measures each candidate as soon
-as it is built while the next ones build, and this machine's devices wait until nothing builds here. It also scores
+devices on one machine one after the other; with builds elsewhere, a remote device measures its candidates in
+order, each as soon as its build is done, while the next ones build, and this machine's devices wait until
+nothing builds here. It also scores
 netadapt's proposals on the host and times the layer configurations of netadapt's lookup tables on the devices.
 Results go back through callbacks; the driver persists them.
 """
@@ -262,7 +263,8 @@ class FleetEvaluator:
         info = self.reusable(key)
         if info is not None:
             return _Build(self, folder, None, info)
-        shutil.rmtree(folder, ignore_errors=True)
+        if (folder / "built.json").exists():   # a stale or broken build: gone. A folder without one holds an
+            shutil.rmtree(folder, ignore_errors=True)   # interrupted fine-tune's checkpoint: resumed (locally)
         payload = {"run_id": self.run_id, "name": self.name, "options": absolute_paths(self.opts.to_dict()),
                    "profile": dataclasses.asdict(profile), "candidate": dataclasses.asdict(cand), "key": key,
                    "recovery": dataclasses.asdict(recovery) if recovery is not None else None,
@@ -315,14 +317,19 @@ class FleetEvaluator:
 
         builds: Dict[str, _Build] = {}
         failed: Dict[str, str] = {}
-        for req in requests:          # every build submitted first: on a cluster they all run at once
-            if req.key in builds or req.key in failed:
-                continue
-            try:
-                builds[req.key] = self.submit_build(req.profile, req.candidate, req.key, req.recovery,
-                                                    req.max_seconds)
-            except (PruneError, ExportError, DeviceError) as e:
-                failed[req.key] = f"{type(e).__name__}: {e}"
+        try:
+            for req in requests:          # every build submitted first: on a cluster they all run at once
+                if req.key in builds or req.key in failed:
+                    continue
+                try:
+                    builds[req.key] = self.submit_build(req.profile, req.candidate, req.key, req.recovery,
+                                                        req.max_seconds)
+                except (PruneError, ExportError, DeviceError) as e:
+                    failed[req.key] = f"{type(e).__name__}: {e}"
+        except BaseException:         # the executor failed (a lost cluster) or Ctrl-C: nothing left building
+            for b in builds.values():
+                b.cancel()
+            raise
 
         def prepared(req: Request) -> Optional[Tuple[Dict[str, Any], schema.JobSpec]]:
             """The request's artifact (waiting for its build) and job; None (reported) when it cannot run."""
@@ -332,7 +339,11 @@ class FleetEvaluator:
             try:
                 if req.key in failed:
                     raise _Failed(failed[req.key])
-                info = builds[req.key].result()
+                try:
+                    info = builds[req.key].result()
+                except (PruneError, ExportError, DeviceError) as e:    # the build's: every request of the key
+                    failed.setdefault(req.key, f"{type(e).__name__}: {e}")
+                    raise
                 folder = self.out / info["artifact_dir"]
                 man = export.Manifest.read(folder / info["manifest"])
                 shards, split_name, tag = self.shards, self.eval_name, req.key[:12]
@@ -346,8 +357,7 @@ class FleetEvaluator:
                 return info, job
             except _Failed as e:
                 done(req, DeviceMeasurement(False, error=str(e)), {})
-            except (PruneError, ExportError, DeviceError) as e:
-                failed.setdefault(req.key, f"{type(e).__name__}: {e}")
+            except (PruneError, ExportError, DeviceError) as e:     # the build's, or this request's job
                 done(req, DeviceMeasurement(False, error=f"{type(e).__name__}: {e}"), {})
             return None
 
@@ -380,8 +390,8 @@ class FleetEvaluator:
                     pass          # reported with its requests
 
         # in parallel across machines; one after the other on one machine (local devices, SSH devices at one
-        # address), whose measurements would otherwise share its CPUs. A remote device's candidate is measured as
-        # soon as it is built (the next ones build meanwhile); this machine's devices only once nothing builds here.
+        # address), whose measurements would otherwise share its CPUs. A remote device measures its candidates in
+        # order, each once built (the next ones build meanwhile); this machine's devices once nothing builds here.
         by_machine: Dict[str, List[Request]] = {}
         for req in requests:
             by_machine.setdefault(machine_of(req.device), []).append(req)

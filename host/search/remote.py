@@ -9,8 +9,11 @@ per worker process and run, then reused by every later build there. The build it
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -58,7 +61,10 @@ def _evaluator(payload: Mapping[str, Any]) -> Any:
     ident = hashlib.sha256((str(payload["run_id"]) + doc).encode()).hexdigest()[:16]
     with _LOCK:
         if ident not in _OPEN:
-            _OPEN.clear()                    # one run at a time per worker process
+            for old in _OPEN.values():       # one run at a time per worker process
+                old.close()
+                shutil.rmtree(old.out, ignore_errors=True)
+            _OPEN.clear()
             _OPEN[ident] = _open(str(payload["run_id"]), SearchOptions.from_dict(payload["options"], "the build's "
                                  "payload"), ident)
         return _OPEN[ident]
@@ -77,6 +83,8 @@ def _open(run_id: str, opts: SearchOptions, ident: str) -> Any:
     keep = loaded.ignored_modules()
     space = build_space(loaded.name, loaded.model, dict(loaded.meta), prune_residual=opts.prune_residual,
                         min_channels=opts.min_channels, example=wl.example, extra_ignored=keep)
-    out = Path(tempfile.gettempdir()) / "edgeprune-builds" / f"{run_id}-{ident}"
+    # this process's own folder (its eval shards, teacher cache), removed when the process or the run ends
+    out = Path(tempfile.gettempdir()) / "edgeprune-builds" / f"{run_id}-{ident}-{os.getpid()}"
+    atexit.register(shutil.rmtree, str(out), True)
     return FleetEvaluator(out, run_id, opts, loaded.name, loaded.model, dict(loaded.meta), space, workload=wl)
 

@@ -185,7 +185,12 @@ def _sensitivity_on(executor: Any, model: Any, opts: SearchOptions, cal: Any, ex
                                              {"options": options, "groups": c}))
                    for i, c in enumerate(chunks)]
         table: Dict[str, float] = {}
-        for h in handles:
-            table.update({str(g): float(v) for g, v in h.result()["drop_pp"].items()})
+        try:
+            for h in handles:
+                table.update({str(g): float(v) for g, v in h.result()["drop_pp"].items()})
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
     return {n: table[n] for n in names if n in table}
 
