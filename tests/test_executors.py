@@ -135,3 +135,39 @@ def test_remote_devices_measure_each_candidate_once_built_and_local_devices_wait
     assert len(pi) == len(local) == 3
     assert pi[0] < 1.2                # measured while the other two were still building
     assert min(local) >= 1.45         # not before the last build was done
+
+
+def test_an_interrupted_builds_checkpoint_is_kept_for_the_local_build_to_resume(tmp_path, monkeypatch, resnet20):
+    """A folder without built.json holds an interrupted fine-tune's checkpoint: the next build resumes from it
+    (edgeprune.recovery), so it must still be there; a folder whose built.json is stale is built afresh."""
+    from host.fleet.devices import local_device
+    from host.fleet.formats import profile_for
+    from host.search import evaluator as sev
+    from host.search import options as so
+    from host.search.algos.base import Candidate
+    from host.search.space import build_space
+
+    model, meta = resnet20
+    opts = so.SearchOptions(model="resnet20", eval_per_class=2, cache_dir=str(tmp_path / "cache"))
+    ev = sev.FleetEvaluator(tmp_path / "run", "ckpt", opts, "resnet20", model, meta,
+                            build_space("resnet20", model, meta))
+    seen = []
+
+    def build_into(profile, cand, key, rec, ms, folder):     # what the build finds in its folder
+        seen.append(sorted(p.name for p in folder.iterdir()) if folder.exists() else [])
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"key": key}
+
+    monkeypatch.setattr(ev, "build_into", build_into)
+    prof = profile_for(local_device())
+    interrupted = ev.artifact_folder("a" * 64)
+    interrupted.mkdir(parents=True)
+    (interrupted / "finetune.ckpt").write_bytes(b"step 7")
+    ev.build(prof, Candidate(), "a" * 64)
+    stale = ev.artifact_folder("b" * 64)
+    stale.mkdir(parents=True)
+    (stale / "built.json").write_text('{"key": "another"}')
+    (stale / "finetune.ckpt").write_bytes(b"of another build")
+    ev.build(prof, Candidate(), "b" * 64)
+    ev.close()
+    assert seen == [["finetune.ckpt"], []]
