@@ -1,7 +1,8 @@
 """``--executor ray`` against a real local Ray cluster: ``ray start --head`` with 2 CPUs, started by this module and
 stopped after it (``pip install 'edgeprune[ray]'``).
 
-The demo and a small search built on Ray give the plans, MACs and artifact bytes the local executor gives; a Ray
+The demo (of a user's model file, named by relative paths) and a small search built on Ray give the plans, MACs
+and artifact bytes the local executor gives, and so does the sensitivity table; a Ray
 worker SIGKILLed mid-build is retried and every candidate is recorded once; a cluster stopped mid-run is one clear
 error naming its address, and ``--resume`` carries on once it is back; a cluster that is not there fails before
 anything is recorded. Every command runs as a user runs it, in its own process (a Ray driver is process-wide).
@@ -115,28 +116,6 @@ def summary(folder: Path) -> List[Dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ same results as local
-def test_demo_on_ray_builds_the_same_artifacts_as_local(tmp_path, cluster):
-    args = ("--ratios", "0,0.5", "--no-recovery")
-    local = demo(tmp_path, "local", *args)
-    assert local.returncode == 0, local.stdout + local.stderr
-    remote = demo(tmp_path, "ray", *args, "--executor", "ray", env=cluster.env())
-    assert remote.returncode == 0, remote.stdout + remote.stderr
-    a, b = artifacts(tmp_path / "local"), artifacts(tmp_path / "ray")
-    assert len(a) == 6 and a == b                      # 2 × (onnx, manifest, plan): the same bytes
-    for x, y in zip(summary(tmp_path / "local"), summary(tmp_path / "ray")):
-        assert (x["ratio"], x["macs"], x["params"]) == (y["ratio"], y["macs"], y["params"])
-    doc = json.loads((tmp_path / "ray" / "demo.json").read_text())
-    assert doc["executor"]["executor"] == "ray" and doc["executor"]["address"] == cluster.address
-    (node,) = doc["executor"]["nodes"]
-    for tag, by in doc["built_by"].items():            # provenance: which node built each candidate
-        assert by["executor"] == "ray" and by["node_id"] == node["node_id"] and by["pid"] != os.getpid(), tag
-    assert json.loads((tmp_path / "local" / "demo.json").read_text())["built_by"]["resnet20-r050"]["executor"] \
-        == "local"
-    with Store(str(tmp_path / "results.db")) as store:
-        runs = [store.run(r["run_id"]) for r in store.list_runs() if r["kind"] == "demo"]
-        assert {_provenance(r)["executor"]["executor"] for r in runs} == {"local", "ray"}
-
-
 SEARCH = ("--model", "resnet20", "--max-accuracy-drop", "60", "--quick",
           "--allocation", "uniform", "--finetune-epochs", "0", "--eval-per-class", "20")
 
@@ -314,3 +293,35 @@ def test_a_cancelled_build_stops_on_its_worker(tmp_path, cluster):
         wait_for("the cancelled build to stop", lambda: pid not in build_processes(), 15)
     finally:
         ex.close()
+
+
+def test_a_user_model_from_relative_paths_is_rebuilt_on_the_worker_from_its_recipe(tmp_path, cluster):
+    """The user's own model file, factory argument and data, named relative to the user's folder: the worker
+    (whose working folder is another) rebuilds the model from that recipe and builds the same bytes."""
+    import numpy as np
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(Path(__file__).parent / "user_models" / "senet.py", tmp_path / "models" / "senet.py")
+    np.savez(tmp_path / "unlabelled.npz",
+             images=np.random.default_rng(0).integers(0, 256, size=(24, 64, 64, 3), dtype=np.uint8))
+    args = ("--model", "models/senet.py:two_head_net", "--model-arg", "width=0.5", "--input-size", "64",
+            "--data", "unlabelled.npz", "--ratios", "0,0.5", "--no-recovery")
+    local = edgeprune("demo", "--quick", "--out", "local", "--db", "results.db", *args, cwd=tmp_path)
+    assert local.returncode == 0, local.stdout + local.stderr
+    remote = edgeprune("demo", "--quick", "--out", "ray", "--db", "results.db", *args, "--executor", "ray",
+                       env=cluster.env(), cwd=tmp_path)
+    assert remote.returncode == 0, remote.stdout + remote.stderr
+    a, b = artifacts(tmp_path / "local"), artifacts(tmp_path / "ray")
+    assert len(a) == 6 and a == b                      # 2 × (onnx, manifest, plan): the same bytes
+    for x, y in zip(summary(tmp_path / "local"), summary(tmp_path / "ray")):
+        assert (x["ratio"], x["macs"], x["params"]) == (y["ratio"], y["macs"], y["params"])
+    doc = json.loads((tmp_path / "ray" / "demo.json").read_text())
+    assert doc["executor"]["executor"] == "ray" and doc["executor"]["address"] == cluster.address
+    (node,) = doc["executor"]["nodes"]
+    for tag, by in doc["built_by"].items():            # provenance: which node built each candidate
+        assert by["executor"] == "ray" and by["node_id"] == node["node_id"] and by["pid"] != os.getpid(), tag
+    assert {by["executor"] for by in json.loads((tmp_path / "local" / "demo.json").read_text())["built_by"]
+            .values()} == {"local"}
+    with Store(str(tmp_path / "results.db")) as store:
+        runs = [store.run(r["run_id"]) for r in store.list_runs() if r["kind"] == "demo"]
+        assert {_provenance(r)["executor"]["executor"] for r in runs} == {"local", "ray"}
