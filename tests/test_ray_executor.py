@@ -5,7 +5,8 @@ The demo (of a user's model file, named by relative paths) and a small search bu
 and artifact bytes the local executor gives, and so does the sensitivity table; a Ray
 worker SIGKILLed mid-build is retried and every candidate is recorded once; a cluster stopped mid-run is one clear
 error naming its address, and ``--resume`` carries on once it is back; a cluster that is not there fails before
-anything is recorded. Every command runs as a user runs it, in its own process (a Ray driver is process-wide).
+anything is recorded; a cancelled build stops on its worker. The commands run as a user runs them, each in its own
+process (a Ray driver is process-wide); the sensitivity table and the cancel connect from this process.
 """
 from __future__ import annotations
 
