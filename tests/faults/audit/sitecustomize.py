@@ -52,9 +52,14 @@ def _patch(module):
     cls.__init__ = __init__
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Calls ``patch(module)`` right after the module ``name`` is imported (it is imported as usual first)."""
+
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
     def find_spec(self, name, path=None, target=None):
-        if name != "onnxruntime":
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         try:
@@ -67,7 +72,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module)
+            self.patch(module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
@@ -94,7 +99,7 @@ def _flip_hook(event, args):
     if "/jobs/" not in os.path.abspath(path) or not _first_time(_FLIP):
         return
     real = os.path.realpath(path)
-    fd = os.open(real, os.O_RDWR)             # os.open: no audit event of its own kind, no recursion
+    fd = os.open(real, os.O_RDWR)             # its own open event returns early: the flag exists now
     try:
         b = os.pread(fd, 1, 4096)
         os.pwrite(fd, bytes([b[0] ^ 0xFF]), 4096)
@@ -102,38 +107,22 @@ def _flip_hook(event, args):
         os.close(fd)
 
 
-class _ReleaseFinder(importlib.abc.MetaPathFinder):
-    """Patches ``agent.lease.release`` once the agent imports it."""
+def _patch_release(module):
+    """``agent.lease.release``, cut once: sshd's session (this agent's parent) SIGKILLed, the agent gone."""
+    release = module.release
 
-    def find_spec(self, name, path=None, target=None):
-        if name != "agent.lease":
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        exec_module = spec.loader.exec_module
+    def cut_release(*args, **kwargs):
+        if _first_time(_CUT):
+            os.kill(os.getppid(), 9)
+            os._exit(1)
+        return release(*args, **kwargs)
 
-        def exec_and_patch(module):
-            exec_module(module)
-            release = module.release
-
-            def cut_release(*args, **kwargs):
-                if _first_time(_CUT):
-                    os.kill(os.getppid(), 9)
-                    os._exit(1)
-                return release(*args, **kwargs)
-
-            module.release = cut_release
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
+    module.release = cut_release
 
 
 if _LOG:
-    sys.meta_path.insert(0, _Finder())
+    sys.meta_path.insert(0, _PatchOnImport("onnxruntime", _patch))
 if _FLIP:
     sys.addaudithook(_flip_hook)
 if _CUT:
-    sys.meta_path.insert(0, _ReleaseFinder())
+    sys.meta_path.insert(0, _PatchOnImport("agent.lease", _patch_release))
