@@ -19,7 +19,6 @@ import csv
 from contextlib import closing
 import io
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from edgeprune.workload import DataOptions, Workload, open_workload, shard_batch
 from edgeprune.sources import ModelSpec
 from host.commands.demo_build import DemoBuilder, options_document, tag_of
 from host.executors import BuildTask
-from host.executors.base import absolute_paths
+from host.executors.base import absolute_paths, worker_context
 from host.executors.local import LocalExecutor
 from host.fleet.devices import DeviceConfig, local_device
 from host.fleet.formats import profile_for
@@ -227,7 +226,7 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
                                           lambda dest, ratio=ratio: builder.build(ratio, dest),
                                           "host.commands.demo:build_remote", {"options": doc, "ratio": ratio},
                                           whole=False))
-            if executor.name == "local":
+            if executor.synchronous:
                 arrived(h)            # built already: reported (and a failure raised) before the next one starts
             else:
                 handles.append(h)     # on a cluster: all submitted, then taken in order
@@ -280,10 +279,6 @@ def run_demo(opts: DemoOptions, events: Optional[Events] = None,
                       ft_split.name if ft_split else None, failures, profile.fmt)
 
 
-_OPEN: Dict[str, DemoBuilder] = {}
-_LOCK = threading.Lock()
-
-
 def options_from_document(doc: Mapping[str, Any]) -> DemoOptions:
     """:class:`DemoOptions` from :func:`host.commands.demo_build.options_document`."""
     kw = dict(doc)
@@ -299,11 +294,10 @@ def build_remote(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
     """A Ray task's build: the demo's candidate ``payload["ratio"]`` into ``dest`` (its model and data opened on
     the first build in this process)."""
     doc = payload["options"]
-    ident = json.dumps(doc, sort_keys=True)
-    with _LOCK:
-        if ident not in _OPEN:
-            _OPEN.clear()
-            opts = options_from_document(doc)
-            _OPEN[ident] = DemoBuilder(opts, open_demo_workload(opts))
-        builder = _OPEN[ident]
+
+    def open_() -> DemoBuilder:
+        opts = options_from_document(doc)
+        return DemoBuilder(opts, open_demo_workload(opts))
+
+    builder = worker_context("demo:" + json.dumps(doc, sort_keys=True), open_)
     return builder.build(float(payload["ratio"]), Path(dest))

@@ -43,8 +43,7 @@ class DemoBuilder:
         self._calib_inputs: Optional[Any] = None
 
     def calib_inputs(self) -> Optional[Any]:
-        if self._calib_inputs is None and (export.get_format(self.profile.fmt).calibration
-                                           or "int8" in str(dict(self.profile.export_options).get("precision", ""))):
+        if self._calib_inputs is None and self.profile.needs_calibration:
             self._calib_inputs = self.wl.calib_inputs(200)
         return self._calib_inputs
 

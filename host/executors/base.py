@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class Handle(Protocol):
 
 class Executor(Protocol):
     name: str
+    synchronous: bool      # submit() runs the build before it returns (nothing runs in parallel): take each at once
 
     def submit(self, task: BuildTask) -> Handle:
         """Start (or queue) the build."""
@@ -99,6 +101,23 @@ def absolute_paths(doc: Mapping[str, Any], fields: Sequence[str] = PATH_FIELDS) 
         elif os.path.exists(v) or name in ("cache_dir", "out"):
             out[name] = os.path.abspath(v)
     return out
+
+
+_OPENED: Dict[str, Any] = {}                     # key -> (context, close)
+_OPENED_LOCK = threading.Lock()
+
+
+def worker_context(key: str, open_: Callable[[], Any], close: Callable[[Any], None] = lambda c: None) -> Any:
+    """What a worker process opened for one run (the model and data its builds need): opened by ``open_`` on the
+    run's first task in this process and reused by the later ones; another run's context is closed first (one run
+    at a time per worker process)."""
+    with _OPENED_LOCK:
+        if key not in _OPENED:
+            for context, closing in _OPENED.values():
+                closing(context)
+            _OPENED.clear()
+            _OPENED[key] = (open_(), close)
+        return _OPENED[key][0]
 
 
 def here(executor: str, seconds: float, **more: Any) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ class _Done:
 
 class LocalExecutor:
     name = "local"
+    synchronous = True
     builds_on_this_machine = True
 
     def submit(self, task: BuildTask) -> _Done:

@@ -106,6 +106,7 @@ class _RayHandle:
 
 class RayExecutor:
     name = "ray"
+    synchronous = False
 
     def __init__(self, address: Optional[str] = None, torch_threads: Optional[int] = None,
                  max_retries: int = MAX_RETRIES) -> None:

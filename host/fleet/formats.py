@@ -23,6 +23,14 @@ class Profile:
     fmt: str
     export_options: Tuple[Tuple[str, Any], ...] = ()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether its export takes calibration inputs (an int8 format, or an int8 precision option)."""
+        from edgeprune import export
+
+        return bool(export.get_format(self.fmt).calibration
+                    or "int8" in str(dict(self.export_options).get("precision", "")))
+
 
 def profile_for(dev: DeviceConfig) -> Profile:
     """The export format and precision a device's runtime runs: its config's first precision, or the precision

@@ -79,9 +79,6 @@ class _Build:
         self.ev, self.folder, self.handle, self.info = ev, folder, handle, info
         self._lock = threading.Lock()     # devices sharing the artifact wait for it from their own threads
 
-    def done(self) -> bool:
-        return self.info is not None or self.handle.done()
-
     def cancel(self) -> None:
         if self.info is None:
             self.handle.cancel()
@@ -286,9 +283,7 @@ class FleetEvaluator:
             from edgeprune import prune
 
             info["macs_counted"], info["params"] = prune.count(model, self.example)
-        calib_inputs = None
-        if export.get_format(profile.fmt).calibration or "int8" in dict(profile.export_options).get("precision", ""):
-            calib_inputs = self.workload.calib_inputs(200)
+        calib_inputs = self.workload.calib_inputs(200) if profile.needs_calibration else None
         self.emit("stage", "", f"{tag}: export {profile.fmt} (verified against torch)")
         man = export.export(model, profile.fmt, folder, tag=tag, check_inputs=self.check_inputs,
                             calib_inputs=calib_inputs, model_name=self.name,

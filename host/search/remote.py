@@ -15,16 +15,14 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
+from host.executors.base import worker_context
 from host.fleet.formats import Profile
 from host.search.algos.base import Candidate
 from host.search.options import RecoveryOptions, SearchOptions
 
-_OPEN: Dict[str, Any] = {}
-_LOCK = threading.Lock()
 
 
 def build_candidate(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
@@ -47,7 +45,8 @@ def sensitivity_chunk(payload: Mapping[str, Any], dest: Path) -> Dict[str, Any]:
     from host.search.space import sensitivity_rows, sensitivity_split
 
     opts = SearchOptions.from_dict(payload["options"], "the task's payload")
-    wl = search_data.open_search_workload(opts)
+    wl = worker_context("sensitivity:" + json.dumps(payload["options"], sort_keys=True),   # once per process
+                        lambda: search_data.open_search_workload(opts))
     cal, example, metric = sensitivity_split(opts, wl)
     rows = sensitivity_rows(wl.model.model, opts, cal, example, metric, list(payload["groups"]),
                             wl.model.ignored_modules())
@@ -59,15 +58,13 @@ def _evaluator(payload: Mapping[str, Any]) -> Any:
     worker's own."""
     doc = json.dumps(payload["options"], sort_keys=True)
     ident = hashlib.sha256((str(payload["run_id"]) + doc).encode()).hexdigest()[:16]
-    with _LOCK:
-        if ident not in _OPEN:
-            for old in _OPEN.values():       # one run at a time per worker process
-                old.close()
-                shutil.rmtree(old.out, ignore_errors=True)
-            _OPEN.clear()
-            _OPEN[ident] = _open(str(payload["run_id"]), SearchOptions.from_dict(payload["options"], "the build's "
-                                 "payload"), ident)
-        return _OPEN[ident]
+
+    def close(ev: Any) -> None:
+        ev.close()
+        shutil.rmtree(ev.out, ignore_errors=True)
+
+    return worker_context("search:" + ident, lambda: _open(str(payload["run_id"]), SearchOptions.from_dict(
+        payload["options"], "the build's payload"), ident), close)
 
 
 def _open(run_id: str, opts: SearchOptions, ident: str) -> Any:

@@ -148,7 +148,7 @@ def sensitivity_table(model: Any, name: str, meta: Mapping[str, Any], opts: Sear
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     emit("stage", "", f"sensitivity of {name}'s groups on {cal.name} ({len(cal)} images, {metric}), once per model")
-    if executor is None or executor.name == "local":
+    if executor is None or executor.synchronous:     # one call: the dense model scored once
         table = sensitivity_rows(model, opts, cal, example, metric, extra_ignored=extra_ignored,
                                  progress=lambda d, t, what: emit("progress", "", f"sensitivity {d}/{t}: {what}"))
     else:
