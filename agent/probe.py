@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import agent
-from agent import power, thermal
+from agent import emulation, power, thermal
 from agent.schema import Identity
 
 # import name -> distribution names that may provide it, in order of preference
@@ -213,7 +213,11 @@ def _describe(r: Path) -> Dict[str, Any]:
         "agent_version": agent.__version__,
         "serial": read_serial(r),
         "firmware": {},
+        "emulation": emulation.detect(str(r)),
     }
+    setup = setup_record()
+    if setup is not None:
+        info["setup"] = setup
     l4t = parse_l4t_release(_read(r, "etc/nv_tegra_release") or "")
     if l4t is not None:
         info["firmware"] = {k: v for k, v in l4t.items() if k in ("l4t", "jetpack")}
@@ -222,6 +226,22 @@ def _describe(r: Path) -> Dict[str, Any]:
     if model is not None:
         info["board_model"] = model
     return info
+
+
+SETUP_RECORD = "edgeprune-setup.json"   # written into the venv by ``edgeprune devices setup``
+
+
+def setup_record(prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """What ``edgeprune devices setup`` installed into this Python's venv (requirements, versions, when), or None
+    where this Python was not set up by it."""
+    import json
+    import sys
+    try:
+        with open(os.path.join(prefix or sys.prefix, SETUP_RECORD)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def disk_free_mb(path: str) -> Optional[float]:
@@ -273,7 +293,7 @@ def probe(root: str = "/", devices: bool = False,
 def identity(device_id: str, runtime: str, runtime_version: str, artifact_sha256: str,
              root: str = "/") -> Identity:
     p = _describe(Path(root))
-    extra = {k: p[k] for k in ("board_model", "l4t") if k in p}
+    extra = {k: p[k] for k in ("board_model", "l4t", "emulation", "setup") if k in p}
     return Identity(device_id=device_id, hostname=p["hostname"], os=p["os"], kernel=p["kernel"],
                     machine=p["machine"], cpu_model=p["cpu_model"], cpu_count=p["cpu_count"], python=p["python"],
                     agent_version=p["agent_version"], runtime=runtime, runtime_version=runtime_version,

@@ -202,11 +202,19 @@ def error_message(e: BaseException, rss: PeakRss) -> str:
     return message
 
 
+# every report of an emulated device carries it (host tables and reports mark those figures too)
+EMULATED_WARNING = ("emulated: this %s device runs under %s; its latency, throughput and power are the emulator's, "
+                    "not a device measurement (outputs and accuracy are real)")
+
+
 def _run(job: JobSpec, base_dir: Path, root: str, report: Report, rss: PeakRss) -> None:
     deadline = Deadline(job.timeout_s)
     check_job(job)
     rt = runtimes.get_runtime(job.runtime.name)
     report.identity = probe.identity(job.device_id, rt.name, rt.version(), job.artifact.sha256, root)
+    emulated = report.identity.extra.get("emulation") or {}
+    if emulated.get("emulated"):
+        report.warnings.append(EMULATED_WARNING % (report.identity.machine, emulated.get("by") or "an emulator"))
 
     model_path = resolve(base_dir, job.artifact.path, "artifact.path")
     verify(model_path, job.artifact.sha256, "artifact")

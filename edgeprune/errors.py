@@ -102,3 +102,8 @@ class ExecutorError(EdgepruneError):
 
 class StoreError(UsageError):
     """The results store cannot be opened or written (exit 2)."""
+
+
+class EmulationError(EdgepruneError):
+    """An emulated device could not be built, started or stopped (not root, no qemu-user or binfmt_misc, no Debian
+    mirror). The message says which step failed and how to fix it."""

@@ -134,11 +134,16 @@ def main_bench(args: argparse.Namespace, console: Console) -> int:
         table.add_column(col, justify="left" if col in ("device", "runtime", "status") else "right")
     for r in result.rows:
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/] {r['error']}"
-        table.add_row(str(r["device"]), str(r["runtime"]), str(r["threads"]), field(r, "latency_p50_ms", ".3f"),
-                      field(r, "latency_p90_ms", ".3f"), field(r, "accuracy_top1", ".2%"),
-                      field(r, "agreement", ".1%"), field(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else ""),
-                      field(r, "energy_mj", ".3f"), status)
+        emu = "†" if r.get("emulated") else ""
+        table.add_row(str(r["device"]), str(r["runtime"]), str(r["threads"]), field(r, "latency_p50_ms", ".3f") + emu,
+                      field(r, "latency_p90_ms", ".3f") + emu, field(r, "accuracy_top1", ".2%"),
+                      field(r, "agreement", ".1%"),
+                      field(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else "") + emu,
+                      field(r, "energy_mj", ".3f") + emu, status)
     console.print(table)
+    if any(r.get("emulated") for r in result.rows):
+        console.print("† emulated — not a device measurement: that device runs under user-mode emulation (qemu-user); "
+                      "its top-1 and agreement are real.")
     if any(r.get("power_source") == "model" for r in result.rows):
         console.print("* modelled power (no sensor on that device), not a measurement.")
     console.print(f"run {result.run_id}: wrote {result.out / 'summary.csv'}")

@@ -34,7 +34,7 @@ from host.results.store import check_run_id, new_run_id
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
 
-COLUMNS = ["device", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
+COLUMNS = ["device", "machine", "emulated", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
            "accuracy_top5", "agreement", "snr_db", "max_abs_err", "eval_n", "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
 
 
@@ -259,6 +259,10 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
                                   "status": r.status if r is not None else "error", "error": o.error or "",
                                   "attempts": o.attempts, "seconds": round(o.seconds, 2),
                                   "report": f"reports/{dev.id}.json" if r is not None else ""}
+        if r is not None and r.identity is not None:
+            # an emulated device's timings are the emulator's: every table marks them (agent.emulation)
+            row.update(machine=r.identity.machine,
+                       emulated=bool((r.identity.extra.get("emulation") or {}).get("emulated")))
         if r is not None and r.timing is not None:
             row.update(latency_p50_ms=round(r.timing.latency_ms.median, 4), latency_p90_ms=round(r.timing.latency_ms.p90, 4),
                        throughput_ips=round(r.timing.throughput_ips, 2))

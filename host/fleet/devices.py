@@ -101,6 +101,40 @@ class SSHConfig(_Strict):
     cache_dir: str = "~/.cache/edgeprune"     # content-addressed cache on the device
 
 
+class KnownGood(_Strict):
+    """Versions measured to work on a class of device: ``pins`` (project -> version) apply where ``when`` holds
+    (``machine``, ``python`` as major.minor, ``emulated``: what ``devices setup`` finds on the device)."""
+
+    when: Dict[str, Union[bool, str]] = Field(default_factory=dict)
+    pins: Dict[str, str] = Field(default_factory=dict)
+    measured: str = ""
+
+    @field_validator("when")
+    @classmethod
+    def _known_conditions(cls, when: Dict[str, Any]) -> Dict[str, Any]:
+        unknown = sorted(set(when) - {"machine", "python", "emulated"})
+        if unknown:
+            raise ValueError(f"unknown condition {unknown[0]!r}; known: machine, python, emulated")
+        return when
+
+
+def _default_runtime_packages() -> Dict[str, List[str]]:
+    return {"onnxruntime": ["onnxruntime"], "tflite": ["ai-edge-litert"], "openvino": ["openvino"],
+            "torch": ["torch"]}
+
+
+class SetupConfig(_Strict):
+    """What ``edgeprune devices setup`` installs on the device: a venv (``venv``, made with ``python``, default
+    the system ``python3``) holding ``packages`` (what the agent imports) and, per runtime the device uses, the
+    requirements in ``runtimes``; the first ``known_good`` entry whose conditions hold pins their versions."""
+
+    venv: str = "~/.local/share/edgeprune/venv"
+    python: str = "/usr/bin/python3"
+    packages: List[str] = Field(default_factory=lambda: ["numpy>=1.21", "psutil>=5.8"])
+    runtimes: Dict[str, List[str]] = Field(default_factory=_default_runtime_packages)
+    known_good: List[KnownGood] = Field(default_factory=list)
+
+
 _WHERE = "targets"   # the prefix host.fleet.targets puts on its messages; cut off again (the loader names the field)
 
 
@@ -129,6 +163,7 @@ class DeviceConfig(_Strict):
     cache_dir: Optional[str] = None           # local transport: cache and lease folder (default ~/.cache/edgeprune)
     # search targets on this device: metric (host.fleet.targets.METRICS or accuracy_drop_pp) -> number or "0.5x"
     targets: Dict[str, Union[float, str]] = Field(default_factory=dict)
+    setup: SetupConfig = Field(default_factory=SetupConfig)   # `edgeprune devices setup`: the agent's venv
     source: Optional[str] = Field(None, exclude=True)  # the file it was read from
 
     @field_validator("targets", mode="before")
@@ -175,6 +210,7 @@ def local_device() -> DeviceConfig:
     )
 
 
+CLASS_ONLY = ("emulate",)   # sections of a class file that are not device settings (host.emulate reads them)
 CLASSES_DIR = Path(__file__).resolve().parents[2] / "device_configs" / "classes"
 
 
@@ -248,6 +284,7 @@ def device_from_mapping(data: Any, source: Path, node: Optional[yaml.Node] = Non
             line = _line_of(node, ("class",))
             raise ConfigError(f"{source}{f':{line}' if line else ''}: class: unknown device class {cls!r}; known: "
                               f"{', '.join(class_names(classes_dir))}") from None
+        template = {k: v for k, v in template.items() if k not in CLASS_ONLY}
         tr, dr = template.get("runtime"), data.get("runtime")
         if isinstance(tr, dict) and isinstance(dr, dict) and "name" in dr and \
                 dr["name"] != tr.get("name", RuntimeConfig.model_fields["name"].default):

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 MODELLED_NOTE = "modelled, not measured"
+EMULATED_NOTE = "emulated \u2014 not a device measurement"
+EMU_MARK = '<span class="mod" title="emulated \u2014 not a device measurement">\u2020</span>'   # a dagger
 
 
 # device colours (matplotlib's tab10, in order), reused in the HTML tables
@@ -47,6 +49,7 @@ class ReportRow:
     power: Optional[float] = None
     power_source: Optional[str] = None
     modelled: Optional[bool] = None
+    emulated: bool = False          # the device ran under user-mode emulation: its timings are not a device's
     energy: Optional[float] = None
     memory: Optional[float] = None
     throttled: Optional[bool] = None
@@ -106,6 +109,11 @@ def _short(label: str, ratio: Optional[float]) -> str:
     return label if len(label) <= 18 else label[:17] + "\u2026"
 
 
+def emulated(report: Mapping[str, Any]) -> bool:
+    """Whether the agent that wrote ``report`` said it ran under emulation (identity.extra.emulation)."""
+    return bool(dig(report, "identity", "extra", "emulation", "emulated"))
+
+
 def _row_from_measurement(m: Dict[str, Any], ev: Optional[Dict[str, Any]]) -> ReportRow:
     extra = m.get("extra") or {}
     ratio = number(extra.get("ratio")) if isinstance(extra, Mapping) else None
@@ -124,7 +132,7 @@ def _row_from_measurement(m: Dict[str, Any], ev: Optional[Dict[str, Any]]) -> Re
         samples=[float(s) for s in (m.get("samples_ms") or []) if number(s) is not None],
         warnings=[str(w) for w in (m.get("warnings") or [])], report=report or {}, meas=m, ev=ev, ratio=ratio,
         sha=m.get("artifact_sha256") or (ev or {}).get("artifact_sha256"),
-        meets=(ev or {}).get("meets"))
+        meets=(ev or {}).get("meets"), emulated=emulated(report))
 
 
 def _row_from_evaluation(e: Dict[str, Any]) -> ReportRow:
@@ -148,7 +156,7 @@ def _row_from_evaluation(e: Dict[str, Any]) -> ReportRow:
         energy=number(met.get("energy_mj")), memory=number(met.get("memory_mb")),
         samples=[float(s) for s in (dig(report, "timing", "samples_ms") or []) if number(s) is not None],
         warnings=[str(w) for w in (report.get("warnings") or [])], report=report, ev=e, ratio=ratio,
-        sha=e.get("artifact_sha256") or rec.get("artifact_sha256"), meets=e.get("meets"))
+        sha=e.get("artifact_sha256") or rec.get("artifact_sha256"), meets=e.get("meets"), emulated=emulated(report))
 
 
 def _mark_front(rows: Sequence[ReportRow], metric: str, flag: str) -> None:
@@ -249,6 +257,8 @@ def _kind(text: str) -> str:
         return "drift"
     if "throttl" in t or "under-voltage" in t:
         return "throttling"
+    if t.startswith("emulated"):
+        return "emulated"
     if "modelled" in t:
         return "modelled-power"
     if "power" in t:

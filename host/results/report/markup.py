@@ -136,5 +136,5 @@ tr.failed td{color:#a01818;background:#fdf0f0}
 .dev,.kind{white-space:nowrap}code.sha{display:inline-block;max-width:33ch;word-break:break-all}
 .kind{display:inline-block;font-size:11.5px;font-weight:700;padding:0 6px;border-radius:4px;background:#eceff1}
 .k-throttling,.k-failed,.k-run{background:#ffcdd2}.k-unstable,.k-drift{background:#ffe0b2}
-.k-modelled-power{background:#e1bee7}
+.k-modelled-power{background:#e1bee7}.k-emulated{background:#ffe0b2}
 """

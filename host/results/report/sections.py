@@ -7,7 +7,8 @@ without data says so (``no data: ...``) instead of drawing an empty figure.
 from __future__ import annotations
 
 from host.fmt import NA, fixed, pct
-from host.results.report.data import MODELLED_NOTE, ReportData, device_identity, device_verdicts, warnings_of
+from host.results.report.data import (EMU_MARK, EMULATED_NOTE, MODELLED_NOTE, ReportData, device_identity,
+                                      device_verdicts, warnings_of)
 from host.results.report.figures import bars_fig, figure, latency_fig, tradeoff_fig
 from host.results.report.markup import (CSS, cell_text, clip, date_text, dev_chip, duration_text, energy_cell, esc,
                                         json_text, kv_table, nodata, power_cell, redact, table)
@@ -110,14 +111,22 @@ def _summary(ctx: ReportData) -> str:
             cv = fixed(r.cv, ".3f")
             if r.cv is not None and r.cv > (r.cv_warn if r.cv_warn is not None else 0.10):
                 cv = f'<span class="err">{cv}</span>'
-            cells = [label, esc(r.model or NA), status, fixed(r.p50), fixed(r.p90), fixed(r.p99), cv,
-                     fixed(r.throughput, ".1f"), pct(r.top1), power_cell(r), energy_cell(r), fixed(r.memory, ".1f")]
+            if r.emulated:
+                status += f' <span class="badge b-warn" title="{EMULATED_NOTE}">emulated</span>'
+            emu = (lambda cell: cell + EMU_MARK) if r.emulated else (lambda cell: cell)
+            cells = [label, esc(r.model or NA), status, emu(fixed(r.p50)), emu(fixed(r.p90)), emu(fixed(r.p99)), cv,
+                     emu(fixed(r.throughput, ".1f")), pct(r.top1), emu(power_cell(r)), emu(energy_cell(r)),
+                     fixed(r.memory, ".1f")]
             if search:
                 cells.append(NA if r.meets is None else ("yes" if r.meets else "no"))
             body.append(cells)
         out.append(table(head, body, row_cls=["failed" if not r.ok else "chosen" if r.chosen else ""
                                                for r in rows]))
     notes = []
+    if any(r.emulated for r in ctx.rows):
+        notes.append(f"{EMU_MARK} <b>{EMULATED_NOTE}</b>: that device ran under user-mode emulation (qemu-user), so "
+                     "its latency, throughput, power and energy are the emulator's; its top-1 is real (the outputs are "
+                     "its own CPU architecture's).")
     if any(r.modelled for r in ctx.rows):
         notes.append('<span class="mod">*</span> power (and the energy computed from it) is '
                      f"<b>{MODELLED_NOTE}</b>: the device has no power sensor, so the agent estimated it from the "
