@@ -199,7 +199,14 @@ def error_message(e: BaseException, rss: PeakRss) -> str:
     message = str(e) or repr(e)
     if isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(message):
         message = "out of memory on the device (peak RSS %.0f MB): %s" % (rss.peak_mb(), message)
+    if "is not installed on this device" in message:
+        message += "; or, from the host: " + SETUP_HINT
     return message
+
+
+# what a device lacking the agent's packages or its runtime is told to do (host.fleet.setup)
+SETUP_HINT = ("`edgeprune devices setup --fleet FLEET --devices ID` installs the agent's packages and the device's "
+              "runtime, at versions known to work for its class, into a venv on the device")
 
 
 # every report of an emulated device carries it (host tables and reports mark those figures too)

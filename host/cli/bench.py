@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -129,10 +129,18 @@ def main_bench(args: argparse.Namespace, console: Console) -> int:
                           "artifact": str(inputs.artifact[0]) if inputs.artifact else args.model,
                           "devices": result.rows}, indent=1, default=str))
         return 0 if all(o.ok for o in result.outcomes) else 1
-    table = Table(title=f"edgeprune bench {args.model} — run {result.run_id}")
+    print_rows(result.rows, console, title=f"edgeprune bench {args.model} — run {result.run_id}")
+    console.print(f"run {result.run_id}: wrote {result.out / 'summary.csv'}")
+    return 0 if all(o.ok for o in result.outcomes) else 1
+
+
+def print_rows(rows: List[Dict[str, Any]], console: Console, title: str = "edgeprune bench") -> None:
+    """The bench table of ``rows`` (:data:`host.commands.benchmark.COLUMNS`), with its notes: modelled power
+    (``*``) and an emulated device's timings and power (``†``) are marked."""
+    table = Table(title=title)
     for col in ("device", "runtime", "threads", "p50 ms", "p90 ms", "top-1", "agree", "power W", "mJ/inf", "status"):
         table.add_column(col, justify="left" if col in ("device", "runtime", "status") else "right")
-    for r in result.rows:
+    for r in rows:
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/] {r['error']}"
         emu = "†" if r.get("emulated") else ""
         table.add_row(str(r["device"]), str(r["runtime"]), str(r["threads"]), field(r, "latency_p50_ms", ".3f") + emu,
@@ -141,13 +149,11 @@ def main_bench(args: argparse.Namespace, console: Console) -> int:
                       field(r, "power_w", ".2f") + ("*" if r.get("power_source") == "model" else "") + emu,
                       field(r, "energy_mj", ".3f") + emu, status)
     console.print(table)
-    if any(r.get("emulated") for r in result.rows):
+    if any(r.get("emulated") for r in rows):
         console.print("† emulated — not a device measurement: that device runs under user-mode emulation (qemu-user); "
                       "its top-1 and agreement are real.")
-    if any(r.get("power_source") == "model" for r in result.rows):
+    if any(r.get("power_source") == "model" for r in rows):
         console.print("* modelled power (no sensor on that device), not a measurement.")
-    console.print(f"run {result.run_id}: wrote {result.out / 'summary.csv'}")
-    return 0 if all(o.ok for o in result.outcomes) else 1
 
 
 def main_prune(args: argparse.Namespace, console: Console) -> int:

@@ -59,7 +59,9 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
         holder = (lease.get("lease") or {}).get("holder") if lease.get("held") else None
         details["lease"] = (f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')}" if holder else None)
         if not runtime_installed(probe, dev.runtime.name):
-            raise DeviceError(f"runtime {dev.runtime.name} (from the device config) is not installed on the device")
+            raise DeviceError(f"runtime {dev.runtime.name} (from the device config) is not installed on the device: "
+                                  f"`edgeprune devices setup --fleet {dev.source or 'FLEET'} --devices {dev.id}` "
+                                  "installs it (a venv with the agent's packages and the runtime)")
         health = "good"
     except (DeviceError, ValueError, OSError) as e:
         details["error"] = f"{type(e).__name__}: {e}"
@@ -68,6 +70,18 @@ def check_device(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], 
             transport.close()
     details["seconds"] = round(time.monotonic() - t0, 3)
     return {"health": health, "details": details}
+
+
+def emulation_of(dev: DeviceConfig, transport_factory: Callable[[DeviceConfig], Any] = transport_for) -> Dict[str, Any]:
+    """What ``dev``'s agent says of emulation (:func:`agent.emulation.detect`: ``emulated``, ``by``, ``evidence``);
+    ``{}`` when the device cannot be asked (the search then fails on it as it would have). The local device is
+    this machine: asked in this process."""
+    if dev.transport == "local":
+        from agent import emulation
+
+        return emulation.detect()
+    r = check_device(dev, transport_factory)
+    return (r["details"].get("probe") or {}).get("emulation") or {}
 
 
 def check_devices(devices: List[DeviceConfig], state_path: Path = state.DEFAULT_PATH,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -74,6 +75,11 @@ class AgentSession:
             info = self.call("hello", timeout=max(30.0, self.dead_after_s), protocol=PROTOCOL,
                              host_version=host_version, heartbeat_s=self.heartbeat_s)
         except Exception as e:
+            missing = re.search(r"No module named '(numpy|psutil)'", str(e))
+            if missing:
+                raise self.error(f"{self.where}: the device's Python has no {missing.group(1)} (the agent needs "
+                                 "numpy and psutil): `edgeprune devices setup --fleet FLEET --devices ID` makes it a "
+                                 "venv with them and the device's runtime", infrastructure=False) from None
             if "ProtocolMismatch" in str(e) or "unknown op" in str(e) or "invalid choice: 'serve'" in str(e):
                 raise self.error(f"{self.where}: {e}. Upgrade the agent on the device to {host_version} (the "
                                  "host ships its own: remove a stale `python:` agent install, or update edgeprune "

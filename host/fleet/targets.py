@@ -42,7 +42,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -444,6 +444,11 @@ def device_targets(devices: Sequence[Any], src: TargetSources) -> Dict[str, Targ
                 ts.targets[metric] = Target(metric, value, relative, where)
         check_device_targets(dev, ts)
         out[dev.id] = ts
+    if not any(ts.targets for ts in out.values()):
+        raise UsageError(f"--target: no latency, throughput, power, energy or memory target for device "
+                         f"{', '.join(out)}; give at least one (e.g. --target latency_p50_ms=0.5x, or targets: in the "
+                         "device config). A device with accuracy bounds only, beside devices with such targets, is "
+                         "checked with the dense model")
     return out
 
 
@@ -453,9 +458,6 @@ def check_device_targets(dev: Any, ts: TargetSet) -> None:
         raise UsageError(f"--max-accuracy-drop: no maximum accuracy drop for device {dev.id} (give "
                          f"--max-accuracy-drop PP, --min-agreement F or --min-snr-db DB, or {ACCURACY}, {AGREEMENT} "
                          "or snr_db in a targets file or the device config's targets:)")
-    if not ts.targets:
-        raise UsageError(f"--target: no latency, throughput, power, energy or memory target for device {dev.id}; "
-                         "give at least one (e.g. --target latency_p50_ms=0.5x, or targets: in the device config)")
     power = getattr(dev, "power", None)
     for m in POWER_METRICS:
         if m in ts.targets and power is None:
@@ -515,3 +517,21 @@ def check_labelled(targets: Mapping[str, TargetSet], labelled: bool, what: str =
                              "no labels, so top-1 cannot be measured (agreement and SNR against the dense model's "
                              "outputs need none)")
 
+
+def refuse_emulated(devices: Sequence[Any], targets: Mapping[str, TargetSet],
+                    emulation_of: Callable[[Any], Mapping[str, Any]]) -> None:
+    """UsageError for a resource target (latency, throughput, power, energy, memory) on a device whose agent runs
+    under user-mode emulation (``emulation_of(dev)``, :func:`host.fleet.health.emulation_of`): those figures are the
+    emulator's, not a device's. Its accuracy bounds stand: its outputs are its CPU architecture's own."""
+    for dev in devices:
+        ts = targets.get(dev.id)
+        if ts is None or not ts.targets:
+            continue
+        emu = emulation_of(dev)
+        if emu.get("emulated"):
+            metric, t = next(iter(ts.targets.items()))
+            by = emu.get("by") or "an emulator"
+            raise UsageError(f"{t.source}: device {dev.id} runs under user-mode emulation ({by}): its {METRICS[metric].label} is the emulator's, not a device measurement, so "
+                             "a search cannot target it. Give it accuracy bounds only (accuracy_drop_pp, agreement, "
+                             "snr_db: its outputs are real), and scope resource targets to the other devices "
+                             "(--target DEVICE:METRIC=VALUE)")

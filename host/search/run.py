@@ -104,6 +104,10 @@ def start(opts: SearchOptions, devices: Sequence[DeviceConfig], targets: Mapping
         raise UsageError(f"--out: {folder} already holds search run {prev}; continue it with --resume {prev}"
                          f"{f' --out {folder}' if out is not None else ''}, or choose another folder")
     if space is None or evaluator is None:
+        from host.fleet.health import emulation_of
+        from host.fleet.targets import refuse_emulated
+
+        refuse_emulated(devices, targets, emulation_of)     # asks each device with a resource target
         workload = workload if workload is not None else search_data.open_search_workload(opts)
         search_data.check_workload(workload, targets)
     write_run(folder, run_id, opts, devices, targets,

@@ -373,6 +373,9 @@ class SearchAlgorithm(ABC):
         why = ctx.impossible(bounds)
         if why:
             return m, bounds, f"impossible: {why}"
+        if not bounds.limits:
+            return m, bounds, ("accuracy only (no resource target on this device): the dense model, its accuracy "
+                               "measured on the device")
         if bounds.assess(m.metrics).meets_resources:
             return m, bounds, "the dense model already meets the resource targets"
         return m, bounds, ""
