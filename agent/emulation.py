@@ -100,7 +100,8 @@ def _thread_exe(root: Path) -> Optional[str]:
 
 
 def detect(root: str = "/", machine: Optional[str] = None, thread_exe: Optional[str] = None) -> Dict[str, Any]:
-    """``{"emulated": bool, "by": "qemu-user" | None, "evidence": [str, ...]}`` for this process.
+    """``{"emulated": bool, "by": "qemu-user" | None, "evidence": [str, ...]}`` for this process, and ``cpu``, the
+    CPU model qemu was asked for (``QEMU_CPU``), when emulated and set.
 
     ``machine`` (default ``platform.machine()``) and ``thread_exe`` (default: read from ``root``'s /proc) are
     parameters for tests; everything else is read under ``root``."""
@@ -121,4 +122,7 @@ def detect(root: str = "/", machine: Optional[str] = None, thread_exe: Optional[
             if h["enabled"] and "qemu" in interp.lower() and magic is not None and len(magic) >= 20 \
                     and magic[:4] == b"\x7fELF" and magic[18] == code:
                 evidence.append("binfmt: %s runs %s ELF files through %s" % (h["name"], machine, interp))
-    return {"emulated": bool(evidence), "by": "qemu-user" if evidence else None, "evidence": evidence}
+    out = {"emulated": bool(evidence), "by": "qemu-user" if evidence else None, "evidence": evidence}
+    if evidence and os.environ.get("QEMU_CPU"):
+        out["cpu"] = os.environ["QEMU_CPU"]     # the CPU model qemu presents (devices emulate sets the board's)
+    return out

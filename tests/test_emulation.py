@@ -193,7 +193,7 @@ def test_known_good_pins_apply_only_where_measured():
     cfg = load_fleet_one("rpi4").setup
     emulated = {"machine": "aarch64", "python": "3.11.2", "emulated": True}
     reqs, note = fsetup.requirements(cfg, ["onnxruntime", "tflite"], emulated)
-    assert reqs == ["numpy>=1.21", "psutil>=5.8", "onnxruntime==1.27.0", "ai-edge-litert==2.3.0"]
+    assert reqs == ["numpy>=1.21", "psutil>=5.8", "onnxruntime==1.27.0", "ai-edge-litert==2.1.6"]
     assert "qemu-aarch64 7.2" in note
     # a real board (not emulated), or another Python: nothing measured there, nothing pinned
     for facts in ({**emulated, "emulated": False}, {**emulated, "python": "3.12.1"}):

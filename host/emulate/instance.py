@@ -14,6 +14,10 @@ and a ``/run`` are mounted there only, and vanish with its last process. sshd ru
 a process of its own session, so the device outlives the command that started it; ``--stop`` ends every process
 whose root is the device's (sshd, its sessions, their agents).
 
+qemu presents the board's own CPU model (the class's ``emulate.cpu``, e.g. cortex-a72 for a Pi 4; ``QEMU_CPU`` for
+sshd and, through its ``SetEnv``, for every session), so libraries that pick kernels by CPU feature pick the
+board's: under qemu 7.2's default ``max`` CPU, XNNPACK's int8 kernels gave wrong outputs.
+
 The device trusts what this machine trusts: this machine's CA bundle (a lab's TLS-inspecting proxy included) and
 ``/etc/resolv.conf`` are copied in at each start, and pip there uses that bundle.
 """
@@ -55,6 +59,7 @@ PubkeyAuthentication yes
 UsePAM no
 MaxStartups 100
 MaxSessions 32
+SetEnv QEMU_CPU={cpu}
 LogLevel INFO
 Subsystem sftp internal-sftp
 """
@@ -228,12 +233,13 @@ def emulate(device_class: str, out_dir: Path, device_id: Optional[str] = None, m
         _copy_in(Path(interp), upper, interp.lstrip("/"), 0o755)
     port = _free_port(prior.get("port"))
     write_text_atomic(upper / "etc/ssh/edgeprune/sshd_config",
-                      SSHD_CONFIG.format(port=port, host=LOOPBACK, user=recipe.user))
+                      SSHD_CONFIG.format(port=port, host=LOOPBACK, user=recipe.user, cpu=recipe.cpu))
     log = state_dir / "sshd.log"
     with open(log, "ab") as logf:
         proc = subprocess.Popen([_tool("unshare", "util-linux"), "--mount", "--propagation", "private", "--",
                                  "/bin/sh", "-c", _start_script(lower, state_dir, port)],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                                env={**os.environ, "QEMU_CPU": recipe.cpu})
     if not _wait_banner(port, proc, start_timeout_s):
         _kill(state_dir, [proc.pid])
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-10:])

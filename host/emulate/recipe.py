@@ -7,6 +7,7 @@ A class file (``device_configs/classes/rpi4.yaml``) says::
       suite: bookworm          # what Raspberry Pi OS (64-bit) is built on
       qemu: aarch64            # qemu-user target that runs it (qemu-aarch64-static)
       user: pi                 # the login user made in the root
+      cpu: cortex-a72          # the CPU qemu presents (QEMU_CPU): the board's own, so libraries pick its kernels
       packages: [python3, python3-venv, openssh-server, ca-certificates]
 
 Classes with the same recipe share one cached root.
@@ -38,6 +39,7 @@ class Recipe:
     user: str
     packages: Tuple[str, ...]
     mirror: str = DEFAULT_MIRROR
+    cpu: str = "max"          # qemu's CPU model for the device's processes; not part of the root (not in key())
 
     def key(self) -> str:
         """The cache key: what the root is built from (not which class asked for it)."""
@@ -67,7 +69,7 @@ def recipe_for(device_class: str, mirror: str = "") -> Recipe:
                          f"classes that can: {', '.join(emulatable_classes()) or 'none'}")
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: emulate: expected a mapping")
-    unknown = sorted(set(section) - {"arch", "suite", "qemu", "user", "packages"})
+    unknown = sorted(set(section) - {"arch", "suite", "qemu", "user", "packages", "cpu"})
     if unknown:
         raise ConfigError(f"{where}: emulate.{unknown[0]}: unknown field")
     values: Dict[str, Any] = {}
@@ -77,6 +79,10 @@ def recipe_for(device_class: str, mirror: str = "") -> Recipe:
             raise ConfigError(f"{where}: emulate.{name}: expected a name like {'pi' if name == 'user' else 'arm64'}, "
                               f"got {value!r}")
         values[name] = value
+    cpu = section.get("cpu", "max")
+    if not isinstance(cpu, str) or not _NAME.match(cpu):
+        raise ConfigError(f"{where}: emulate.cpu: expected a qemu CPU model like cortex-a72, got {cpu!r}")
+    values["cpu"] = cpu
     packages = section.get("packages", [])
     if not isinstance(packages, list) or not all(isinstance(p, str) and _NAME.match(p) for p in packages):
         raise ConfigError(f"{where}: emulate.packages: expected a list of Debian package names")
