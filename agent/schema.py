@@ -321,6 +321,8 @@ class Identity:
     artifact_sha256: str
     serial: Optional[str] = None
     firmware: Dict[str, str] = field(default_factory=dict)  # e.g. {"l4t": "36.3.0", "jetpack": "6.0"}
+    # board_model, l4t; emulation (agent.emulation.detect: emulated, by, evidence, cpu: timings under emulation are
+    # the emulator's); setup (what `edgeprune devices setup` installed into this venv: requirements, versions)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 

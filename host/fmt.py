@@ -10,6 +10,9 @@ from typing import Any, Mapping, Optional
 
 NA = "—"
 """What a table shows where a value is missing (not measured, not applicable, not finite)."""
+# under an emulated device's latency, throughput, power and energy in the CLI's tables (agent.emulation)
+EMULATED_FOOTNOTE = ("† emulated — not a device measurement: that device runs under user-mode emulation (qemu-user); "
+                     "its top-1 and agreement are real.")
 
 
 def number(x: Any, *, parse: bool = True) -> Optional[float]:

@@ -350,3 +350,14 @@ def test_a_device_with_accuracy_bounds_only_is_checked_with_the_dense_model(tmp_
     with pytest.raises(UsageError, match=r"no latency, throughput, power, energy or memory target for device "
                                          r"x86, rpi4-emu"):
         targets_for([x86, pi], drop=1.0)
+
+
+def test_emulate_arguments_are_checked(tmp_path, capsys):
+    assert cli_main(["devices", "emulate", "--dir", str(tmp_path)]) != 0
+    assert "give the CLASS to emulate (e.g. rpi4), or --stop / --status" in capsys.readouterr().err
+    assert cli_main(["devices", "emulate", "rpi4"]) != 0
+    assert "devices emulate: --dir is required" in capsys.readouterr().err
+    assert cli_main(["devices", "emulate", "--build-only"]) != 0
+    assert "--build-only: give the CLASS whose root to build" in capsys.readouterr().err
+    assert cli_main(["devices", "emulate", "--status", "--dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -17,7 +17,7 @@ from rich.table import Table
 from edgeprune.errors import UsageError
 from host.cli.common import (MODEL_HELP, data_source_args, db_argument, model_source_args, open_recorder,
                              per_class, ratio_list, select_devices, source_kwargs, stage_progress)
-from host.fmt import NA, field
+from host.fmt import EMULATED_FOOTNOTE, NA, field
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -150,8 +150,7 @@ def print_rows(rows: List[Dict[str, Any]], console: Console, title: str = "edgep
                       field(r, "energy_mj", ".3f") + emu, status)
     console.print(table)
     if any(r.get("emulated") for r in rows):
-        console.print("† emulated — not a device measurement: that device runs under user-mode emulation (qemu-user); "
-                      "its top-1 and agreement are real.")
+        console.print(EMULATED_FOOTNOTE)
     if any(r.get("power_source") == "model" for r in rows):
         console.print("* modelled power (no sensor on that device), not a measurement.")
 

@@ -42,13 +42,16 @@ def register(sub: "argparse._SubParsersAction") -> None:
     em = actions.add_parser("emulate", help="an emulated board (arm64 Debian under qemu-user) with its own sshd on "
                             "127.0.0.1, and its device file in --dir (needs root)")
     em.add_argument("device_class", nargs="?", metavar="CLASS", help="device class to emulate (rpi4, rpi5)")
-    em.add_argument("--dir", type=Path, required=True, help="folder for the device file and the device's own files")
+    em.add_argument("--dir", type=Path, default=None, help="folder for the device file and the device's own files "
+                    "(required, except with --build-only)")
     em.add_argument("--id", default=None, help="device id (default CLASS-emu)")
     em.add_argument("--mirror", default="", help="Debian mirror for the root (default $EDGEPRUNE_DEBIAN_MIRROR or "
                     "http://deb.debian.org/debian)")
     mode = em.add_mutually_exclusive_group()
     mode.add_argument("--stop", action="store_true", help="stop the emulated devices in --dir (or --id)")
     mode.add_argument("--status", action="store_true", help="list the emulated devices in --dir and whether they run")
+    mode.add_argument("--build-only", action="store_true", help="build (or find) CLASS's cached root and exit: "
+                      "nothing is started (CI warms the cache with it)")
     em.add_argument("--json", action="store_true", help="print JSON")
     dv.set_defaults(handler=main_devices)
 
@@ -115,6 +118,15 @@ def _emulate(args: argparse.Namespace, console: Console) -> int:
     from host import emulate
 
     err = Console(stderr=True) if args.json else console
+    if args.build_only:
+        if not args.device_class:
+            raise UsageError("devices emulate --build-only: give the CLASS whose root to build (e.g. rpi4)")
+        root = emulate.build_root(args.device_class, mirror=args.mirror,
+                                  events=lambda msg: err.print(msg, highlight=False))
+        print(json.dumps({"class": args.device_class, "root": str(root)}) if args.json else f"root: {root}")
+        return 0
+    if args.dir is None:
+        raise UsageError("devices emulate: --dir is required (the folder for the device file and its own files)")
     if args.stop:
         rows = emulate.stop(args.dir, args.id)
     elif args.status:

@@ -17,7 +17,7 @@ from rich.table import Table
 from edgeprune.errors import UsageError
 from host.cli.common import (MODEL_HELP, data_source_args, db_argument, executor_args, model_source_args,
                              open_executor, open_recorder, per_class, select_devices, source_kwargs)
-from host.fmt import NA
+from host.fmt import EMULATED_FOOTNOTE, NA
 from host.search.budget import BUDGET_DISTILL, DEFAULT_BUDGET_MINUTES
 
 
@@ -209,7 +209,7 @@ def _candidates_table(r: "object") -> Table:
                       (f"{secs:.0f} s" if secs < 90 else f"{secs / 60:.1f} min") if isinstance(secs, (int, float))
                       else NA,
                       f"{int(seen):,}" if isinstance(seen, (int, float)) else NA,
-                      fixed(p50), speed, pct(row.get("top1")),
+                      fixed(p50) + ("†" if row.get("emulated") else ""), speed, pct(row.get("top1")),
                       f"{drop:.2f} pp" if isinstance(drop, (int, float)) else NA, mark)
     return table
 
@@ -336,6 +336,8 @@ def _run_search(args: argparse.Namespace, console: Console, search: "object", ru
         console.print(line, highlight=False)
         if _holdout_line(r):
             console.print(_holdout_line(r), highlight=False)
+    if any(row.get("emulated") for r in result.devices for row in r.rows):
+        console.print(EMULATED_FOOTNOTE)
     if any((r.chosen or r.closest or {}).get("power_source") == "model" for r in result.devices):
         console.print("* power and energy of some devices are MODELLED (no power sensor there), not measured.")
     console.print(f"wrote {folder / 'summary.csv'}, per-device pareto.csv/json and {folder / search.EVALUATIONS}")

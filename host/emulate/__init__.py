@@ -11,7 +11,7 @@ What runs there is real aarch64 code (Debian's Python, aarch64 wheels of the run
 build's outputs; timings are qemu's, and the agent reports that it is emulated (:mod:`agent.emulation`).
 Needs root (chroot, mounts, binfmt_misc).
 """
-from host.emulate.instance import emulate, status, stop
+from host.emulate.instance import build_root, emulate, status, stop
 from host.emulate.recipe import Recipe, recipe_for
 
-__all__ = ["Recipe", "emulate", "recipe_for", "status", "stop"]
+__all__ = ["Recipe", "build_root", "emulate", "recipe_for", "status", "stop"]

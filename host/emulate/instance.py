@@ -254,6 +254,12 @@ def emulate(device_class: str, out_dir: Path, device_id: Optional[str] = None, m
     return _status_of(state_dir)
 
 
+def build_root(device_class: str, mirror: str = "", events: Events = lambda msg: None) -> Path:
+    """``device_class``'s cached root, built now if the cache lacks it (``devices emulate --build-only``)."""
+    _need_root()
+    return ensure_root(recipe_for(device_class, mirror), events)
+
+
 def _trust_like_this_machine(upper: Path) -> None:
     bundle = Path("/etc/ssl/certs/ca-certificates.crt")
     if bundle.is_file():

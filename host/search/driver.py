@@ -421,8 +421,11 @@ class Search:
                    recovery_precision=rr.get("precision"))
         row.update({k: m.get(k) for k in ROW_METRICS})
         row["dense_p50_beside_ms"] = ((paired or {}).get("metrics") or {}).get("latency_p50_ms")
-        power = (rec.get("report") or {}).get("power") or {}
+        report = rec.get("report") or {}
+        power = report.get("power") or {}
         row["power_source"] = power.get("source") if isinstance(power, dict) else None
+        # measured under user-mode emulation (agent.emulation): its timings and power are the emulator's
+        row["emulated"] = bool(((report.get("identity") or {}).get("extra") or {}).get("emulation", {}).get("emulated"))
         if bounds is not None:
             a = bounds.assess(m)
             res_v = max((v for k, v in a.violations.items() if k not in ACCURACY_METRICS), default=0.0)
