@@ -78,7 +78,7 @@ def test_setup_pins_known_good_versions_points_python_at_the_venv_and_is_idempot
                            "--json").stdout)["rpi4-emu"]
     assert again["status"] == "up to date" and again["versions"] == s["versions"]
     check = json.loads(run("devices", "check", "--fleet", str(pi["device_file"]), "--json").stdout)["rpi4-emu"]
-    assert check["health"] == "good"
+    assert check["health"] == "good" and "aarch64, emulated (qemu-user, cortex-a72)" in check["details"]["summary"]
     probe = check["details"]["probe"]
     assert probe["machine"] == "aarch64" and probe["emulation"]["emulated"] is True
     assert probe["emulation"]["cpu"] == "cortex-a72" and probe["setup"]["versions"] == s["versions"]

@@ -31,7 +31,10 @@ def _summary(probe: Dict[str, Any]) -> str:
     temps = probe.get("temperatures_c") or {}
     hottest = f"; {max(temps.values()):.0f} °C" if temps else ""
     disk = probe.get("disk_free_mb")
-    return (f"python {probe.get('python', '?')}; " + (", ".join(have) or "no runtime found")
+    emu = probe.get("emulation") or {}
+    machine = f"{probe.get('machine')}" + (f", emulated ({emu.get('by')}, {emu.get('cpu') or 'cpu not set'})"
+                                           if emu.get("emulated") else "")
+    return (f"{machine}; python {probe.get('python', '?')}; " + (", ".join(have) or "no runtime found")
             + (f"; {disk / 1000:.1f} GB free" if isinstance(disk, (int, float)) else "") + hottest
             + f"; power {probe.get('power', '?')}")
 
