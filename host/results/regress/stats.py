@@ -1,6 +1,7 @@
 """The regression gate's statistics: a one-sided Mann–Whitney U test, a bootstrap CI of a median ratio, thinning.
 
-Contract: pure numpy functions of two samples (baseline ``a``, candidate ``b``); non-finite values are dropped.
+Contract: pure functions of two samples (baseline ``a``, candidate ``b``; numpy, the test from scipy.stats);
+non-finite values are dropped.
 The decision rule that uses them is in :mod:`host.results.regress` (docstring) and :mod:`.checks`.
 """
 from __future__ import annotations
@@ -23,27 +24,16 @@ def clean(x: Any) -> np.ndarray:
 
 
 def mann_whitney_greater(a: Any, b: Any) -> float:
-    """One-sided p-value that ``b`` is stochastically greater than ``a`` (candidate ``b`` slower than baseline ``a``).
+    """One-sided p-value that ``b`` is stochastically greater than ``a`` (candidate ``b`` slower than baseline ``a``):
+    ``scipy.stats.mannwhitneyu(b, a, alternative="greater", method="asymptotic")`` (normal approximation, tie and
+    continuity correction). Non-finite values are dropped; all values equal gives 1.0 (no evidence)."""
+    from scipy import stats
 
-    Mann–Whitney U with the normal approximation, tie correction and continuity correction (the same number as
-    ``scipy.stats.mannwhitneyu(b, a, alternative="greater", method="asymptotic")``). Non-finite values are dropped;
-    all values equal gives 1.0 (no evidence)."""
     x, y = clean(b), clean(a)
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
+    if len(x) == 0 or len(y) == 0:
         raise ValueError("mann_whitney_greater needs at least one finite value on each side")
-    _, inverse, counts = np.unique(np.concatenate([x, y]), return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    ranks = avg_rank[np.asarray(inverse).ravel()]
-    u = float(ranks[:n1].sum()) - n1 * (n1 + 1) / 2.0
-    n = n1 + n2
-    c = counts.astype(np.float64)
-    ties = float((c ** 3 - c).sum())
-    var = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    if var <= 0:
-        return 1.0
-    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(var)
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
+    p = float(stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic").pvalue)
+    return 1.0 if math.isnan(p) else p
 
 
 def median_ratio_ci(a: Any, b: Any, seed: int = 0, n_boot: int = N_BOOT) -> Tuple[float, float]:
