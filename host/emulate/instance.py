@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from edgeprune.errors import EmulationError, UsageError
-from host.emulate import binfmt
+from host.emulate.binfmt import ensure as ensure_binfmt
 from host.emulate.recipe import Recipe, recipe_for
 from host.emulate.root import ensure_root
 from host.files import write_text_atomic
@@ -213,7 +213,7 @@ def emulate(device_class: str, out_dir: Path, device_id: Optional[str] = None, m
             raise UsageError(f"--dir {out_dir}: {device_id} is already running as an emulated {running.get('class')}")
         events(f"{device_id} is already running on 127.0.0.1:{running['port']}")
         return _status_of(state_dir)
-    entry = binfmt.ensure(recipe.qemu, events)
+    entry = ensure_binfmt(recipe.qemu, events)
     prior = _state(state_dir)
     lower = Path(prior["root"]) if prior.get("root") and (Path(prior["root"]).parent / "recipe.json").is_file() \
         and prior.get("class") == device_class else ensure_root(recipe, events)
