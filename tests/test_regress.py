@@ -309,7 +309,7 @@ def test_baseline_failed_cannot_be_judged(store):
     assert "every baseline trial failed" in comp.incomparable[0].message
 
 
-def test_repeated_trials_are_pooled_and_modelled_power_marked(store):
+def test_repeated_trials_are_decided_over_runs_and_modelled_power_marked(store):
     make_run(store, "base", [dict(key="t1", samples=lat(1, n=600), modelled=True),
                              dict(key="t2", samples=lat(2, n=600), modelled=True)])
     make_run(store, "cand", [dict(key="t1", samples=lat(3, n=600), modelled=True),
@@ -317,10 +317,12 @@ def test_repeated_trials_are_pooled_and_modelled_power_marked(store):
     comp = compare(store, "base", "cand")
     latency = by(comp, "latency")
     assert latency.trials_baseline == 2 and latency.trials_candidate == 2
-    assert latency.n_baseline == 1000 and latency.n_candidate == 1000      # 1200 pooled, thinned to 1000
-    energy = by(comp, "energy")
+    # repetitions on both sides: latency is decided over runs, and two against two cannot reach alpha 0.01
+    assert latency.n_baseline == 2 and latency.n_candidate == 2 and latency.verdict == "inconclusive"
+    assert "cannot reach alpha 0.01 (needs 5 a side)" in latency.rule
+    energy = by(comp, "energy")                                            # energy pools the trials' samples
     assert energy.modelled and energy.n_candidate == 600                  # only the trial with power
-    assert comp.exit_code == 0
+    assert comp.exit_code == 3 and comp.verdict == "inconclusive"
 
 
 def test_modelled_energy_is_shown_not_gated_unless_asked(store):

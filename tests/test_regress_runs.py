@@ -26,24 +26,25 @@ def test_a_a_within_noise_passes_and_a_real_slowdown_regresses():
     d = runs.decide(base, same, tol=0.05)
     assert d.verdict == "pass" and "within max(tolerance 5.0%" in d.rule
     slow = 1.10 * (1.0 + rng.normal(0, 0.01, 5))
-    d = runs.decide(base, slow, tol=0.05)
+    assert runs.decide(base, slow, tol=0.05).verdict == "pass"          # within the 15 % prior: no A/A history
+    d = runs.decide(base, slow, tol=0.05, prior=0.0)
     assert d.verdict == "regression" and d.p_slower < 0.01 and 1.05 < d.ci[0] < d.ci[1] < 1.16, d
     fast = 0.85 * base
-    assert runs.decide(base, fast, tol=0.05).verdict == "improved"
+    assert runs.decide(base, fast, tol=0.05, prior=0.0).verdict == "improved"
 
 
 def test_a_shift_inside_the_noise_floor_is_not_a_regression():
     # a baseline whose own runs wander by 9 %: +8 % is noise on this device, whatever the tolerance
     base = [1.00, 1.09, 0.97, 1.02, 1.00]
-    d = runs.decide(base, [1.08] * 5, tol=0.05)
+    d = runs.decide(base, [1.08] * 5, tol=0.05, prior=0.0)
     assert d.noise_floor == pytest.approx(0.09) and d.threshold == pytest.approx(0.09) and d.verdict == "pass"
 
 
 def test_too_few_repetitions_or_no_confidence_is_inconclusive():
-    d = runs.decide([1.0, 1.01, 0.99], [1.2, 1.21, 1.19], tol=0.05)
+    d = runs.decide([1.0, 1.01, 0.99], [1.3, 1.31, 1.29], tol=0.05)
     assert d.verdict == "inconclusive" and "cannot reach alpha 0.01 (needs 5 a side)" in d.rule
     # beyond the threshold on the medians, but the runs overlap: no confidence
-    d = runs.decide([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.3, 1.3, 1.3, 0.99], tol=0.05, history=[0.02])
+    d = runs.decide([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.3, 1.3, 1.3, 0.99], tol=0.05, history=[0.02, 0.01])
     assert d.verdict == "inconclusive" and "not with confidence" in d.rule, d
 
 
@@ -52,3 +53,78 @@ def test_sample_level_test_is_scipy_s():
     rng = np.random.default_rng(3)
     a, b = rng.lognormal(0, 0.1, 300), rng.lognormal(0.01, 0.1, 400)
     assert mann_whitney_greater(a, b) == stats.mannwhitneyu(b, a, alternative="greater", method="asymptotic").pvalue
+
+
+# ---- the gate over repetitions (host.results.regress.checks, through the store) -----------------------------------
+
+def _runs(store, run_id, medians, warn=None, options=None, warn_reps=(1,)):
+    """A bench run of ``len(medians)`` repetitions of one artifact, each a window around its median."""
+    from tests.test_regress import make_report
+
+    store.start_run(run_id, "bench", command=[], provenance={})
+    for i, m in enumerate(medians, 1):
+        rep = make_report(list(np.random.default_rng(i).lognormal(np.log(m), 0.03, 300)))
+        if warn is not None and i in warn_reps:
+            rep["warnings"] = [warn]
+        store.record_measurement(run_id, "jetson" if i == 1 else f"jetson#r{i}", device_id="jetson", report=rep,
+                                 job={"runtime": {"name": "onnxruntime", "threads": 1, "options": options or {}},
+                                      "timing": {"min_duration_s": 0.6, "seed": i - 1}},
+                                 label="dense", model="resnet20", manifest={"sha256": "a" * 64, "format": "onnx"})
+    store.finish_run(run_id)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from host.results.store import Store
+
+    s = Store(str(tmp_path / "r.db"))
+    yield s
+    s.close()
+
+
+QUIET = [2.00, 2.01, 1.99, 2.00, 2.02]
+
+
+def test_a_slowdown_over_repetitions_is_a_regression_with_its_rule(store, tmp_path):
+    from host.results.regress import compare, write_junit
+
+    change = {"graph_optimization_level": "basic"}       # a runtime configuration change: compared, listed
+    _runs(store, "base", QUIET)
+    _runs(store, "slow", [m * 1.25 for m in QUIET], options=change)
+    comp = compare(store, "base", "slow")
+    lat = next(c for c in comp.checks if c.metric == "latency")
+    assert lat.verdict == "regression" and comp.exit_code == 1, lat
+    assert lat.n_baseline == lat.n_candidate == 5 and lat.p < 0.01 and lat.change == pytest.approx(0.25, abs=0.01)
+    # no A/A history in the store yet: the prior floor (15 %), said so
+    assert lat.noise_floor == pytest.approx(0.15) and "prior 15% until 2 earlier A/A runs" in lat.rule
+    assert "p=0.004 < 0.01" in lat.rule
+    # +10 % with no history is within the prior: not a regression on a fresh store
+    _runs(store, "ten", [m * 1.10 for m in QUIET], options=change)
+    assert next(c for c in compare(store, "base", "ten").checks if c.metric == "latency").verdict == "pass"
+    # windows that saw contention (the agent's CV / drift warning) are left out; 3 clean runs cannot decide
+    _runs(store, "busy", [m * 1.25 for m in QUIET], options=change, warn_reps=(1, 2),
+          warn="latency CV 0.31 exceeds 0.10: measurements unstable")
+    comp = compare(store, "base", "busy")
+    lat = next(c for c in comp.checks if c.metric == "latency")
+    assert lat.verdict == "inconclusive" and comp.exit_code == 3 and "reported unstable timings" in lat.rule
+    assert "the 5 + 3 clean runs give: inconclusive" in lat.rule
+    suite = write_junit(comp, tmp_path / "j.xml").read_text()
+    assert '<skipped message="latency +25' in suite
+    # one contended window of five: the four clean runs still show it
+    _runs(store, "busy1", [m * 1.25 for m in QUIET], options=change, warn="latency drifted +12% between the first")
+    assert compare(store, "base", "busy1").exit_code == 1
+
+
+def test_the_noise_floor_comes_from_a_a_history_in_the_store(store):
+    from host.results.regress import compare
+
+    _runs(store, "base", QUIET)
+    _runs(store, "aa1", [m * 1.07 for m in QUIET])          # earlier A/A runs: the same artifact and setup
+    _runs(store, "aa2", [m * 0.97 for m in QUIET])
+    _runs(store, "cand", [m * 1.06 for m in QUIET])
+    lat = next(c for c in compare(store, "base", "cand").checks if c.metric == "latency")
+    assert lat.noise_floor == pytest.approx(0.07, abs=0.005) and lat.verdict == "pass", lat.rule
+    assert "2 A/A pairs" in lat.rule and "prior" not in lat.rule
+    _runs(store, "slower", [m * 1.12 for m in QUIET], options={"graph_optimization_level": "basic"})
+    lat = next(c for c in compare(store, "base", "slower").checks if c.metric == "latency")
+    assert lat.verdict == "regression", lat.rule               # beyond the measured floor, with confidence

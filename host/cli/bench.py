@@ -21,7 +21,7 @@ from host.fmt import EMULATED_FOOTNOTE, NA, field
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
-    """Add ``bench``, ``prune`` and ``sensitivity`` to the ``edgeprune`` parser's subcommands."""
+    """Add ``bench``, ``ab``, ``prune`` and ``sensitivity`` to the ``edgeprune`` parser's subcommands."""
     b = sub.add_parser("bench", help="measure one artifact on the chosen devices in parallel, one row per device")
     b.add_argument("--model", required=True, help="reference model name (exported dense), a manifest or artifact "
                    "file, or a folder holding exactly one manifest (as `edgeprune prune --out` writes)")
@@ -31,6 +31,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default results/runs/<run id>)")
     b.add_argument("--quick", action="store_true", help="short timing windows")
+    b.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="repetitions per device, each a fresh runtime session with its own share of the timed window "
+                   "(default 5: what `edgeprune regress` needs to decide over runs)")
     b.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
     db_argument(b)
     b.add_argument("--json", action="store_true", help="print one JSON document (per device: latency, metrics) on "
@@ -47,6 +50,27 @@ def register(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--std", default=None, metavar="S,S,S", help="override the manifest's std")
 
     b.set_defaults(handler=main_bench)
+
+    ab = sub.add_parser("ab", help="A/B: two artifacts (or two runtime configurations) on one device, measured "
+                        "alternately and judged over their repetitions")
+    ab.add_argument("--a", required=True, metavar="ARTIFACT", help="A, the reference: a model name, manifest, "
+                    "artifact or folder (as bench --model)")
+    ab.add_argument("--b", default=None, metavar="ARTIFACT", help="B, the change (default: A again, with --b-option)")
+    ab.add_argument("--b-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a runtime option for B only (repeatable), e.g. graph_optimization_level=basic")
+    ab.add_argument("--fleet", default=None, help="fleet YAML or folder of device files (default: the local device)")
+    ab.add_argument("--device", default=None, help="the device id from the fleet")
+    ab.add_argument("--pairs", type=int, default=5, help="A/B rounds, order alternating AB, BA, ... (default 5)")
+    ab.add_argument("--tolerance", default="5%", help="smallest slowdown of B worth failing for (default 5%%)")
+    ab.add_argument("--alpha", default="0.01", help="significance over runs (default 0.01)")
+    ab.add_argument("--threads", type=int, default=None, help="runtime threads (overrides the device's config)")
+    ab.add_argument("--quick", action="store_true", help="short timing windows")
+    ab.add_argument("--run-id", default=None, help="record under this id (default: generated and printed)")
+    ab.add_argument("--out", type=Path, default=None, help="output folder (default results/runs/<run id>)")
+    ab.add_argument("--lease-wait", type=float, default=300.0, help="seconds to wait for a busy device's lease")
+    db_argument(ab)
+    ab.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    ab.set_defaults(handler=main_ab)
 
     pr = sub.add_parser("prune", help="prune one model (channels and/or 2:4), recover it, export verified artifacts")
     pr.add_argument("--model", required=True, help=MODEL_HELP)
@@ -95,7 +119,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def main_bench(args: argparse.Namespace, console: Console) -> int:
-    from host.commands.benchmark import check_inputs, run_bench
+    from host.commands.benchmark import DEFAULT_REPEAT, check_inputs, run_bench
     from host.results.store import check_run_id, new_run_id
 
     devices = select_devices(args.fleet, args.devices)
@@ -120,6 +144,7 @@ def main_bench(args: argparse.Namespace, console: Console) -> int:
                 progress.console.print(f"{dev_id}: {msg}", highlight=False)
 
         result = run_bench(args.model, devices, out=args.out, run_id=run_id, threads=args.threads, quick=args.quick,
+                           repeat=DEFAULT_REPEAT if args.repeat is None else args.repeat,
                            events=events, lease_wait_s=args.lease_wait, recorder=recorder, inputs=inputs)
         recorder.summary = {"rows": result.rows}
     if args.json:
@@ -153,6 +178,70 @@ def print_rows(rows: List[Dict[str, Any]], console: Console, title: str = "edgep
         console.print(EMULATED_FOOTNOTE)
     if any(r.get("power_source") == "model" for r in rows):
         console.print("* modelled power (no sensor on that device), not a measurement.")
+
+
+def main_ab(args: argparse.Namespace, console: Console) -> int:
+    from host.commands.ab import run_ab
+    from host.results.regress import parse_alpha, parse_percent
+    from host.results.store import check_run_id, new_run_id
+
+    devices = select_devices(args.fleet, args.device)
+    if len(devices) != 1:
+        raise UsageError(f"--device: A/B runs on one device; the fleet has {len(devices)} (name one with --device)")
+    dev = devices[0]
+    b_dev = dev
+    if args.b_option:
+        opts = dict(dev.runtime.options or {})
+        for item in args.b_option:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--b-option: expected KEY=VALUE, got {item!r}")
+            opts[key] = _scalar(value)
+        b_dev = dev.model_copy(update={"runtime": dev.runtime.model_copy(update={"options": opts})})
+    tol = parse_percent(args.tolerance, "--tolerance")
+    alpha = parse_alpha(args.alpha)
+    run_id = check_run_id(args.run_id) if args.run_id is not None else new_run_id()
+    out = args.out if args.out is not None else Path("results") / "runs" / run_id
+    err = Console(stderr=True) if args.json else console
+    recorder = open_recorder(args, run_id, "ab")
+    err.print(f"run id: [bold]{run_id}[/] (results store {recorder.store.name})")
+    with recorder:
+        res = run_ab(args.a, args.b or args.a, dev, b_device=b_dev, pairs=args.pairs, tol=tol, alpha=alpha,
+                     quick=args.quick, threads=args.threads, run_id=run_id, out=out, recorder=recorder,
+                     lease_wait_s=args.lease_wait)
+        recorder.summary = res.to_dict()
+    doc = res.to_dict()
+    if args.json:
+        import json
+
+        print(json.dumps(doc, indent=1, default=str))
+        return res.exit_code
+    table = Table(title=f"edgeprune ab on {res.device_id} — run {run_id} ({' '.join(res.order)})")
+    for col in ("side", "artifact", "runtime options", "p50 ms (median of runs)", "run medians ms"):
+        table.add_column(col, justify="right" if "ms" in col else "left")
+    for side, d in (("A", res.a), ("B", res.b)):
+        table.add_row(side, Path(d["artifact"]).name, ", ".join(f"{k}={v}" for k, v in d["options"].items()) or NA,
+                      f"{d['p50_ms']:.4f}", " ".join(f"{x:.4f}" for x in d["run_medians_ms"]))
+    console.print(table)
+    colour = {"regression": "red", "inconclusive": "yellow", "improved": "cyan"}.get(res.verdict, "green")
+    eff = doc["effect"]
+    ci = doc["ci"]
+    console.print(f"B vs A: {eff:+.1%}" + (f" (95% CI over runs {ci[0] - 1:+.1%}…{ci[1] - 1:+.1%})" if ci else "")
+                  + f"; [{colour}]{res.verdict.upper()}[/]: {res.decision.rule}", highlight=False)
+    return res.exit_code
+
+
+def _scalar(text: str) -> object:
+    """A --b-option value: an int, a float, true/false, or the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main_prune(args: argparse.Namespace, console: Console) -> int:

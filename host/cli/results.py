@@ -2,7 +2,7 @@
 
 Contract: parses the arguments, calls :mod:`host.results` (the store, :func:`~host.results.frames.export_run`,
 :func:`host.results.report.write`, :func:`host.results.regress.compare` and its outputs) and prints; ``regress``
-exits with the comparison's code (0 pass, 1 regression, 2 incomparable or bad usage).
+exits with the comparison's code (0 pass, 1 regression, 2 incomparable or bad usage, 3 inconclusive).
 """
 from __future__ import annotations
 

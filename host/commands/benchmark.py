@@ -34,7 +34,8 @@ from host.results.store import check_run_id, new_run_id
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
 
-COLUMNS = ["device", "machine", "emulated", "runtime", "threads", "latency_p50_ms", "latency_p90_ms", "throughput_ips", "accuracy_top1",
+COLUMNS = ["device", "machine", "emulated", "runtime", "threads", "repetitions", "latency_p50_ms", "run_spread",
+           "latency_p90_ms", "throughput_ips", "accuracy_top1",
            "accuracy_top5", "agreement", "snr_db", "max_abs_err", "eval_n", "power_w", "power_source", "energy_mj", "status", "error", "attempts", "seconds", "report"]
 
 
@@ -187,6 +188,31 @@ def _shard_batches(bd: BenchData, batch_size: int = 256):  # -> Iterator[shards.
         yield batch, labels, refs
 
 
+DEFAULT_REPEAT = 5      # repetitions per device: what `regress` needs to decide over runs at alpha 0.01
+
+
+def rep_name(device_id: str, rep: int, sep: str = "-r") -> str:
+    """The name of a device's repetition ``rep``: the device id for the first, ``ID-r2`` (files) / ``ID#r2``
+    (store keys) after."""
+    return device_id if rep == 1 else f"{device_id}{sep}{rep}"
+
+
+def repetition_job(job: schema.JobSpec, rep: int, repeat: int) -> schema.JobSpec:
+    """Repetition ``rep`` of ``repeat``: a job of its own (a fresh agent process and runtime session, its own
+    warm-up and timed window). The device's timed window (``min_iters``, ``min_duration_s``) is shared out among
+    the repetitions, so ``repeat`` of them cost about what one window did, plus a load and a warm-up each."""
+    if repeat > 1:
+        t = job.timing
+        t.min_iters = max(10, t.min_iters // repeat)
+        t.min_duration_s = max(0.2, t.min_duration_s / repeat)
+        t.seed = t.seed + rep - 1
+    return job
+
+
+def _timed(report: Optional[schema.Report]) -> bool:
+    return report is not None and report.status == "ok" and report.timing is not None
+
+
 @dataclass
 class BenchResult:
     run_id: str
@@ -199,11 +225,15 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
               run_id: Optional[str] = None, threads: Optional[int] = None, quick: bool = False,
               eval_per_class: Optional[int] = data.DEFAULT_EVAL_PER_CLASS, state_path: Path = state.DEFAULT_PATH,
               events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
-              inputs: Optional[BenchInputs] = None, **fleet_kw: object) -> BenchResult:
-    """Measure the artifact on every device in parallel. With ``recorder`` (the results store), each device's
-    result is recorded in its own transaction as it arrives. ``inputs``: :func:`check_inputs` of the same
-    ``model_or_dir`` and ``eval_per_class``, when the caller checked them already."""
+              inputs: Optional[BenchInputs] = None, repeat: int = DEFAULT_REPEAT, **fleet_kw: object) -> BenchResult:
+    """Measure the artifact on every device in parallel, in ``repeat`` repetitions (:func:`repetition_job`: the
+    first also scores the eval data; rounds interleave the devices). With ``recorder`` (the results store), each
+    repetition is recorded in its own transaction as it arrives (keys ``DEVICE``, ``DEVICE#r2``, ...).
+    ``inputs``: :func:`check_inputs` of the same ``model_or_dir`` and ``eval_per_class``, when the caller checked
+    them already."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
+    if not isinstance(repeat, int) or repeat < 1:
+        raise UsageError(f"--repeat: must be an integer >= 1, got {repeat!r}")
     if threads is not None and threads < 1:
         raise UsageError("--threads: must be >= 1")
     out = Path(out) if out is not None else Path("results") / "runs" / run_id
@@ -229,27 +259,40 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
         for dev in devices:
             recorder.device(dev)
 
-    def record(dev: DeviceConfig, job: Optional[schema.JobSpec], o: DeviceOutcome) -> None:
+    def record(rep: int, dev: DeviceConfig, job: Optional[schema.JobSpec], o: DeviceOutcome) -> None:
+        if o.report is not None:
+            write_text_atomic(out / "reports" / f"{rep_name(dev.id, rep)}.json", schema.dumps(o.report))
         if recorder is None:
             return
         report = o.report or schema.Report(job_id=job.job_id if job else f"{run_id}-{dev.id}", status="error",
                                            error=schema.ErrorInfo(o.error_type or "DeviceError", o.error or "no report"))
-        recorder.measurement(dev.id, device_id=dev.id, report=schema.to_dict(report),
+        recorder.measurement(rep_name(dev.id, rep, "#r"), device_id=dev.id, report=schema.to_dict(report),
                              job=schema.to_dict(job) if job is not None else None, label=man.export_format or man.format,
                              model=man.model, manifest=asdict(man),
-                             extra={"attempts": o.attempts, "seconds": round(o.seconds, 3),
-                                    "eval_sha256": shard_sha, "eval_split": ev.name})
+                             extra={"attempts": o.attempts, "seconds": round(o.seconds, 3), "repetition": rep,
+                                    "repetitions": repeat, "eval_sha256": shard_sha if rep == 1 else None,
+                                    "eval_split": ev.name if rep == 1 else None})
 
-    outcomes = run_on_devices(
-        devices, lambda d: build_job(d, f"{run_id}-{d.id}", art, man, shard,
-                                     shard_sha if isinstance(shard, Path) else "", ev.name, quick=quick,
-                                     threads=threads),
-        out / "jobs", events=events, on_outcome=record, **fleet_kw)  # type: ignore[arg-type]
+    def job_for(rep: int, d: DeviceConfig) -> schema.JobSpec:
+        return repetition_job(build_job(d, f"{run_id}-{rep_name(d.id, rep)}", art, man, shard if rep == 1 else None,
+                                        shard_sha if isinstance(shard, Path) and rep == 1 else "", ev.name,
+                                        quick=quick, threads=threads), rep, repeat)
+
+    outcomes = run_on_devices(devices, lambda d: job_for(1, d), out / "jobs", events=events,
+                              on_outcome=lambda d, j, o: record(1, d, j, o), **fleet_kw)  # type: ignore[arg-type]
+    # the other repetitions, round by round (every device once per round), on the devices whose first one ran
+    runs: Dict[str, List[schema.Report]] = {d.id: [o.report] for d, o in zip(devices, outcomes) if _timed(o.report)}
+    for rep in range(2, repeat + 1):
+        again = [d for d in devices if d.id in runs]
+        if not again:
+            break
+        more = run_on_devices(again, lambda d, rep=rep: job_for(rep, d), out / "jobs", events=events,
+                              on_outcome=lambda d, j, o, rep=rep: record(rep, d, j, o), **fleet_kw)  # type: ignore
+        for d, o in zip(again, more):
+            if _timed(o.report):
+                runs[d.id].append(o.report)
     rows = []
     for dev, o in zip(devices, outcomes):
-        report_path = out / "reports" / f"{dev.id}.json"
-        if o.report is not None:
-            write_text_atomic(report_path, schema.dumps(o.report))
         # reachable and answering = good (even if the model failed); busy says nothing about health
         health = "good" if o.report is not None else ("unknown" if o.error_type == "DeviceBusy" else "bad")
         state.record(dev.id, health, {"last_run": run_id, "error": o.error}, state_path)
@@ -264,8 +307,13 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
             row.update(machine=r.identity.machine,
                        emulated=bool((r.identity.extra.get("emulation") or {}).get("emulated")))
         if r is not None and r.timing is not None:
-            row.update(latency_p50_ms=round(r.timing.latency_ms.median, 4), latency_p90_ms=round(r.timing.latency_ms.p90, 4),
-                       throughput_ips=round(r.timing.throughput_ips, 2))
+            timed = runs.get(dev.id) or [r]      # medians over the repetitions' own windows
+            meds = [x.timing.latency_ms.median for x in timed]
+            row.update(latency_p50_ms=round(float(np.median(meds)), 4),
+                       latency_p90_ms=round(float(np.median([x.timing.latency_ms.p90 for x in timed])), 4),
+                       throughput_ips=round(float(np.median([x.timing.throughput_ips for x in timed])), 2),
+                       repetitions=len(timed),
+                       run_spread=round(float(np.max(np.abs(np.asarray(meds) / np.median(meds) - 1.0))), 4))
         if r is not None and r.accuracy is not None:
             acc = r.accuracy
             row["eval_n"] = acc.n

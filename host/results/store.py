@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_PATH = Path("results") / "edgeprune.db"
 ENV = "EDGEPRUNE_DB"
-RUN_KINDS = ("demo", "bench", "search")
+RUN_KINDS = ("demo", "bench", "search", "ab")
 RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 
 T = TypeVar("T")

@@ -3,7 +3,8 @@
 Pairing
 -------
 Results are paired by identity ``(device_id, model, label)``. Several measurements with the same identity in one
-run (repeated trials) are pooled: their latency samples are concatenated, their accuracies averaged. A result only
+run (repetitions, trials) are judged over runs when both sides have several (below); otherwise their samples are
+pooled; accuracies are averaged over the trials that scored the eval data. A result only
 in the baseline is a failure (``missing``); one only in the candidate is a note. A failed measurement (``status``
 error) in the candidate is a failure (``failed``); when every baseline trial of a pair failed, the pair cannot be
 judged (incomparable).
@@ -14,13 +15,26 @@ and the gate exits 2, unless ``--compare-anyway``, which compares it and lists t
 gate exists to catch is *not* a refusal: runtime version, threads, OS, kernel, firmware, agent version, CPU,
 runtime options and timing protocol are listed per pair as ``changed: threads 2 → 1, firmware.l4t 36.2 → 36.3``.
 
-Decision rule (latency and energy)
-----------------------------------
+Decision rule over repetitions (latency and energy)
+---------------------------------------------------
+When both sides of a pair hold at least two repetitions (``bench --repeat N``, default 5: one measurement row
+each), latency and energy are judged on one value per run (its median latency; its median latency × mean power /
+batch) by :mod:`.runs`: the effect is the median of the candidate's run values over the baseline's, minus 1; the
+threshold is the larger of the tolerance and the *noise floor* (the largest distance of a baseline run value from
+their median, and for latency the effects of up to ten earlier runs in the store of the same identity in the same
+environment, recorded before the baseline: A/A history); ``regression`` iff the effect exceeds the threshold and a
+one-sided exact Mann–Whitney test over the run values gives p < ``alpha``, ``improved`` the mirror image, ``pass``
+within the threshold, and ``inconclusive`` otherwise: too few runs for the test to reach alpha, an effect beyond
+the threshold without confidence, or a would-be regression in windows that reported contention (the agent's CV or
+drift warning). Inconclusive is neither pass nor fail (exit 3).
+
+Decision rule with one window on a side (latency and energy)
+------------------------------------------------------------
 A metric *regressed* iff both
 
 1. a one-sided Mann–Whitney U test says the candidate is slower (costs more) at significance ``alpha``
-   (p < alpha; normal approximation with tie and continuity correction, as ``scipy.stats.mannwhitneyu(...,
-   method="asymptotic")``), **and**
+   (p < alpha; ``scipy.stats.mannwhitneyu(..., method="asymptotic")``: normal approximation with tie and
+   continuity correction), **and**
 2. the effect, candidate median / baseline median − 1 over all pooled samples, exceeds the tolerance
    (``--latency-tol`` / ``--energy-tol``, default 5 %).
 
@@ -61,9 +75,10 @@ reference outputs, no logit-like output for agreement) is ``not measured`` (skip
 the reason given. A missing, failed or incomparable pair gives these checks that verdict too, as for the others.
 
 Exit codes: 0 pass; 1 at least one regression or a missing/failed candidate result; 2 usage error, no pairs at all,
-or an incomparable pair not overridden by ``--compare-anyway`` (2 wins over 1: the comparison itself is invalid).
+or an incomparable pair not overridden by ``--compare-anyway`` (2 wins over 1: the comparison itself is invalid);
+3 no failure but at least one inconclusive check.
 
-The package: :mod:`.stats` (the test, the bootstrap, thinning), :mod:`.options` (the settings as written on a
+The package: :mod:`.stats` (the sample-level test, the bootstrap, thinning), :mod:`.runs` (decisions over runs), :mod:`.options` (the settings as written on a
 command line), :mod:`.model` (checks and the comparison), :mod:`.checks` (:func:`compare`), :mod:`.output` (console
 summary, JUnit); the public names are importable from here.
 """

@@ -16,6 +16,7 @@ from edgeprune.errors import UsageError
 from host import fmt
 from host.results.regress.model import ARROW, COMPARABLE, Check, Comparison, Identity, Incomparable
 from host.results.regress.options import check_bound, check_tolerance
+from host.results.regress.runs import decide as decide_runs
 from host.results.regress.stats import clean, mann_whitney_greater, median_ratio_ci, thin
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +44,7 @@ def compare(store: "Store", baseline: str, candidate: str, *, latency_tol: float
                       bool(compare_anyway), bool(gate_modelled_energy), min_agreement, min_snr_db)
     base = _group(store.measurements(baseline))
     cand = _group(store.measurements(candidate))
+    comp.history = _history_source(store, baseline, candidate, base, cand)
 
     for ident, b_rows in base.items():
         c_rows = cand.get(ident)
@@ -201,10 +203,17 @@ def _judge_pair(comp: Comparison, ident: Identity, b_rows: List[Mapping[str, Any
     if len(b_ok) < len(b_rows):
         notes.append(f"{len(b_rows) - len(b_ok)} of {len(b_rows)} baseline trials failed and were left out")
 
+    if len(_run_medians(b_ok)) >= 2 and len(_run_medians(c_ok)) >= 2:      # repetitions on both sides
+        latency = _runs_check(base_check("latency", "pass", ""), _run_medians(b_ok), _run_medians(c_ok), b_ok, c_ok,
+                              comp.latency_tol, comp.alpha, comp.history(ident, b_ok) if comp.history else [])
+    else:
+        latency = _sampled_check(base_check("latency", "pass", ""), _latency_samples(b_ok), _latency_samples(c_ok),
+                                 _median_of(b_ok, "latency_p50_ms"), _median_of(c_ok, "latency_p50_ms"),
+                                 comp.latency_tol, comp.alpha, "ms")
+        latency.notes.append("one timed window on a side: decided on its samples, which are not independent "
+                             "(`bench --repeat N` measures repetitions, decided over runs)")
     checks = [
-        _sampled_check(base_check("latency", "pass", ""), _latency_samples(b_ok), _latency_samples(c_ok),
-                       _median_of(b_ok, "latency_p50_ms"), _median_of(c_ok, "latency_p50_ms"),
-                       comp.latency_tol, comp.alpha, "ms"),
+        latency,
         _energy_check(base_check("energy", "pass", ""), b_ok, c_ok, comp.energy_tol, comp.alpha,
                       comp.gate_modelled_energy),
         _accuracy_check(base_check("accuracy", "pass", ""), b_ok, c_ok, comp.accuracy_tol_pp, gated),
@@ -221,6 +230,96 @@ def _judge_pair(comp: Comparison, ident: Identity, b_rows: List[Mapping[str, Any
         c.changes = list(changes)
         c.differences = list(reasons)
     comp.checks.extend(checks)
+
+
+def _run_medians(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """One latency per repetition: each measurement's median over its own window."""
+    return clean([r.get("latency_p50_ms") for r in rows if isinstance(r.get("latency_p50_ms"), (int, float))])
+
+
+def _values_of(rows: Sequence[Mapping[str, Any]], metric: str) -> np.ndarray:
+    """One value per run: its median latency, or (energy) that × its mean power / batch."""
+    if metric == "latency":
+        return _run_medians(rows)
+    return clean([float(r["latency_p50_ms"]) * float(r["power_w"]) / _batch(r) for r in rows
+                  if isinstance(r.get("latency_p50_ms"), (int, float)) and r.get("power_w") is not None])
+
+
+UNSTABLE = ("latency CV", "latency drifted")     # agent.timing.stability_warnings: the window saw contention
+
+
+def _unstable(rows: Sequence[Mapping[str, Any]]) -> int:
+    return sum(1 for r in rows if any(str(w).startswith(UNSTABLE) for w in (r.get("warnings") or [])))
+
+
+def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[str, Any]],
+                c_ok: Sequence[Mapping[str, Any]], tol: float, alpha: float, history: Sequence[float],
+                unit: str = "ms") -> Check:
+    """Latency (or energy) judged over repetitions (:mod:`.runs`): one value per run (``b``, ``a``), the noise
+    floor, the exact test over runs; a regression in windows that reported contention is inconclusive."""
+    what = "latency" if c.metric == "latency" else "energy per inference"
+    d = decide_runs(b, a, tol, alpha, history)
+    c.unit, c.tol, c.rule, c.noise_floor = unit, tol, d.rule, d.noise_floor
+    c.n_baseline, c.n_candidate = len(b), len(a)
+    c.baseline, c.candidate = float(np.median(b)), float(np.median(a))
+    c.change, c.ci, c.p, c.p_faster = d.effect, d.ci, d.p_slower, d.p_faster
+    values = f"{c.baseline:.4g} {unit} {ARROW} {c.candidate:.4g} {unit} (medians of {len(b)} and {len(a)} runs)"
+    c.verdict = d.verdict
+    unstable = _unstable(b_ok) + _unstable(c_ok)
+    if d.verdict == "regression" and unstable:
+        # windows that reported contention (the agent's CV or drift warning) are left out: the regression stands
+        # only if the clean runs alone show it
+        stable_b = [r for r in b_ok if not _unstable([r])]
+        stable_c = [r for r in c_ok if not _unstable([r])]
+        clean_d = decide_runs(_values_of(stable_b, c.metric), _values_of(stable_c, c.metric), tol, alpha, history)
+        c.verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
+        c.rule += (f"; {unstable} of the {len(b_ok) + len(c_ok)} windows reported unstable timings (contention) "
+                   f"and, left out, the {len(stable_b)} + {len(stable_c)} clean runs give: {clean_d.verdict} "
+                   f"({clean_d.rule})")
+    change = fmt.change(d.effect) if d.effect is not None else fmt.NA
+    c.message = {"regression": f"{what} {change} beyond max(tolerance, noise floor {d.noise_floor:.1%}) over runs: "
+                               f"{values}",
+                 "improved": f"{what} {change} over runs: {values}",
+                 "pass": f"{what} {change} within max(tolerance {tol:.1%}, noise floor {d.noise_floor:.1%}): "
+                         f"{values}"}.get(c.verdict, f"{what} {change}, inconclusive: {c.rule}: {values}")
+    return c
+
+
+def _history_source(store: "Store", baseline: str, candidate: str, base: Mapping[Identity, Any],
+                    cand: Mapping[Identity, Any]) -> Any:
+    """A function (identity, baseline rows) -> earlier A/A effects: for the at most ten most recent runs recorded
+    before the candidate (the baseline aside) that measured the same identity in the same environment as the baseline (artifact, runtime and its
+    version and options, threads, timing protocol, OS, firmware, agent: everything :func:`_environment` and
+    COMPARABLE record), each run's median latency over the baseline's, minus 1. None when no pair has
+    repetitions on both sides (nothing reads it)."""
+    if not any(len(_run_medians(_ok(b))) >= 2 and len(_run_medians(_ok(cand.get(i, [])))) >= 2
+               for i, b in base.items()):
+        return None
+    others: Dict[Identity, Dict[str, List[Mapping[str, Any]]]] = {}
+    first = min((r["id"] for rows in cand.values() for r in rows), default=0)
+    for r in store.measurements():
+        if r["id"] >= first:          # earlier history only: what was recorded before the candidate
+            break
+        if r["run_id"] == baseline or r.get("status") != "ok":
+            continue
+        ident = (r["device_id"], r.get("model"), r["label"])
+        if ident in base:
+            others.setdefault(ident, {}).setdefault(r["run_id"], []).append(r)
+
+    def signature(r: Mapping[str, Any]) -> Any:
+        env = {k: v for k, v in _environment(r).items() if k != "timing.seed"}
+        return (tuple(str(r.get(k)) for k in COMPARABLE), tuple(sorted(env.items())))
+
+    def history(ident: Identity, b_ok: Sequence[Mapping[str, Any]]) -> List[float]:
+        ref = float(np.median(_run_medians(b_ok)))
+        sig = signature(b_ok[0])
+        out = []
+        for rows in list((others.get(ident) or {}).values())[-10:]:
+            meds = _run_medians(rows)
+            if len(meds) and all(signature(r) == sig for r in rows) and ref > 0:
+                out.append(float(np.median(meds)) / ref - 1.0)
+        return out
+    return history
 
 
 def _samples(r: Mapping[str, Any]) -> np.ndarray:
@@ -308,7 +407,11 @@ def _energy_check(c: Check, b_ok: Sequence[Mapping[str, Any]], c_ok: Sequence[Ma
         vals = [float(r["latency_p50_ms"]) * float(r["power_w"]) / _batch(r) for r in rows
                 if isinstance(r.get("latency_p50_ms"), (int, float))]
         return float(np.median(vals)) if vals else None
-    _sampled_check(c, _energy_samples(b_pw), _energy_samples(c_pw), point(b_pw), point(c_pw), tol, alpha, "mJ")
+    b_runs, c_runs = _values_of(b_pw, "energy"), _values_of(c_pw, "energy")
+    if len(b_runs) >= 2 and len(c_runs) >= 2:     # repetitions: decided over runs, as latency
+        _runs_check(c, b_runs, c_runs, b_pw, c_pw, tol, alpha, [], "mJ")
+    else:
+        _sampled_check(c, _energy_samples(b_pw), _energy_samples(c_pw), point(b_pw), point(c_pw), tol, alpha, "mJ")
     if c.modelled:
         c.notes.append("power is modelled (no sensor) on "
                        + " and ".join(s for s, rows in (("the baseline", b_pw), ("the candidate", c_pw))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 METRICS = ("latency", "energy", "accuracy", "agreement", "snr")
@@ -19,7 +19,7 @@ COMPARABLE = ("artifact_sha256", "runtime", "format", "batch_size")
 FAILING = ("regression", "missing", "failed")
 
 
-VERDICTS = ("pass", "improved", "regression", "not measured", "missing", "failed", "incomparable")
+VERDICTS = ("pass", "improved", "regression", "inconclusive", "not measured", "missing", "failed", "incomparable")
 
 
 ARROW = "→"
@@ -47,11 +47,13 @@ class Check:
     p_faster: Optional[float] = None              # one-sided p that it is faster / costs less
     tol: Optional[float] = None                   # fraction (latency/energy) or pp (accuracy)
     bound: Optional[float] = None                 # agreement (fraction) / snr (dB): the candidate's minimum
-    n_baseline: int = 0                           # samples in the test (or trials, for accuracy)
+    n_baseline: int = 0                           # samples (or runs, run-level) in the test; trials, for accuracy
     n_candidate: int = 0
     trials_baseline: int = 0
     trials_candidate: int = 0
     modelled: bool = False                        # energy from modelled power on either side
+    rule: str = ""                                # latency over repetitions: what decided (host.results.regress.runs)
+    noise_floor: Optional[float] = None           # latency over repetitions: the noise floor it had to exceed
     notes: List[str] = field(default_factory=list)
     changes: List[str] = field(default_factory=list)       # environment changes of the pair
     differences: List[str] = field(default_factory=list)   # comparability differences (--compare-anyway)
@@ -103,6 +105,8 @@ class Comparison:
     notes: List[str] = field(default_factory=list)
     pairs: int = 0
     error: Optional[str] = None                   # why nothing could be compared
+    # (identity, baseline rows) -> earlier A/A effects from the store (checks._history_source); not serialised
+    history: Optional[Callable[..., List[float]]] = field(default=None, repr=False, compare=False)
 
     @property
     def failures(self) -> List[Check]:
@@ -113,14 +117,20 @@ class Comparison:
         return [i for i in self.incomparable if not i.compared]
 
     @property
+    def inconclusive(self) -> List[Check]:
+        return [c for c in self.checks if c.verdict == "inconclusive"]
+
+    @property
     def exit_code(self) -> int:
         if self.pairs == 0 or self.refused:
             return 2
-        return 1 if self.failures else 0
+        if self.failures:
+            return 1
+        return 3 if self.inconclusive else 0
 
     @property
     def verdict(self) -> str:
-        return {0: "pass", 1: "fail", 2: "incomparable"}[self.exit_code]
+        return {0: "pass", 1: "fail", 2: "incomparable", 3: "inconclusive"}[self.exit_code]
 
     def counts(self) -> Dict[str, int]:
         out = {v: 0 for v in VERDICTS}
@@ -130,6 +140,7 @@ class Comparison:
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        d.pop("history", None)
         for c, cd in zip(self.checks, d["checks"]):
             cd["name"], cd["classname"], cd["failed"] = c.name, c.classname, c.failed
             if cd["ci"] is not None:

@@ -29,7 +29,7 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
     failures = sum(counts[v] for v in FAILING)
     errors = counts["incomparable"] + (1 if comparison.pairs == 0 else 0)
     tests = len(comparison.checks) + (1 if comparison.pairs == 0 else 0)
-    stats = dict(tests=str(tests), failures=str(failures), errors=str(errors), skipped=str(counts["not measured"]))
+    stats = dict(tests=str(tests), failures=str(failures), errors=str(errors), skipped=str(counts["not measured"] + counts["inconclusive"]))
     root = ET.Element("testsuites", name="edgeprune regress", time="0", **stats)
     suite = ET.SubElement(root, "testsuite", name="edgeprune.regress", time="0", **stats)
     props = ET.SubElement(suite, "properties")
@@ -49,7 +49,7 @@ def write_junit(comparison: Comparison, path: Any) -> Path:
         elif c.verdict == "incomparable":
             el = ET.SubElement(case, "error", message=_xml_text(c.message), type="incomparable")
             el.text = details
-        elif c.verdict == "not measured":
+        elif c.verdict in ("not measured", "inconclusive"):
             ET.SubElement(case, "skipped", message=_xml_text(c.message))
         else:
             ET.SubElement(case, "system-out").text = details
@@ -90,7 +90,7 @@ def _details(c: Check) -> str:
 
 
 _COLOURS = {"pass": "green", "improved": "cyan", "regression": "red", "missing": "red", "failed": "red",
-            "incomparable": "magenta", "not measured": "dim"}
+            "incomparable": "magenta", "not measured": "dim", "inconclusive": "yellow"}
 
 
 def _value(c: Check, v: Optional[float]) -> str:
@@ -164,6 +164,7 @@ def print_summary(comp: Comparison, console: "Console") -> None:
         extra.extend(f"{cc.metric}: {cc.message}" for cc in pair
                      if cc.message and cc.verdict in ("pass", "regression", "not measured")
                      and (cc.metric in FIDELITY or (cc.metric == "accuracy" and cc.verdict == "not measured")))
+        extra.extend(f"{cc.metric}: decided over repetitions: {cc.rule}" for cc in pair if cc.rule)
         extra.extend(dict.fromkeys(n for cc in pair for n in cc.notes))
         for line in extra:
             console.print(f"{c.device_id} {c.model or '-'}/{c.label}: {line}", highlight=False, markup=False)
@@ -175,7 +176,11 @@ def print_summary(comp: Comparison, console: "Console") -> None:
     if any(c.modelled for c in comp.checks):
         console.print("* energy from MODELLED power (no sensor) on at least one side: a model, not a measurement.",
                       highlight=False)
-    console.print(f"rule: latency/energy regress when a one-sided Mann-Whitney test (<= {MAX_TEST_SAMPLES} "
+    console.print(f"rule: latency measured in repetitions on both sides regresses when the median of the run "
+                  f"medians grew by more than max(tolerance {comp.latency_tol:.1%}, the noise floor) AND a one-sided "
+                  f"Mann-Whitney test over the run medians gives p < {comp.alpha:g} (inconclusive when the runs are "
+                  f"too few to reach it, the effect lacks confidence, or a window reported unstable timings); "
+                  f"latency from one window a side, and energy: a one-sided Mann-Whitney test (<= {MAX_TEST_SAMPLES} "
                   f"thinned samples) gives p < {comp.alpha:g} AND the median grew by more than the tolerance "
                   f"(latency {comp.latency_tol:.1%}, energy {comp.energy_tol:.1%}); accuracy when top-1 fell by "
                   f"more than {comp.accuracy_tol_pp:g} pp (not measured without labels on both sides)"
@@ -191,6 +196,9 @@ def print_summary(comp: Comparison, console: "Console") -> None:
     elif comp.exit_code == 1:
         console.print(f"[red]FAIL[/]: {len(comp.failures)} failing check(s) of {len(comp.checks)} ({tally})",
                       highlight=False)
+    elif comp.exit_code == 3:
+        console.print(f"[yellow]INCONCLUSIVE[/]: {len(comp.inconclusive)} check(s) of {len(comp.checks)} could not "
+                      f"be decided ({tally}); measure again (more repetitions, a quieter device)", highlight=False)
     else:
         console.print(f"[green]PASS[/]: {len(comp.checks)} check(s) over {comp.pairs} pair(s) ({tally})",
                       highlight=False)

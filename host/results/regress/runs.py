@@ -10,8 +10,10 @@ repetitions, this module decides on **run medians** (one per repetition):
 * confidence: a one-sided Mann–Whitney U test over the run medians (``scipy.stats.mannwhitneyu``, exact for
   small samples), and a percentile bootstrap CI of the effect over runs (``scipy.stats.bootstrap``, for reading);
 * noise floor: how far run medians of the *same* artifact wander on this device, from the baseline's own
-  repetitions (the largest relative distance of a run median from their median) and from earlier A/A pairs in
-  the store (``history``: their |effect|); a change must exceed both the tolerance and this floor.
+  repetitions (the largest relative distance of a run median from their median) and from earlier A/A runs in
+  the store (``history``: their |effect|); while there are fewer than two of those, a prior (:data:`PRIOR_FLOOR`,
+  15 %: benches of one artifact on a quiet VM here differed by up to 11 %, more than any bench's own runs); a
+  change must exceed both the tolerance and this floor.
 
 Verdicts: ``regression`` (effect > max(tolerance, floor) and p < alpha), ``improved`` (the mirror image), ``pass``
 (|effect| within max(tolerance, floor)), or ``inconclusive`` when the data cannot decide: too few repetitions for
@@ -29,6 +31,12 @@ import numpy as np
 from host.results.regress.stats import clean
 
 DEFAULT_ALPHA = 0.01
+# The between-bench noise assumed while the store holds fewer than MIN_HISTORY earlier A/A runs of a device and
+# model: two benches of the same artifact on this quiet 2-core VM differed by up to 11 % (bench/gate.py, 2026-12-06),
+# more than any bench's own runs spread, so a fresh store must not call a 10 % shift a regression. A/B runs
+# (`edgeprune ab`, interleaved: no bench-to-bench shift) use no prior.
+PRIOR_FLOOR = 0.15
+MIN_HISTORY = 2
 
 
 @dataclass
@@ -59,13 +67,14 @@ def min_runs(alpha: float = DEFAULT_ALPHA) -> int:
     return n
 
 
-def noise_floor(baseline_runs: Any, history: Sequence[float] = ()) -> float:
-    """Relative run-to-run noise of one artifact on one device: the largest |run median / median − 1| among the
-    baseline's repetitions, and the largest |effect| of earlier A/A comparisons (``history``)."""
+def noise_floor(baseline_runs: Any, history: Sequence[float] = (), prior: float = 0.0) -> float:
+    """Relative noise of one artifact on one device: the largest |run median / median − 1| among the baseline's
+    repetitions, the largest |effect| of earlier A/A comparisons (``history``), and ``prior`` while there are fewer
+    than :data:`MIN_HISTORY` of those."""
     b = clean(baseline_runs)
     spread = float(np.max(np.abs(b / np.median(b) - 1.0))) if len(b) >= 2 and np.median(b) > 0 else 0.0
     past = [abs(float(h)) for h in history if h is not None and math.isfinite(float(h))]
-    return max([spread] + past)
+    return max([spread] + past + ([prior] if len(past) < MIN_HISTORY else []))
 
 
 def _p(x: np.ndarray, y: np.ndarray) -> float:
@@ -90,18 +99,22 @@ def ratio_ci(baseline_runs: Any, candidate_runs: Any, seed: int = 0) -> Optional
 
 
 def decide(baseline_runs: Any, candidate_runs: Any, tol: float, alpha: float = DEFAULT_ALPHA,
-           history: Sequence[float] = ()) -> RunDecision:
-    """The run-level verdict (module docstring) of candidate run medians against baseline run medians."""
+           history: Sequence[float] = (), prior: float = PRIOR_FLOOR) -> RunDecision:
+    """The run-level verdict (module docstring) of candidate run medians against baseline run medians;
+    ``prior``: the between-bench noise assumed without enough A/A ``history`` (0 for interleaved A/B runs)."""
     b, c = clean(baseline_runs), clean(candidate_runs)
-    floor = noise_floor(b, history)
+    floor = noise_floor(b, history, prior)
     d = RunDecision("inconclusive", None, max(tol, floor), floor, n_baseline=len(b), n_candidate=len(c))
     if len(b) == 0 or len(c) == 0 or np.median(b) <= 0:
         d.rule = "no repetitions on one side"
         return d
     d.effect = float(np.median(c) / np.median(b) - 1.0)
     d.ci = ratio_ci(b, c)
-    floor_text = f"noise floor {floor:.1%} ({len(b)} baseline runs" + (f", {len(history)} A/A pairs)" if history
-                                                                          else ")")
+    floor_text = f"noise floor {floor:.1%} ({len(b)} baseline runs" + (f", {len(history)} A/A pairs" if history
+                                                                          else "")
+    if len(history) < MIN_HISTORY and prior > 0:
+        floor_text += f", prior {prior:.0%} until {MIN_HISTORY} earlier A/A runs are in the store"
+    floor_text += ")"
     if min_exact_p(len(b), len(c)) >= alpha:
         need = min_runs(alpha)
         d.rule = (f"{len(b)} baseline and {len(c)} candidate runs: a test over runs cannot reach alpha {alpha:g} "
