@@ -56,7 +56,8 @@ def _noise(key: str, amount: float) -> float:
 
 class FakeEvaluator:
     """Latency = dense_ms * (fixed + (1 - fixed) * MACs / dense MACs) * (1 +- noise), per device; top-1 falls
-    with the pruned fraction (less with full recovery). Counts every call; can crash after N measurements."""
+    with the pruned fraction (less with full recovery). Counts every call (evaluations, dense beside, final
+    repetitions apart); can crash after N evaluations."""
 
     def __init__(self, space, *, dense_ms=None, fixed=0.15, noise=0.03, crash_after=None, top1_slope=0.08):
         self.space = space
@@ -64,6 +65,7 @@ class FakeEvaluator:
         self.fixed, self.noise, self.crash_after, self.slope = fixed, noise, crash_after, top1_slope
         self.calls, self.host_calls, self.lut_calls = [], [], []
         self.paired = []   # the dense model measured beside a candidate (relative targets), not an evaluation
+        self.timing = []   # the pick's final repetitions (host.search.final), not evaluations
 
     def metrics(self, dev_id, cand, key):
         frac = self.space.macs(cand.kept_map()) / self.space.dense_macs
@@ -77,9 +79,12 @@ class FakeEvaluator:
 
     def measure(self, requests, done):
         for req in requests:
-            if self.crash_after is not None and len(self.calls) >= self.crash_after and not getattr(req, "pairs", ""):
+            timing = getattr(req, "split", "eval") == "timing"     # a final repetition, not an evaluation
+            if self.crash_after is not None and len(self.calls) >= self.crash_after and not getattr(req, "pairs", "") \
+                    and not timing:
                 raise KeyboardInterrupt("simulated crash")
-            (self.paired if getattr(req, "pairs", "") else self.calls).append((req.device.id, req.key))
+            (self.paired if getattr(req, "pairs", "") else self.timing if timing else self.calls).append(
+                (req.device.id, req.key))
             m = sa.DeviceMeasurement(True, self.metrics(req.device.id, req.candidate, req.key), key=req.key,
                                artifact_sha256="a" * 64, plan_sha256="b" * 64)
             done(req, m, {"report": {"fake": True}})
@@ -111,7 +116,10 @@ def targets_for(devs, *specs, drop=5.0, targets_file=None):
 
 
 def options(tmp_path, **kw) -> so.SearchOptions:
+    """Search options for the algorithm tests: the final repetitions (default 5 in the product) are off unless a
+    test asks for them (tests/test_search_final.py does; the CLI end-to-end test runs the default)."""
     algo_kw = kw.pop("algo_options", {})
+    kw.setdefault("final_repeat", 1)
     return so.SearchOptions(model="fake", cache_dir=str(tmp_path / "cache"), algo_options=sa.AlgoOptions(**algo_kw),
                             **kw)
 

@@ -153,6 +153,16 @@ def test_search_cli_end_to_end_on_the_local_device(tmp_path, monkeypatch, capsys
     assert "edgeprune search (bisect) — run real" in out and " met " in out
     chosen = tmp_path / "results" / "search" / "real" / "local8" / "chosen"
     assert (chosen / "report.json").is_file() and list(chosen.glob("*.onnx"))
+    # the final measurement (default 5 runs): 4 speed-only repetitions of the chosen artifact, fresh agent jobs
+    assert "local8: final measurement, 5 run(s): p50" in out, out
+    cand = __import__("json").loads((chosen / "candidate.json").read_text())
+    fin = cand["final"]
+    assert fin["repetitions"] == 5 and len(set(fin["run_medians_ms"])) == 5 and "error" not in fin
+    evals = [__import__("json").loads(line) for line in
+             (tmp_path / "results" / "search" / "real" / "evaluations.jsonl").read_text().splitlines()]
+    reps = [e for e in evals if e.get("kind") == "final"]
+    assert [e["rep"] for e in reps] == [2, 3, 4, 5] and {e["of"] for e in reps} == {cand["key"]}
+    assert all(e["metrics"].get("top1") is None for e in reps)            # speed only: no eval data shipped
 
 
 # ------------------------------------------------------------------------------------------ user model, user data

@@ -81,6 +81,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
                          f"budget)")
     sr.add_argument("--no-holdout", action="store_true", default=None,
                     help="do not re-check the chosen candidate on the test images it was not chosen on")
+    sr.add_argument("--final-repeat", type=int, default=None, metavar="N",
+                    help="time each device's chosen candidate in N runs in all (its evaluation and N-1 more, each a "
+                         "fresh runtime session), recorded for `edgeprune regress` (default 5; 1: off)")
     sr.add_argument("--netadapt-max-proposals", type=int, default=None,
                     help="netadapt: proposals per iteration (default: one per group)")
     sr.add_argument("--cache-dir", type=Path, default=None, help="sensitivity and layer-latency tables "
@@ -96,7 +99,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 # options that define a search: given with --resume they would silently differ from the stored ones
 _SEARCH_DEFINING = ("model", "fleet", "devices", "targets", "max_accuracy_drop", "algo", "max_evals", "run_id",
                     "quick", "allocation", "importance", "prune_residual", "max_ratio", "probe_recovery",
-                    "finetune_epochs", "budget_minutes", "no_holdout",
+                    "finetune_epochs", "budget_minutes", "no_holdout", "final_repeat",
                     "finetune_seconds", "distill", "netadapt_max_proposals", "cache_dir", "lease_wait", "seed",
                     "min_agreement", "min_snr_db", "model_arg", "weights", "trust_pickle", "input_size",
                     "input_shape", "ignore_layers", "data", "calib_data", "finetune_data", "resize", "center_crop",
@@ -145,6 +148,8 @@ def _search_options(args: argparse.Namespace) -> "object":
             opts.recovery.distill = BUDGET_DISTILL
     if args.no_holdout:
         opts.holdout = False
+    if args.final_repeat is not None:
+        opts.final_repeat = args.final_repeat
     opts.algo_options = algo
     return opts.validate()
 
@@ -212,6 +217,20 @@ def _candidates_table(r: "object") -> Table:
                       fixed(p50) + ("†" if row.get("emulated") else ""), speed, pct(row.get("top1")),
                       f"{drop:.2f} pp" if isinstance(drop, (int, float)) else NA, mark)
     return table
+
+
+def _final_line(r: "object") -> str:
+    """The pick's final measurement in repetitions (host.search.final), as one line."""
+    fin = getattr(r, "final", None) or {}
+    if not fin:
+        return ""
+    if fin.get("skipped"):
+        return f"{r.device_id}: final measurement not repeated: {fin['skipped']}"  # type: ignore[attr-defined]
+    line = (f"{r.device_id}: final measurement, {fin['repetitions']} run(s): p50 {fin['latency_p50_ms']:.4f} ms "  # type: ignore[attr-defined]
+            f"(median of run medians; the runs within {fin['run_spread']:.1%} of it)")
+    if fin.get("error"):
+        line += f"; {fin['asked'] - fin['repetitions']} repetition(s) failed: {fin['error']}"
+    return line
 
 
 def _holdout_line(r: "object") -> str:
@@ -336,6 +355,8 @@ def _run_search(args: argparse.Namespace, console: Console, search: "object", ru
         console.print(line, highlight=False)
         if _holdout_line(r):
             console.print(_holdout_line(r), highlight=False)
+        if _final_line(r):
+            console.print(_final_line(r), highlight=False)
     if any(row.get("emulated") for r in result.devices for row in r.rows):
         console.print(EMULATED_FOOTNOTE)
     if any((r.chosen or r.closest or {}).get("power_source") == "model" for r in result.devices):

@@ -3,7 +3,7 @@ alternately, and judged over their repetitions.
 
 A is the reference, B the change. Rounds alternate the order, A B, B A, A B, ... (ABBA: a linear drift of the
 device over the run costs both the same), each measurement a job of its own (a fresh agent process and runtime
-session, its share of the device's timed window: :func:`host.commands.benchmark.repetition_job`), no eval data
+session, its share of the device's timed window: :func:`host.fleet.jobs.repetition_job`), no eval data
 (speed only). Because A and B see the same device state, within minutes of each other, the comparison needs no
 history: the verdict is :func:`host.results.regress.runs.decide` of B's run medians against A's (the noise floor
 from A's own runs), with the gate's rule that a would-be regression in windows that reported contention is
@@ -20,10 +20,10 @@ import numpy as np
 
 from agent import schema
 from edgeprune.errors import DeviceError, UsageError
-from host.commands.benchmark import artifact_from, repetition_job
+from host.commands.benchmark import artifact_from
 from host.files import write_text_atomic
 from host.fleet.devices import DeviceConfig
-from host.fleet.jobs import build_job
+from host.fleet.jobs import build_job, repetition_job
 from host.fleet.runner import Events, run_on_devices
 from host.results.regress.runs import DEFAULT_ALPHA, RunDecision, decide
 

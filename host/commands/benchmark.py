@@ -27,7 +27,7 @@ from edgeprune.errors import ExportError, UsageError
 from host.fleet import state
 from host.fleet.devices import DeviceConfig
 from host.fleet.runner import DeviceOutcome, Events, run_on_devices
-from host.fleet.jobs import build_job
+from host.fleet.jobs import build_job, repetition_job
 from host.files import write_text_atomic
 from host.results.store import check_run_id, new_run_id
 
@@ -195,18 +195,6 @@ def rep_name(device_id: str, rep: int, sep: str = "-r") -> str:
     """The name of a device's repetition ``rep``: the device id for the first, ``ID-r2`` (files) / ``ID#r2``
     (store keys) after."""
     return device_id if rep == 1 else f"{device_id}{sep}{rep}"
-
-
-def repetition_job(job: schema.JobSpec, rep: int, repeat: int) -> schema.JobSpec:
-    """Repetition ``rep`` of ``repeat``: a job of its own (a fresh agent process and runtime session, its own
-    warm-up and timed window). The device's timed window (``min_iters``, ``min_duration_s``) is shared out among
-    the repetitions, so ``repeat`` of them cost about what one window did, plus a load and a warm-up each."""
-    if repeat > 1:
-        t = job.timing
-        t.min_iters = max(10, t.min_iters // repeat)
-        t.min_duration_s = max(0.2, t.min_duration_s / repeat)
-        t.seed = t.seed + rep - 1
-    return job
 
 
 def _timed(report: Optional[schema.Report]) -> bool:

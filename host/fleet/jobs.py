@@ -114,3 +114,15 @@ def build_job(dev: DeviceConfig, job_id: str, artifact: Path, manifest: Manifest
         return job.validate()
     except schema.SchemaError as e:  # a manifest this agent cannot take (a file name it refuses, ...)
         raise DeviceError(f"{dev.id}: cannot build job {job_id} for {artifact}: {e}") from None
+
+
+def repetition_job(job: schema.JobSpec, rep: int, repeat: int) -> schema.JobSpec:
+    """Repetition ``rep`` of ``repeat``: a job of its own (a fresh agent process and runtime session, its own
+    warm-up and timed window). The device's timed window (``min_iters``, ``min_duration_s``) is shared out among
+    the repetitions, so ``repeat`` of them cost about what one window did, plus a load and a warm-up each."""
+    if repeat > 1:
+        t = job.timing
+        t.min_iters = max(10, t.min_iters // repeat)
+        t.min_duration_s = max(0.2, t.min_duration_s / repeat)
+        t.seed = t.seed + rep - 1
+    return job

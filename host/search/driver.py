@@ -24,7 +24,7 @@ from host.fleet.targets import ACCURACY_METRICS, Bounds, TargetSet, describe, im
 from host.search.algos import get_algorithm
 from host.search.algos.base import DeviceContext, DeviceEval, DeviceMeasurement, HostEval, LayerLatency, ModelSpace
 from host.search.budget import PROBE_SHARE, SearchBudget, probe_rates
-from host.search import holdout
+from host.search import final, holdout
 from host.search.evaluator import Evaluator, Request
 from host.search.options import (EVALUATIONS, RECORD_VERSION, ROW_METRICS, RUN_FILE, Events, Profile, SearchOptions,
                                  candidate_key, profile_for)
@@ -91,11 +91,13 @@ class Search:
         self.budget: Optional[SearchBudget] = None
         if opts.budget_minutes is not None:
             self.budget = SearchBudget(self.out, opts.budget_minutes, clock=clock or time.monotonic, t0=started,
-                                       later_jobs=2 if opts.holdout and getattr(evaluator, "holdout_name", None)
-                                       else 0)
+                                       later_jobs=(2 if opts.holdout and getattr(evaluator, "holdout_name", None)
+                                                   else 0) + max(0, opts.final_repeat - 1))
 
     # -- the results store (the run folder's evaluations.jsonl stays the search's own record for --resume)
-    def _record(self, rec: Mapping[str, Any]) -> None:
+    def _record(self, rec: Mapping[str, Any], rep: int = 1) -> None:
+        """A device evaluation into the results store (measurement and evaluation); ``rep`` > 1: a repetition of
+        the final measurement (:mod:`host.search.final`), a measurement keyed ``DEV/KEY#rN`` only."""
         if self.recorder is None or rec.get("kind") != "device":
             return
         cand = rec.get("candidate") or {}
@@ -111,11 +113,13 @@ class Search:
         mid = None
         if rec.get("report") is not None:
             mid = self.recorder.measurement(
-                f"{rec['device']}/{rec['key']}", device_id=rec["device"], report=rec["report"], job=rec.get("job"),
+                f"{rec['device']}/{rec['key']}" + (f"#r{rep}" if rep > 1 else ""), device_id=rec["device"], report=rec["report"], job=rec.get("job"),
                 label=label, model=self.space.model, manifest=manifest,
                 extra={"ratio": cand.get("ratio"), "recovery": cand.get("recovery"), "note": cand.get("note"),
                        "macs": rec.get("macs"), "params": rec.get("params"), "plan_sha256": rec.get("plan_sha256"),
-                       "candidate_key": rec["key"]})
+                       "candidate_key": rec["key"], **({"repetition": rep} if rep > 1 else {})})
+        if rep > 1:
+            return
         slim = {k: v for k, v in rec.items() if k not in ("report", "job", "plan")}
         self.recorder.evaluation(rec["device"], rec["key"], slim, algo=self.opts.algo, ratio=cand.get("ratio"),
                                  recovery=cand.get("recovery"), ok=True, artifact_sha256=rec.get("artifact_sha256"),
@@ -151,6 +155,7 @@ class Search:
                 self.budget.stop_saving()
         results = [self._conclude(d) for d in devs]
         holdout.recheck(self, devs, results)
+        final.measure(self, devs, results)
         res = SearchResult(self.run_id, self.out, self.opts.algo, results, time.monotonic() - t0)
         self._write_outputs(res)
         return res
@@ -425,7 +430,7 @@ class Search:
         power = report.get("power") or {}
         row["power_source"] = power.get("source") if isinstance(power, dict) else None
         # measured under user-mode emulation (agent.emulation): its timings and power are the emulator's
-        row["emulated"] = bool(((report.get("identity") or {}).get("extra") or {}).get("emulation", {}).get("emulated"))
+        row["emulated"] = final.emulated(rec)
         if bounds is not None:
             a = bounds.assess(m)
             res_v = max((v for k, v in a.violations.items() if k not in ACCURACY_METRICS), default=0.0)
@@ -486,4 +491,5 @@ class Search:
             "artifact_sha256": rec.get("artifact_sha256"), "targets": r.targets, "bounds": r.bounds,
             "round_to": r.round_to, "layer_ratios": self.space.layer_ratios(rec["candidate"]["kept"], r.round_to),
             "accuracy_metric": r.accuracy_metric, "selection_split": r.selection_split, "holdout": r.holdout,
+            "final": r.final,
         }, indent=1, sort_keys=True))

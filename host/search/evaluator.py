@@ -47,8 +47,11 @@ class Request:
     key: str
     recovery: Optional[RecoveryOptions] = None   # replaces the candidate level's (a budget's final recovery)
     max_seconds: Optional[float] = None          # the recovery's hard stop now (a budget's time left; not keyed)
-    split: str = "eval"                          # "holdout": scored on the test images the search did not choose on
+    split: str = "eval"                          # "holdout": scored on the test images the search did not choose on;
+                                                 # "timing": speed only, repetition ``rep`` of ``reps`` (host.search.final)
     pairs: str = ""                              # the dense model measured right after the candidate of this key
+    rep: int = 1
+    reps: int = 1
 
 
 DeviceDone = Callable[[Request, DeviceMeasurement, Dict[str, Any]], None]
@@ -329,7 +332,7 @@ class FleetEvaluator:
         def prepared(req: Request) -> Optional[Tuple[Dict[str, Any], schema.JobSpec]]:
             """The request's artifact (waiting for its build) and job; None (reported) when it cannot run."""
             from edgeprune import export
-            from host.fleet.jobs import build_job
+            from host.fleet.jobs import build_job, repetition_job
 
             try:
                 if req.key in failed:
@@ -347,8 +350,12 @@ class FleetEvaluator:
                     if held is None:
                         raise DeviceError("no hold-out data: the eval split is all the test data there is")
                     shards, split_name, tag = held[0], "holdout", f"{tag}-holdout"
+                if req.split == "timing":     # a repetition of the final measurement: no eval data
+                    shards, split_name, tag = None, "", f"{tag}-r{req.rep}"
                 job = build_job(req.device, f"{self.run_id}-{tag}", folder / info["artifact"], man,
                                 shards or None, "", split_name, quick=self.opts.quick, seed=self.opts.seed)
+                if req.split == "timing":
+                    job = repetition_job(job, req.rep, req.reps)
                 return info, job
             except _Failed as e:
                 done(req, DeviceMeasurement(False, error=str(e)), {})

@@ -92,6 +92,7 @@ class SearchOptions:
     algo_options: AlgoOptions = field(default_factory=AlgoOptions)
     budget_minutes: Optional[float] = None      # wall-time budget of the whole search (host.search.budget)
     holdout: bool = True                        # re-check the pick on test images it was not chosen on
+    final_repeat: int = 5                       # the pick timed in this many runs in all (host.search.final); 1: off
     # model source (edgeprune.sources) and data (edgeprune.workload): see host.search.data
     model_args: Dict[str, Any] = field(default_factory=dict)
     weights: Optional[str] = None
@@ -112,6 +113,8 @@ class SearchOptions:
         get_algorithm(self.algo)
         if self.max_evals < 1:
             raise UsageError(f"--max-evals: must be >= 1, got {self.max_evals}")
+        if not isinstance(self.final_repeat, int) or isinstance(self.final_repeat, bool) or self.final_repeat < 1:
+            raise UsageError(f"--final-repeat: must be an integer >= 1, got {self.final_repeat!r}")
         if self.importance not in prune.IMPORTANCE:
             raise UsageError(f"--importance: unknown criterion {self.importance!r}; known: "
                              f"{', '.join(sorted(prune.IMPORTANCE))}")

@@ -37,6 +37,7 @@ class DeviceResult:
     accuracy_metric: str = "top1"     # what candidates were ranked by: top1, agreement (unlabelled data) or snr_db
     selection_split: str = ""         # the split candidates were compared and chosen on (name, images)
     holdout: Optional[Dict[str, Any]] = None   # the pick re-checked on the hold-out split (host.search.holdout)
+    final: Optional[Dict[str, Any]] = None     # the pick timed in repetitions (host.search.final)
 
 
 @dataclass
@@ -58,7 +59,8 @@ PARETO_COLUMNS = ["key", "ratio", "pruned_fraction", "recovery", "recovery_s", "
                   "note", "artifact_sha256"]
 SUMMARY_COLUMNS = ["device", "verdict", "targets", "latency_p50_ms", "latency_p90_ms", "energy_mj", "power_w",
                    "top1", "agreement", "snr_db", "drop_pp", "accuracy_metric", "selection_split", "holdout_split",
-                   "holdout_top1", "holdout_drop_pp", "test_top1", "test_drop_pp", "device_evals", "host_evals",
+                   "holdout_top1", "holdout_drop_pp", "test_top1", "test_drop_pp", "final_p50_ms", "final_runs",
+                   "final_run_spread", "device_evals", "host_evals",
                    "lut_jobs", "folder", "reason"]
 
 
@@ -109,6 +111,8 @@ def summary_row(r: DeviceResult) -> Dict[str, Any]:
             "accuracy_metric": r.accuracy_metric, "selection_split": r.selection_split,
             **{f"holdout_{k}": (r.holdout or {}).get(k) for k in ("split", "top1", "drop_pp")},
             **{k: (r.holdout or {}).get(k) for k in ("test_top1", "test_drop_pp")},
+            "final_p50_ms": (r.final or {}).get("latency_p50_ms"), "final_runs": (r.final or {}).get("repetitions"),
+            "final_run_spread": (r.final or {}).get("run_spread"),
             "device_evals": r.device_evals, "host_evals": r.host_evals, "lut_jobs": r.lut_jobs,
             "folder": r.folder or "", "reason": r.reason}
 
@@ -174,7 +178,8 @@ def result_document(res: SearchResult) -> Dict[str, Any]:
         devices.append({"device": r.device_id, "verdict": r.verdict, "targets_met": r.verdict == "met",
                         "targets": r.targets, "bounds": r.bounds, "accuracy_metric": r.accuracy_metric,
                         "selection_split": r.selection_split, "holdout": r.holdout,
-                        "reason": r.reason, "device_evals": r.device_evals, "host_evals": r.host_evals,
+                        "final": r.final, "reason": r.reason, "device_evals": r.device_evals,
+                        "host_evals": r.host_evals,
                         "candidate_kind": "chosen" if r.chosen else "closest" if r.closest else None,
                         "candidate": cand})
     return {"run_id": res.run_id, "algo": res.algo, "out": str(res.out), "all_met": res.all_met,
