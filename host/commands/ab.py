@@ -2,7 +2,8 @@
 alternately, and judged over their repetitions.
 
 A is the reference, B the change. Rounds alternate the order, A B, B A, A B, ... (ABBA: a linear drift of the
-device over the run costs both the same), each measurement a job of its own (a fresh agent process and runtime
+device over the run costs both the same), all through one agent session on the device (one connection and one
+agent process: :class:`host.fleet.pool.TransportPool`), each measurement a job of its own (a fresh runtime
 session, its share of the device's timed window: :func:`host.fleet.jobs.repetition_job`), no eval data
 (speed only). Because A and B see the same device state, within minutes of each other, the comparison needs no
 history: the verdict is :func:`host.results.regress.runs.decide` of B's run medians against A's (the noise floor
@@ -24,7 +25,8 @@ from host.commands.benchmark import artifact_from
 from host.files import write_text_atomic
 from host.fleet.devices import DeviceConfig
 from host.fleet.jobs import build_job, repetition_job
-from host.fleet.runner import Events, run_on_devices
+from host.fleet.pool import TransportPool
+from host.fleet.runner import Events, run_on_devices, transport_for
 from host.results.regress.runs import DEFAULT_ALPHA, RunDecision, decide
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,29 +82,32 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
     reports: Dict[str, List[schema.Report]] = {"A": [], "B": []}
     order: List[str] = []
     t0 = time.monotonic()
-    for i in range(1, pairs + 1):
-        for side in (("A", "B") if i % 2 else ("B", "A")):
-            art, man = arts[side]
-            dev = devs[side]
-            job = repetition_job(build_job(dev, f"{run_id}-{side}-r{i}", art, man, None, quick=quick,
-                                           threads=threads), i, pairs)
-            outcome = run_on_devices([dev], lambda d, job=job: job, out / "jobs", events=events, **fleet_kw)[0]
-            order.append(side)
-            rep = outcome.report
-            if rep is not None:
-                write_text_atomic(out / "reports" / f"{side}-r{i}.json", schema.dumps(rep))
-            if recorder is not None:
-                report = rep or schema.Report(job_id=job.job_id, status="error",
-                                              error=schema.ErrorInfo(outcome.error_type or "DeviceError",
-                                                                     outcome.error or "no report"))
-                recorder.measurement(f"{side}#r{i}", device_id=dev.id, report=schema.to_dict(report),
-                                     job=schema.to_dict(job), label=side, model=man.model,
-                                     manifest=asdict(man),
-                                     extra={"ab": side, "round": i, "rounds": pairs})
-            if rep is None or rep.status != "ok" or rep.timing is None:
-                why = outcome.error or (rep.error.message if rep is not None and rep.error else "no timing")
-                raise DeviceError(f"{side} on {dev.id}, round {i}: {why}")
-            reports[side].append(rep)
+    factory = fleet_kw.pop("transport_factory", transport_for)
+    with TransportPool(factory) as pool:          # one agent session for every measurement
+        for i in range(1, pairs + 1):
+            for side in (("A", "B") if i % 2 else ("B", "A")):
+                art, man = arts[side]
+                dev = devs[side]
+                job = repetition_job(build_job(dev, f"{run_id}-{side}-r{i}", art, man, None, quick=quick,
+                                               threads=threads), i, pairs)
+                outcome = run_on_devices([dev], lambda d, job=job: job, out / "jobs", events=events, pool=pool,
+                                         **fleet_kw)[0]
+                order.append(side)
+                rep = outcome.report
+                if rep is not None:
+                    write_text_atomic(out / "reports" / f"{side}-r{i}.json", schema.dumps(rep))
+                if recorder is not None:
+                    report = rep or schema.Report(job_id=job.job_id, status="error",
+                                                  error=schema.ErrorInfo(outcome.error_type or "DeviceError",
+                                                                         outcome.error or "no report"))
+                    recorder.measurement(f"{side}#r{i}", device_id=dev.id, report=schema.to_dict(report),
+                                         job=schema.to_dict(job), label=side, model=man.model,
+                                         manifest=asdict(man),
+                                         extra={"ab": side, "round": i, "rounds": pairs})
+                if rep is None or rep.status != "ok" or rep.timing is None:
+                    why = outcome.error or (rep.error.message if rep is not None and rep.error else "no timing")
+                    raise DeviceError(f"{side} on {dev.id}, round {i}: {why}")
+                reports[side].append(rep)
     meds = {s: np.array([r.timing.latency_ms.median for r in reports[s]]) for s in ("A", "B")}
     # interleaved: no shift between benches to assume (prior 0); the floor is A's own run-to-run spread
     d = decide(meds["A"], meds["B"], tol, alpha, prior=0.0)

@@ -104,7 +104,7 @@ def random_model(path: Path, seed: int = 0) -> Path:
 
 
 # Packages a job must not pull into the agent process (the host side, and every runtime the job does not use).
-HEAVY = ("torch", "pandas", "pydantic", "host", "edgeprune", "onnx", "onnxruntime", "openvino", "litert_torch",
+HEAVY = ("torch", "pandas", "pydantic", "scipy", "host", "edgeprune", "onnx", "onnxruntime", "openvino", "litert_torch",
          "ai_edge_litert")
 
 
