@@ -576,7 +576,7 @@ def test_stale_lease_taken_over_by_bench(lab, tmp_path):
     fleet = lab.fleet_file([dev], tmp_path / "fleet.yaml")
     t0 = time.monotonic()
     r = edgeprune("bench", "--model", str(lab.artifact.path.parent), "--fleet", str(fleet), "--db", str(lab.db),
-                  "--run-id", "stale", "--quick", "--lease-wait", "60", "--out", str(tmp_path / "out"),
+                  "--run-id", "stale", "--quick", "--repeat", "1", "--lease-wait", "60", "--out", str(tmp_path / "out"),
                   cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert time.monotonic() - t0 >= left - 0.5            # not taken before it expired

@@ -197,6 +197,12 @@ def rep_name(device_id: str, rep: int, sep: str = "-r") -> str:
     return device_id if rep == 1 else f"{device_id}{sep}{rep}"
 
 
+def _emulated(report: Optional[schema.Report]) -> bool:
+    """Whether the agent ran ``report``'s job under user-mode emulation (agent.emulation)."""
+    return report is not None and report.identity is not None and \
+        bool((report.identity.extra.get("emulation") or {}).get("emulated"))
+
+
 def _timed(report: Optional[schema.Report]) -> bool:
     return report is not None and report.status == "ok" and report.timing is not None
 
@@ -215,7 +221,7 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
               events: Optional[Events] = None, recorder: Optional["RunRecorder"] = None,
               inputs: Optional[BenchInputs] = None, repeat: int = DEFAULT_REPEAT, **fleet_kw: object) -> BenchResult:
     """Measure the artifact on every device in parallel, in ``repeat`` repetitions (:func:`repetition_job`: the
-    first also scores the eval data; rounds interleave the devices). With ``recorder`` (the results store), each
+    first also scores the eval data; rounds interleave the devices; a device found emulated is measured once). With ``recorder`` (the results store), each
     repetition is recorded in its own transaction as it arrives (keys ``DEVICE``, ``DEVICE#r2``, ...).
     ``inputs``: :func:`check_inputs` of the same ``model_or_dir`` and ``eval_per_class``, when the caller checked
     them already."""
@@ -268,10 +274,11 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
 
     outcomes = run_on_devices(devices, lambda d: job_for(1, d), out / "jobs", events=events,
                               on_outcome=lambda d, j, o: record(1, d, j, o), **fleet_kw)  # type: ignore[arg-type]
-    # the other repetitions, round by round (every device once per round), on the devices whose first one ran
+    # the other repetitions, round by round (every device once per round), on the devices whose first one ran;
+    # not on an emulated device: its timings are the emulator's, repeating them says nothing about a device
     runs: Dict[str, List[schema.Report]] = {d.id: [o.report] for d, o in zip(devices, outcomes) if _timed(o.report)}
     for rep in range(2, repeat + 1):
-        again = [d for d in devices if d.id in runs]
+        again = [d for d in devices if d.id in runs and not _emulated(runs[d.id][0])]
         if not again:
             break
         more = run_on_devices(again, lambda d, rep=rep: job_for(rep, d), out / "jobs", events=events,
@@ -292,8 +299,7 @@ def run_bench(model_or_dir: str, devices: List[DeviceConfig], *, out: Optional[P
                                   "report": f"reports/{dev.id}.json" if r is not None else ""}
         if r is not None and r.identity is not None:
             # an emulated device's timings are the emulator's: every table marks them (agent.emulation)
-            row.update(machine=r.identity.machine,
-                       emulated=bool((r.identity.extra.get("emulation") or {}).get("emulated")))
+            row.update(machine=r.identity.machine, emulated=_emulated(r))
         if r is not None and r.timing is not None:
             timed = runs.get(dev.id) or [r]      # medians over the repetitions' own windows
             meds = [x.timing.latency_ms.median for x in timed]
