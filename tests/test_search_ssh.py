@@ -76,6 +76,10 @@ def test_two_ssh_devices_with_their_own_targets_and_alignments_in_one_search(two
     assert res.all_met
 
     records = [json.loads(x) for x in (out / so.EVALUATIONS).read_text().splitlines()]
+    # the final measurement over SSH: each pick 4 more times, round by round across the two devices
+    finals = [(x["device"], x["rep"]) for x in records if x["kind"] == "final"]
+    assert finals == [(d, rep) for rep in range(2, 6) for d in DEVICES], finals
+    assert all(r.final["repetitions"] == 5 and "error" not in r.final for r in results.values())
     artifacts, kept_by = {}, {}
     for dev_id, (_, align, lat) in DEVICES.items():
         r = results[dev_id]
