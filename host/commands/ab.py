@@ -7,8 +7,7 @@ agent process: :class:`host.fleet.pool.TransportPool`), each measurement a job o
 session, its share of the device's timed window: :func:`host.fleet.jobs.repetition_job`), no eval data
 (speed only). Because A and B see the same device state, within minutes of each other, the comparison needs no
 history: the verdict is :func:`host.results.regress.runs.decide` of B's run medians against A's (the noise floor
-from A's own runs), with the gate's rule that a would-be regression in windows that reported contention is
-inconclusive. Each measurement is recorded in the results store (keys ``A#r1``, ``B#r1``, ...; labels ``A``, ``B``).
+from A's own runs), with the gate's rule that a regression only B's contended windows show is inconclusive. Each measurement is recorded in the results store (keys ``A#r1``, ``B#r1``, ...; labels ``A``, ``B``).
 """
 from __future__ import annotations
 
@@ -115,14 +114,16 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
     def stable(s: str) -> np.ndarray:
         return np.array([r.timing.latency_ms.median for r in reports[s]
                          if not any(str(w).startswith(UNSTABLE) for w in r.warnings)])
-    unstable = 2 * pairs - len(stable("A")) - len(stable("B"))
+    unstable = pairs - len(stable("B"))
     verdict = d.verdict
     if verdict == "regression" and unstable:
-        # windows that reported contention are left out: the regression stands only if the clean runs show it
-        clean_d = decide(stable("A"), stable("B"), tol, alpha, prior=0.0)
+        # contention slows a window down: in B's windows it can fake a regression, in A's it can only hide one;
+        # B's contended windows are left out and the regression stands only if A against B's clean runs shows it
+        clean_d = decide(meds["A"], stable("B"), tol, alpha, prior=0.0)
         verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
-        d.rule += (f"; {unstable} of the {2 * pairs} windows reported unstable timings (contention) and, left out, "
-                   f"the clean runs give: {clean_d.verdict} ({clean_d.rule})")
+        d.rule += (f"; {unstable} of B's {pairs} windows reported unstable timings (contention) and, left out, "
+                   f"A's {pairs} runs against B's {len(stable('B'))} clean runs give: {clean_d.verdict} "
+                   f"({clean_d.rule})")
 
     def side_doc(s: str) -> Dict[str, Any]:
         art, man = arts[s]

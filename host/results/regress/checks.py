@@ -256,7 +256,8 @@ def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[s
                 c_ok: Sequence[Mapping[str, Any]], tol: float, alpha: float, history: Sequence[float],
                 unit: str = "ms") -> Check:
     """Latency (or energy) judged over repetitions (:mod:`.runs`): one value per run (``b``, ``a``), the noise
-    floor, the exact test over runs; a regression in windows that reported contention is inconclusive."""
+    floor, the exact test over runs; a regression that only the candidate's contended windows show is
+    inconclusive."""
     what = "latency" if c.metric == "latency" else "energy per inference"
     d = decide_runs(b, a, tol, alpha, history)
     c.unit, c.tol, c.rule, c.noise_floor = unit, tol, d.rule, d.noise_floor
@@ -265,17 +266,17 @@ def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[s
     c.change, c.ci, c.p, c.p_faster = d.effect, d.ci, d.p_slower, d.p_faster
     values = f"{c.baseline:.4g} {unit} {ARROW} {c.candidate:.4g} {unit} (medians of {len(b)} and {len(a)} runs)"
     c.verdict = d.verdict
-    unstable = _unstable(b_ok) + _unstable(c_ok)
+    unstable = _unstable(c_ok)
     if d.verdict == "regression" and unstable:
-        # windows that reported contention (the agent's CV or drift warning) are left out: the regression stands
-        # only if the clean runs alone show it
-        stable_b = [r for r in b_ok if not _unstable([r])]
+        # contention (the agent's CV or drift warning) slows a window down: in the candidate's windows it can fake a
+        # regression, in the baseline's it can only hide one. So the candidate's contended windows are left out and
+        # the regression stands only if the baseline's runs against the candidate's clean runs show it
         stable_c = [r for r in c_ok if not _unstable([r])]
-        clean_d = decide_runs(_values_of(stable_b, c.metric), _values_of(stable_c, c.metric), tol, alpha, history)
+        clean_d = decide_runs(b, _values_of(stable_c, c.metric), tol, alpha, history)
         c.verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
-        c.rule += (f"; {unstable} of the {len(b_ok) + len(c_ok)} windows reported unstable timings (contention) "
-                   f"and, left out, the {len(stable_b)} + {len(stable_c)} clean runs give: {clean_d.verdict} "
-                   f"({clean_d.rule})")
+        c.rule += (f"; {unstable} of the candidate's {len(c_ok)} windows reported unstable timings (contention) "
+                   f"and, left out, the {len(b)} baseline and {len(stable_c)} clean candidate runs give: "
+                   f"{clean_d.verdict} ({clean_d.rule})")
     change = fmt.change(d.effect) if d.effect is not None else fmt.NA
     c.message = {"regression": f"{what} {change} beyond max(tolerance, noise floor {d.noise_floor:.1%}) over runs: "
                                f"{values}",
