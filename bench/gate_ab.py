@@ -31,16 +31,9 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from gate import LOAD           # bench/gate.py's background job (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
-LOAD = """
-import os, sys, time
-os.sched_setaffinity(0, {int(sys.argv[1])})
-while True:
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
-        pass
-    time.sleep(0.2)
-"""
 
 
 def edgeprune(*args: str) -> Tuple[int, str, float]:

@@ -7,7 +7,8 @@ agent process: :class:`host.fleet.pool.TransportPool`), each measurement a job o
 session, its share of the device's timed window: :func:`host.fleet.jobs.repetition_job`), no eval data
 (speed only). Because A and B see the same device state, within minutes of each other, the comparison needs no
 history: the verdict is :func:`host.results.regress.runs.decide` of B's run medians against A's (the noise floor
-from A's own runs), with the gate's rule that a regression only B's contended windows show is inconclusive. Each measurement is recorded in the results store (keys ``A#r1``, ``B#r1``, ...; labels ``A``, ``B``).
+from A's own runs), with the gate's rule that a regression only B's contended windows show is inconclusive.
+Each measurement is recorded in the results store (keys ``A#r1``, ``B#r1``, ...; labels ``A``, ``B``).
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from host.fleet.devices import DeviceConfig
 from host.fleet.jobs import build_job, repetition_job
 from host.fleet.pool import TransportPool
 from host.fleet.runner import Events, run_on_devices, transport_for
+from host.results.regress.checks import UNSTABLE
 from host.results.regress.runs import DEFAULT_ALPHA, RunDecision, decide
 
 if TYPE_CHECKING:  # pragma: no cover
     from host.results.store import RunRecorder
 
 DEFAULT_PAIRS = 5          # A/B rounds: 5 runs a side can reach alpha 0.01 over runs
-UNSTABLE = ("latency CV", "latency drifted")
 
 
 @dataclass
@@ -111,18 +112,17 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
     # interleaved: no shift between benches to assume (prior 0); the floor is A's own run-to-run spread
     d = decide(meds["A"], meds["B"], tol, alpha, prior=0.0)
 
-    def stable(s: str) -> np.ndarray:
-        return np.array([r.timing.latency_ms.median for r in reports[s]
+    stable_b = np.array([r.timing.latency_ms.median for r in reports["B"]
                          if not any(str(w).startswith(UNSTABLE) for w in r.warnings)])
-    unstable = pairs - len(stable("B"))
+    unstable = pairs - len(stable_b)
     verdict = d.verdict
     if verdict == "regression" and unstable:
         # contention slows a window down: in B's windows it can fake a regression, in A's it can only hide one;
         # B's contended windows are left out and the regression stands only if A against B's clean runs shows it
-        clean_d = decide(meds["A"], stable("B"), tol, alpha, prior=0.0)
+        clean_d = decide(meds["A"], stable_b, tol, alpha, prior=0.0)
         verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
         d.rule += (f"; {unstable} of B's {pairs} windows reported unstable timings (contention) and, left out, "
-                   f"A's {pairs} runs against B's {len(stable('B'))} clean runs give: {clean_d.verdict} "
+                   f"A's {pairs} runs against B's {len(stable_b)} clean runs give: {clean_d.verdict} "
                    f"({clean_d.rule})")
 
     def side_doc(s: str) -> Dict[str, Any]:

@@ -113,7 +113,8 @@ class Search:
         mid = None
         if rec.get("report") is not None:
             mid = self.recorder.measurement(
-                f"{rec['device']}/{rec['key']}" + (f"#r{rep}" if rep > 1 else ""), device_id=rec["device"], report=rec["report"], job=rec.get("job"),
+                f"{rec['device']}/{rec['key']}" + (f"#r{rep}" if rep > 1 else ""), device_id=rec["device"],
+                report=rec["report"], job=rec.get("job"),
                 label=label, model=self.space.model, manifest=manifest,
                 extra={"ratio": cand.get("ratio"), "recovery": cand.get("recovery"), "note": cand.get("note"),
                        "macs": rec.get("macs"), "params": rec.get("params"), "plan_sha256": rec.get("plan_sha256"),
