@@ -13,7 +13,7 @@ regression is a false alarm) and once per slowdown x, the candidate's samples an
 measured). Old rule: one-sided Mann–Whitney on <= 1000 thinned pooled samples at alpha and median > tolerance
 (what the gate did with one window a side). New rule: over run medians, with the noise floor from the baseline's
 runs and the A/A history the store would hold (the quiet runs measured before the candidate; the 15 % prior while
-there are fewer than two), contended windows left out.
+there are fewer than two), the candidate's contended windows discounted (:mod:`host.results.regress.contention`).
 """
 from __future__ import annotations
 

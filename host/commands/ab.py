@@ -27,7 +27,7 @@ from host.fleet.devices import DeviceConfig
 from host.fleet.jobs import build_job, repetition_job
 from host.fleet.pool import TransportPool
 from host.fleet.runner import Events, run_on_devices, transport_for
-from host.results.regress.checks import UNSTABLE
+from host.results.regress import contention
 from host.results.regress.runs import DEFAULT_ALPHA, RunDecision, decide
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,18 +112,19 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
     # interleaved: no shift between benches to assume (prior 0); the floor is A's own run-to-run spread
     d = decide(meds["A"], meds["B"], tol, alpha, prior=0.0)
 
-    stable_b = np.array([r.timing.latency_ms.median for r in reports["B"]
-                         if not any(str(w).startswith(UNSTABLE) for w in r.warnings)])
-    unstable = pairs - len(stable_b)
+    unstable = sum(1 for r in reports["B"] if contention.unstable(r.warnings))
     verdict = d.verdict
     if verdict == "regression" and unstable:
         # contention slows a window down: in B's windows it can fake a regression, in A's it can only hide one;
-        # B's contended windows are left out and the regression stands only if A against B's clean runs shows it
-        clean_d = decide(meds["A"], stable_b, tol, alpha, prior=0.0)
+        # the regression stands only if A against B's runs with their contention discounted shows it
+        disc = [contention.discounted(r.timing.latency_ms.median, r.timing.samples_ms, r.warnings,
+                                      (r.timing.protocol or {}).get("cv_warn")) for r in reports["B"]]
+        clean_b = np.array([v for v in disc if v is not None])
+        clean_d = decide(meds["A"], clean_b, tol, alpha, prior=0.0)
         verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
-        d.rule += (f"; {unstable} of B's {pairs} windows reported unstable timings (contention) and, left out, "
-                   f"A's {pairs} runs against B's {len(stable_b)} clean runs give: {clean_d.verdict} "
-                   f"({clean_d.rule})")
+        d.rule += (f"; {unstable} of B's {pairs} windows reported unstable timings (contention): with their stalls "
+                   f"removed ({pairs - len(clean_b)} left out), A's {pairs} runs against B's {len(clean_b)} give: "
+                   f"{clean_d.verdict} ({clean_d.rule})")
 
     def side_doc(s: str) -> Dict[str, Any]:
         art, man = arts[s]

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeprune.errors import UsageError
 from host import fmt
+from host.results.regress import contention
 from host.results.regress.model import ARROW, COMPARABLE, Check, Comparison, Identity, Incomparable
 from host.results.regress.options import check_bound, check_tolerance
 from host.results.regress.runs import decide as decide_runs
@@ -245,19 +246,26 @@ def _values_of(rows: Sequence[Mapping[str, Any]], metric: str) -> np.ndarray:
                   if isinstance(r.get("latency_p50_ms"), (int, float)) and r.get("power_w") is not None])
 
 
-UNSTABLE = ("latency CV", "latency drifted")     # agent.timing.stability_warnings: the window saw contention
-
-
-def _unstable(rows: Sequence[Mapping[str, Any]]) -> int:
-    return sum(1 for r in rows if any(str(w).startswith(UNSTABLE) for w in (r.get("warnings") or [])))
+def _discounted_values(rows: Sequence[Mapping[str, Any]], metric: str) -> np.ndarray:
+    """:func:`_values_of` with each window's contention discounted (:func:`.contention.discounted`); the windows
+    it leaves out are not in the result."""
+    out = []
+    for r in rows:
+        p50 = r.get("latency_p50_ms")
+        if not isinstance(p50, (int, float)) or (metric != "latency" and r.get("power_w") is None):
+            continue
+        v = contention.discounted(float(p50), r.get("samples_ms"), r.get("warnings"), contention.row_cv_warn(r))
+        if v is not None:
+            out.append(v if metric == "latency" else v * float(r["power_w"]) / _batch(r))
+    return clean(out)
 
 
 def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[str, Any]],
                 c_ok: Sequence[Mapping[str, Any]], tol: float, alpha: float, history: Sequence[float],
                 unit: str = "ms") -> Check:
     """Latency (or energy) judged over repetitions (:mod:`.runs`): one value per run (``b``, ``a``), the noise
-    floor, the exact test over runs; a regression that only the candidate's contended windows show is
-    inconclusive."""
+    floor, the exact test over runs; a regression stands only if the candidate's runs with their contention
+    discounted (:mod:`.contention`) still show it, and is inconclusive otherwise."""
     what = "latency" if c.metric == "latency" else "energy per inference"
     d = decide_runs(b, a, tol, alpha, history)
     c.unit, c.tol, c.rule, c.noise_floor = unit, tol, d.rule, d.noise_floor
@@ -266,17 +274,17 @@ def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[s
     c.change, c.ci, c.p, c.p_faster = d.effect, d.ci, d.p_slower, d.p_faster
     values = f"{c.baseline:.4g} {unit} {ARROW} {c.candidate:.4g} {unit} (medians of {len(b)} and {len(a)} runs)"
     c.verdict = d.verdict
-    unstable = _unstable(c_ok)
+    unstable = sum(1 for r in c_ok if contention.unstable(r.get("warnings")))
     if d.verdict == "regression" and unstable:
-        # contention (the agent's CV or drift warning) slows a window down: in the candidate's windows it can fake a
-        # regression, in the baseline's it can only hide one. So the candidate's contended windows are left out and
-        # the regression stands only if the baseline's runs against the candidate's clean runs show it
-        stable_c = [r for r in c_ok if not _unstable([r])]
-        clean_d = decide_runs(b, _values_of(stable_c, c.metric), tol, alpha, history)
+        # contention slows a window down: in the candidate's windows it can fake a regression, in the baseline's it
+        # can only hide one. So the regression stands only if the baseline's runs against the candidate's runs with
+        # their contention discounted (stalls removed, or the window left out) show it
+        disc = _discounted_values(c_ok, c.metric)
+        clean_d = decide_runs(b, disc, tol, alpha, history)
         c.verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"
-        c.rule += (f"; {unstable} of the candidate's {len(c_ok)} windows reported unstable timings (contention) "
-                   f"and, left out, the {len(b)} baseline and {len(stable_c)} clean candidate runs give: "
-                   f"{clean_d.verdict} ({clean_d.rule})")
+        c.rule += (f"; {unstable} of the candidate's {len(c_ok)} windows reported unstable timings (contention): "
+                   f"with their stalls removed ({len(a) - len(disc)} left out), the {len(b)} baseline and "
+                   f"{len(disc)} candidate runs give: {clean_d.verdict} ({clean_d.rule})")
     change = fmt.change(d.effect) if d.effect is not None else fmt.NA
     c.message = {"regression": f"{what} {change} beyond max(tolerance, noise floor {d.noise_floor:.1%}) over runs: "
                                f"{values}",
