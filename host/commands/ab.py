@@ -7,7 +7,7 @@ agent process: :class:`host.fleet.pool.TransportPool`), each measurement a job o
 session, its share of the device's timed window: :func:`host.fleet.jobs.repetition_job`), no eval data
 (speed only). Because A and B see the same device state, within minutes of each other, the comparison needs no
 history: the verdict is :func:`host.results.regress.runs.decide` of B's run medians against A's (the noise floor
-from A's own runs), with the gate's rule that a regression only B's contended windows show is inconclusive.
+from A's own runs), with the gate's rule for B's contended windows (:mod:`host.results.regress.contention`).
 Each measurement is recorded in the results store (keys ``A#r1``, ``B#r1``, ...; labels ``A``, ``B``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from host.fleet.devices import DeviceConfig
 from host.fleet.jobs import build_job, repetition_job
 from host.fleet.pool import TransportPool
 from host.fleet.runner import Events, run_on_devices, transport_for
-from host.results.regress import contention
+from host.results.regress.contention import contended, discounted
 from host.results.regress.runs import DEFAULT_ALPHA, RunDecision, decide
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,12 +112,12 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
     # interleaved: no shift between benches to assume (prior 0); the floor is A's own run-to-run spread
     d = decide(meds["A"], meds["B"], tol, alpha, prior=0.0)
 
-    unstable = sum(1 for r in reports["B"] if contention.unstable(r.warnings))
+    unstable = sum(1 for r in reports["B"] if contended(r.warnings))
     verdict = d.verdict
     if verdict == "regression" and unstable:
         # contention slows a window down: in B's windows it can fake a regression, in A's it can only hide one;
         # the regression stands only if A against B's runs with their contention discounted shows it
-        disc = [contention.discounted(r.timing.latency_ms.median, r.timing.samples_ms, r.warnings,
+        disc = [discounted(r.timing.latency_ms.median, r.timing.samples_ms, r.warnings,
                                       (r.timing.protocol or {}).get("cv_warn")) for r in reports["B"]]
         clean_b = np.array([v for v in disc if v is not None])
         clean_d = decide(meds["A"], clean_b, tol, alpha, prior=0.0)

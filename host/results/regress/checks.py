@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeprune.errors import UsageError
 from host import fmt
-from host.results.regress import contention
+from host.results.regress.contention import contended, discounted, row_cv_warn
 from host.results.regress.model import ARROW, COMPARABLE, Check, Comparison, Identity, Incomparable
 from host.results.regress.options import check_bound, check_tolerance
 from host.results.regress.runs import decide as decide_runs
@@ -254,7 +254,7 @@ def _discounted_values(rows: Sequence[Mapping[str, Any]], metric: str) -> np.nda
         p50 = r.get("latency_p50_ms")
         if not isinstance(p50, (int, float)) or (metric != "latency" and r.get("power_w") is None):
             continue
-        v = contention.discounted(float(p50), r.get("samples_ms"), r.get("warnings"), contention.row_cv_warn(r))
+        v = discounted(float(p50), r.get("samples_ms"), r.get("warnings"), row_cv_warn(r))
         if v is not None:
             out.append(v if metric == "latency" else v * float(r["power_w"]) / _batch(r))
     return clean(out)
@@ -274,7 +274,7 @@ def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[s
     c.change, c.ci, c.p, c.p_faster = d.effect, d.ci, d.p_slower, d.p_faster
     values = f"{c.baseline:.4g} {unit} {ARROW} {c.candidate:.4g} {unit} (medians of {len(b)} and {len(a)} runs)"
     c.verdict = d.verdict
-    unstable = sum(1 for r in c_ok if contention.unstable(r.get("warnings")))
+    unstable = sum(1 for r in c_ok if contended(r.get("warnings")))
     if d.verdict == "regression" and unstable:
         # contention slows a window down: in the candidate's windows it can fake a regression, in the baseline's it
         # can only hide one. So the regression stands only if the baseline's runs against the candidate's runs with

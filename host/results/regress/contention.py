@@ -28,7 +28,7 @@ MIN_SAMPLES = 20     # fewer kept samples than this: no distribution to read sta
 CV_WARN = 0.10       # agent.schema.TimingSpec.cv_warn's default, for rows that do not record theirs
 
 
-def unstable(warnings: Optional[Sequence[Any]]) -> bool:
+def contended(warnings: Optional[Sequence[Any]]) -> bool:
     """Whether the agent warned that this window's timings were unstable (contention)."""
     return any(str(w).startswith(UNSTABLE) for w in (warnings or []))
 
@@ -39,7 +39,7 @@ def discounted(median: float, samples: Optional[Sequence[float]], warnings: Opti
     contention warning; the median of its samples within ``STALL`` x their 10th percentile for one whose
     instability was stalls; None (leave it out) for a drifted window, one without samples, or one that still
     varies by more than ``cv_warn`` without its stalls."""
-    if not unstable(warnings):
+    if not contended(warnings):
         return float(median)
     if any(str(w).startswith(DRIFT) for w in (warnings or [])):
         return None
