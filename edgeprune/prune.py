@@ -85,6 +85,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from . import prune_groups as _pg
+from .channels import kept_channels
 from .errors import PruneError, UsageError
 from .prune_graph import (GroupInfo, ShortcutAPruner, TracedGroup, collect_groups, dependency_graph,
                           prunable_groups, resolve_ignored, unprunable_groups)
@@ -159,15 +160,6 @@ def count(model: nn.Module, example_inputs: torch.Tensor) -> "tuple[int, int]":
     except RuntimeError as e:
         raise PruneError(f"cannot run {type(model).__name__} on example_inputs: {e}") from e
     return int(macs), int(params)
-
-
-def kept_channels(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
-    """How many of ``n`` channels survive pruning ``ratio`` of them, rounded *up* to a multiple of
-    ``round_to`` (hardware alignment) and never fewer than ``min_channels`` nor more than ``n``."""
-    keep = max(min_channels, n - int(math.floor(n * ratio + 1e-9)))
-    if round_to > 1:
-        keep = int(math.ceil(keep / round_to) * round_to)
-    return max(1, min(n, keep))
 
 
 # --------------------------------------------------------------------------------------------------------------

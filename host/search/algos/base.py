@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Dict, Generator, List, Mapping, Optional, Tuple
 
 from edgeprune.errors import UsageError
-from edgeprune.prune import kept_channels
+from edgeprune.channels import kept_channels
 from host.fleet.targets import Bounds, TargetSet
 
 # ------------------------------------------------------------------------------------------ the model space
@@ -114,7 +114,7 @@ class ModelSpace:
 
     def kept_for(self, layer_ratios: Mapping[str, float], round_to: int) -> Dict[str, int]:
         """Kept channels per group (pruned groups only) for per-group ratios, as :func:`edgeprune.prune.prune`
-        keeps them (:func:`edgeprune.prune.kept_channels`)."""
+        keeps them (:func:`edgeprune.channels.kept_channels`)."""
         out: Dict[str, int] = {}
         for g in self.groups:
             r = layer_ratios.get(g.name, 0.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect as _bisect
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from edgeprune.prune import kept_channels
+from edgeprune.channels import kept_channels
 from host.fleet.targets import Bounds
 from host.search.algos.base import Layer, LayerConfig, ModelSpace
 
