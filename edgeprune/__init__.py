@@ -7,6 +7,7 @@ Modules, from the model to the artifact::
       shards                      eval shards (inputs + labels + reference outputs) for the agents
     prune, prune_groups,          structured channel pruning (Torch-Pruning), hardware alignment, plans;
       sparsity, sensitivity       2:4 sparsity; per-layer sensitivity
+    channels                      channel counting (no torch: the host's search plans candidates with it)
     finetune, recovery            recovering accuracy after pruning (recalibrate → fine-tune → distil)
     export, exporters/            one verified artifact per device format (one module per format)
     errors                        every exception the project raises on purpose (the CLI maps them to exit codes)

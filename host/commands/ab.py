@@ -118,7 +118,7 @@ def run_ab(a_model: str, b_model: str, device: DeviceConfig, *, b_device: Option
         # contention slows a window down: in B's windows it can fake a regression, in A's it can only hide one;
         # the regression stands only if A against B's runs with their contention discounted shows it
         disc = [discounted(r.timing.latency_ms.median, r.timing.samples_ms, r.warnings,
-                                      (r.timing.protocol or {}).get("cv_warn")) for r in reports["B"]]
+                           (r.timing.protocol or {}).get("cv_warn")) for r in reports["B"]]
         clean_b = np.array([v for v in disc if v is not None])
         clean_d = decide(meds["A"], clean_b, tol, alpha, prior=0.0)
         verdict = "regression" if clean_d.verdict == "regression" else "inconclusive"

@@ -248,11 +248,14 @@ def _values_of(rows: Sequence[Mapping[str, Any]], metric: str) -> np.ndarray:
 
 def _discounted_values(rows: Sequence[Mapping[str, Any]], metric: str) -> np.ndarray:
     """:func:`_values_of` with each window's contention discounted (:func:`.contention.discounted`); the windows
-    it leaves out are not in the result."""
+    it leaves out are not in the result. For energy a contended window is left out whole: its power reading
+    carries the contention too (modelled power follows the whole machine's CPU load; so does a package sensor)."""
     out = []
     for r in rows:
         p50 = r.get("latency_p50_ms")
         if not isinstance(p50, (int, float)) or (metric != "latency" and r.get("power_w") is None):
+            continue
+        if metric != "latency" and contended(r.get("warnings")):
             continue
         v = discounted(float(p50), r.get("samples_ms"), r.get("warnings"), row_cv_warn(r))
         if v is not None:

@@ -10,10 +10,14 @@ discounted:
   slice, and the samples that include the wait are stalls, several times the others (measured on this 2-core VM
   with a busy process on the agent's CPU: 8 % of a ResNet-20 window's samples at the median, up to 27 %). The
   median resists them, but not entirely (up to +7 % in that run), so a contended window counts with the median of
-  its samples within ``STALL`` x its 10th percentile: stalls removed, a value contention cannot have raised (it
-  can only be lower than the window's median, so the regression only gets harder to show);
-- if what remains still varies by more than the job's ``cv_warn``, the contention was not stalls (a slower
-  neighbour, a frequency change): left out, as is a window without its samples.
+  its samples within ``STALL`` x its 10th percentile: stalls removed, never more than the window's own median;
+- if what remains still varies by more than the job's ``cv_warn`` (the steadiness the agent asks of every
+  window), the contention was not only stalls (a slower neighbour, a frequency change): left out, as is a window
+  with fewer than ``MIN_SAMPLES`` samples before or after the stalls are removed.
+
+What counts is then as steady as a window without a warning, and no higher than its own median. It is not proof
+that nothing slowed it: contention that slows every sample alike leaves no trace in a window, with or without a
+warning. For energy the checks leave contended windows out whole (the power reading carries the contention).
 """
 from __future__ import annotations
 
