@@ -167,7 +167,7 @@ def test_discounting_one_window():
     quiet = rng.lognormal(np.log(2.0), 0.03, 300)
     m = float(np.median(quiet))
     assert discounted(m, quiet, []) == m                                     # no warning: its median
-    stalled = quiet + 4.0 * (rng.random(300) < 0.3)
+    stalled = _stalls(0.3)(quiet, rng)
     got = discounted(float(np.median(stalled)), stalled, ["latency CV 0.8 exceeds 0.10"])
     assert got == pytest.approx(m, rel=0.01) and got < np.median(stalled)    # stalls removed, never raised
     assert discounted(m, quiet, ["latency drifted +9% between the first and last third"]) is None

@@ -250,17 +250,11 @@ def _discounted_values(rows: Sequence[Mapping[str, Any]], metric: str) -> np.nda
     """:func:`_values_of` with each window's contention discounted (:func:`.contention.discounted`); the windows
     it leaves out are not in the result. For energy a contended window is left out whole: its power reading
     carries the contention too (modelled power follows the whole machine's CPU load; so does a package sensor)."""
-    out = []
-    for r in rows:
-        p50 = r.get("latency_p50_ms")
-        if not isinstance(p50, (int, float)) or (metric != "latency" and r.get("power_w") is None):
-            continue
-        if metric != "latency" and contended(r.get("warnings")):
-            continue
-        v = discounted(float(p50), r.get("samples_ms"), r.get("warnings"), row_cv_warn(r))
-        if v is not None:
-            out.append(v if metric == "latency" else v * float(r["power_w"]) / _batch(r))
-    return clean(out)
+    if metric != "latency":
+        return _values_of([r for r in rows if not contended(r.get("warnings"))], metric)
+    values = (discounted(float(r["latency_p50_ms"]), r.get("samples_ms"), r.get("warnings"), row_cv_warn(r))
+              for r in rows if isinstance(r.get("latency_p50_ms"), (int, float)))
+    return clean([v for v in values if v is not None])
 
 
 def _runs_check(c: Check, b: np.ndarray, a: np.ndarray, b_ok: Sequence[Mapping[str, Any]],

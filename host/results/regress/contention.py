@@ -25,11 +25,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from agent.schema import TimingSpec
+from agent.timing import latency_stats
+
 UNSTABLE = ("latency CV", "latency drifted")     # agent.timing.stability_warnings: the window saw contention
 DRIFT = "latency drifted"
 STALL = 1.5          # a sample slower than 1.5 x the window's 10th percentile waited for the CPU (quiet: < 2.5 %)
 MIN_SAMPLES = 20     # fewer kept samples than this: no distribution to read stalls from
-CV_WARN = 0.10       # agent.schema.TimingSpec.cv_warn's default, for rows that do not record theirs
 
 
 def contended(warnings: Optional[Sequence[Any]]) -> bool:
@@ -54,8 +56,7 @@ def discounted(median: float, samples: Optional[Sequence[float]], warnings: Opti
     kept = a[a <= STALL * np.percentile(a, 10)]
     if kept.size < MIN_SAMPLES:
         return None
-    cv = float(kept.std(ddof=1) / kept.mean())
-    if cv > (CV_WARN if cv_warn is None else float(cv_warn)):
+    if latency_stats(kept).cv > (TimingSpec.cv_warn if cv_warn is None else float(cv_warn)):     # the agent's CV
         return None
     return min(float(median), float(np.median(kept)))
 
